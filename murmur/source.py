@@ -1,0 +1,52 @@
+"""Resolve a SRC argument (Hugging Face directory, Murmur run folder or checkpoint) to a loaded model.
+
+Every command that takes a model (`export`, `model info`, `eval`, `serve`, `chat`) goes through
+`load_model`, so they all accept the same things.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from murmur.errors import MurmurError
+from murmur.model import Transformer
+from murmur.settings.model import ModelSettings
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with where its tokenizer lives (None when it has none)."""
+
+    model: Transformer
+    settings: ModelSettings
+    tokenizer_dir: Path | None
+    origin: str  # "hf" or "checkpoint"
+    path: Path
+
+
+def load_model(src: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32
+               ) -> LoadedModel:
+    """Load the model at `src`: a Hugging Face directory, a Murmur run folder, or a checkpoint step folder."""
+    from murmur import hf
+
+    path = Path(src)
+    if not path.exists():
+        raise MurmurError(f"{path} does not exist; pass a Hugging Face model directory or a Murmur run folder")
+    if hf.is_hf_dir(path):
+        model, settings = hf.load_hf_model(path, device=device, dtype=dtype)
+        tok = path if (path / "tokenizer.json").is_file() else None
+        return LoadedModel(model, settings, tok, "hf", path)
+    try:
+        from murmur.train import checkpoint
+    except ImportError:
+        checkpoint = None
+    if checkpoint is not None and checkpoint.is_checkpoint_source(path):
+        model, settings, tok = checkpoint.load_for_inference(path, device=device, dtype=dtype)
+        return LoadedModel(model, settings, tok, "checkpoint", path)
+    if path.is_dir() and (path / "model").is_dir() and hf.is_hf_dir(path / "model"):
+        return load_model(path / "model", device=device, dtype=dtype)
+    raise MurmurError(f"{path} is neither a Hugging Face model directory (config.json + safetensors) nor a "
+                      "Murmur run folder or checkpoint")
