@@ -22,7 +22,7 @@ from murmur.settings.eval import EvalSettings
 from murmur.settings.model import MODEL_PRESETS, ModelSettings, RopeScaling
 from murmur.settings.serve import ServeSettings
 from murmur.settings.tokenizer import TokenizerSettings
-from murmur.settings.train import TrainSettings
+from murmur.settings.train import SFTSettings, TrainSettings
 
 __all__ = ["Settings", "RunSettings", "ModelSettings", "RopeScaling", "MODEL_PRESETS", "load_settings",
            "settings_from_dict", "apply_overrides"]
@@ -43,6 +43,7 @@ class Settings(Section):
     tokenizer: TokenizerSettings = Field(default_factory=TokenizerSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    sft: SFTSettings = Field(default_factory=SFTSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
 

@@ -1,12 +1,65 @@
-"""Settings of the training stage (`murmur train`)."""
+"""Settings of the training stage (`murmur train`): batch, schedule, optimizer, parallel layout, checkpoints.
+
+The parallel degrees follow torchtitan's names: dp_replicate × dp_shard × tp = world size.
+dp_shard = -1 means "whatever is left" once the others are fixed.
+"""
+
+from typing import Literal
 
 from pydantic import Field
 
 from murmur.settings.base import Section
 
 
-class TrainSettings(Section):
-    """Optimisation, batch, schedule, parallelism and checkpointing."""
+class ParallelSettings(Section):
+    """How the model is spread over processes. DDP is dp_replicate=N; FSDP2 is dp_shard=N; HSDP is both."""
 
+    dp_replicate: int = Field(1, ge=1, description="replicas (DDP, or the replicate dim of HSDP across nodes)")
+    dp_shard: int = Field(-1, ge=-1, description="FSDP2 sharding degree; -1 = world / (dp_replicate * tp)")
+    tp: int = Field(1, ge=1, description="tensor parallel degree (within a node)")
+    reshard_after_forward: bool = Field(True, description="FSDP2: free gathered params after forward (ZeRO-3)")
+
+
+class TrainSettings(Section):
+    """Optimisation of one training stage. The same fields serve pretraining and SFT."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, float32 on CPU")
+    compile: bool = False
+    activation_checkpointing: Literal["none", "full"] = "none"
+    parallel: ParallelSettings = Field(default_factory=ParallelSettings)
+
+    seq_len: int = Field(256, gt=0)
+    micro_batch_size: int = Field(16, gt=0, description="sequences per process per forward")
+    global_batch_tokens: int = Field(0, ge=0, description="tokens per optimizer step; 0 = one micro-batch per rank")
+    steps: int = Field(1000, gt=0)
+
+    optimizer: Literal["adamw", "muon"] = "adamw"
     lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(50, ge=0)
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of steps spent decaying")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     seed: int = 0
+
+    log_interval: int = Field(10, gt=0)
+    eval_interval: int = Field(200, gt=0)
+    eval_batches: int = Field(20, gt=0)
+    checkpoint_interval: int = Field(500, gt=0)
+    keep_checkpoints: int = Field(3, ge=1)
+    async_checkpoint: bool = False
+    nan_policy: Literal["stop", "skip"] = "stop"
+
+
+class SFTSettings(TrainSettings):
+    """Chat finetuning: the same knobs as pretraining, with defaults for a short, gentle second stage."""
+
+    lr: float = Field(1e-3, gt=0)
+    steps: int = Field(300, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    init_from: str | None = Field(None, description="checkpoint or Hugging Face directory to start from; "
+                                  "default: the run's latest pretraining checkpoint")
