@@ -193,6 +193,8 @@ class Transformer(nn.Module):
     def init_weights(self) -> None:
         """Normal(0, init_std) for matrices; residual outputs scaled by 1/sqrt(2 * n_layers) (GPT-2);
         norms at one, biases at zero. Callable again after `to_empty()` on a sharded meta model."""
+        if self.settings.tie_embeddings and self.lm_head.weight is not self.embed_tokens.weight:
+            self.lm_head.weight = self.embed_tokens.weight  # to_empty() unties shared parameters
         std = self.settings.init_std
         residual_std = std / math.sqrt(2 * self.settings.n_layers)
         nn.init.normal_(self.embed_tokens.weight, std=std)
