@@ -48,5 +48,7 @@ def load_model(src: str | Path, device: str | torch.device = "cpu", dtype: torch
         return LoadedModel(model, settings, tok, "checkpoint", path)
     if path.is_dir() and (path / "model").is_dir() and hf.is_hf_dir(path / "model"):
         return load_model(path / "model", device=device, dtype=dtype)
-    raise MurmurError(f"{path} is neither a Hugging Face model directory (config.json + safetensors) nor a "
-                      "Murmur run folder or checkpoint")
+    if path.is_dir() and (path / "config.json").is_file():
+        hf.load_hf_model(path)  # raises the precise reason (bad JSON, missing model_type, ...)
+    raise MurmurError(f"{path} is not a model: it has no config.json (a Hugging Face directory) and no "
+                      "checkpoints (a Murmur run folder)")

@@ -43,7 +43,7 @@ def test_model_info_json(hf_dir, capsys):
 
 
 @pytest.mark.parametrize("setup,args,message", [
-    (lambda d: None, ["model", "info", "{d}"], "has no config.json"),
+    (lambda d: None, ["model", "info", "{d}"], "no config.json"),
     (lambda d: (d / "config.json").write_text('{"model_type": "bert"}'), ["export", "{d}", "--out", "{d}/o"],
      "model_type 'bert' is not supported"),
     (lambda d: None, ["model", "info", "preset:13b"], "unknown preset '13b'"),
