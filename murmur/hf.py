@@ -235,6 +235,23 @@ def hf_config_from_settings(settings: ModelSettings, special_tokens: dict[str, i
     return config
 
 
+def special_token_ids(tokenizer_dir: str | Path | None) -> dict[str, int]:
+    """bos/eos/pad token ids for config.json, read from a tokenizer directory's tokenizer_config.json."""
+    if tokenizer_dir is None or not (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
+        return {}
+    config = json.loads((Path(tokenizer_dir) / "tokenizer_config.json").read_text())
+    added = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text()).get("added_tokens", [])
+    ids = {t["content"]: t["id"] for t in added}
+    out = {}
+    for key in ("bos_token", "eos_token", "pad_token"):
+        token = config.get(key)
+        if isinstance(token, dict):
+            token = token.get("content")
+        if token in ids:
+            out[f"{key}_id"] = ids[token]
+    return out
+
+
 def murmur_to_hf_state(model: Transformer) -> dict[str, torch.Tensor]:
     """Murmur's weights under Hugging Face names; a tied head is stored once (as transformers does)."""
     state = {}
