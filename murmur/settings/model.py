@@ -23,6 +23,8 @@ class ModelSettings(Section):
     """A decoder-only transformer, weight-compatible with Hugging Face Llama / Mistral / Qwen2 / Qwen3."""
 
     preset: str | None = None
+    base: str | None = Field(None, description="finetune this model instead of pretraining: a local Hugging Face "
+                             "directory or hf:ORG/NAME (its shape and tokenizer are used)")
     vocab_size: int = Field(8192, gt=0)
     dim: int = Field(256, gt=0)
     n_layers: int = Field(6, gt=0)

@@ -1,0 +1,92 @@
+"""What `murmur build` shows: the plan, one numbered line per stage as it runs, and a final summary.
+
+Stages print their own progress (training steps, records read) between the stage headers; the headers
+carry the build's position (stage 4 of 7) and its elapsed time, so the whole build reads as one display.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _short(summary: Any, limit: int = 4) -> str:
+    """A stage summary as a few `key value` pairs (scalars only)."""
+    if not isinstance(summary, dict):
+        return ""
+    parts = []
+    for key, value in summary.items():
+        if isinstance(value, float):
+            parts.append(f"{key} {value:.4g}")
+        elif isinstance(value, (int, str, bool)) and len(str(value)) <= 60:
+            parts.append(f"{key} {value}")
+        if len(parts) == limit:
+            break
+    return ", ".join(parts)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class BuildDisplay:
+    """Console output of a build."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(highlight=False)
+        self.started = time.monotonic()
+        self.total = 0
+
+    def start(self, plan: Any) -> None:
+        self.started = time.monotonic()
+        self.total = len(plan.steps)
+        runs = [s.stage.name for s in plan.steps if s.action == "run"]
+        self.console.print(f"[bold]murmur build[/] → {plan.run_dir}  "
+                           f"({len(runs)} of {self.total} stages to run: {', '.join(runs) or 'none'})")
+
+    def _prefix(self, index: int) -> str:
+        return f"[{index + 1}/{self.total} {_clock(time.monotonic() - self.started)}]"
+
+    def stage_skipped(self, index: int, step: Any) -> None:
+        self.console.print(f"{self._prefix(index)} [dim]{step.stage.name}: skipped ({step.reason})[/]")
+
+    def stage_started(self, index: int, step: Any) -> None:
+        self.console.rule(f"{self._prefix(index)} [bold]{step.stage.name}[/]: {step.stage.description} "
+                          f"({step.reason})", align="left")
+
+    def stage_completed(self, index: int, step: Any, seconds: float, summary: Any) -> None:
+        detail = _short(summary)
+        self.console.print(f"{self._prefix(index)} [green]✓ {step.stage.name}[/] in {seconds:.1f}s"
+                           + (f": {detail}" if detail else ""))
+
+    def stage_failed(self, index: int, step: Any, seconds: float) -> None:
+        self.console.print(f"{self._prefix(index)} [red]✗ {step.stage.name}[/] failed after {seconds:.1f}s")
+
+    def finish(self, plan: Any, result: Any) -> None:
+        from murmur.build import outputs_summary
+
+        table = Table(title=f"build finished in {_clock(result.seconds)}", title_justify="left")
+        for column in ("stage", "result", "time", "figures"):
+            table.add_column(column)
+        for item in result.stages:
+            seconds = f"{item['seconds']:.1f}s" if "seconds" in item else ""
+            what = item["action"] if item["action"] == "ran" else f"{item['action']} ({item['reason']})"
+            table.add_row(item["stage"], what, seconds, _short(item.get("summary")))
+        self.console.print(table)
+        for what, path in outputs_summary(result.run_dir):
+            self.console.print(f"  {what:<24} {path}")
+        if (result.run_dir / "model").is_dir():
+            self.console.print(f"next: [bold]murmur serve {result.run_dir}[/] (web chat on "
+                               f"http://{plan.settings.serve.host}:{plan.settings.serve.port}) or "
+                               f"[bold]murmur chat {result.run_dir}[/]")
+
+
+class QuietDisplay(BuildDisplay):
+    """A display that prints nothing (for callers that show their own output)."""
+
+    def __init__(self) -> None:
+        super().__init__(Console(quiet=True))

@@ -1,0 +1,412 @@
+"""The tokenizer: byte-level BPE with document and ChatML role tokens, saved as Hugging Face expects.
+
+    tok = train_tokenizer(texts, vocab_size=4096, out_dir="runs/demo/tokenizer")
+    tok = ChatTokenizer.load("runs/demo/tokenizer")         # or any local Hugging Face tokenizer directory
+    ids, mask = tok.render_chat_with_mask([{"role": "user", "content": "hi"},
+                                           {"role": "assistant", "content": "hello!"}])
+
+Chat rendering is ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message. The same template is
+saved as `chat_template.jinja`, so `transformers.AutoTokenizer.apply_chat_template` gives the same ids.
+A foreign tokenizer (imported model) keeps its own Jinja template; Murmur renders it the same way
+`transformers` does and finds the assistant spans by rendering prefixes of the conversation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from murmur.errors import MurmurError
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
+
+# ChatML, written so that transformers' Jinja settings (trim_blocks, lstrip_blocks) leave it unchanged.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+REQUIRED_FILES = ("tokenizer.json",)
+MAX_MODEL_LENGTH = 1_000_000
+
+
+Message = dict[str, Any]
+
+
+def message_text(content: Any) -> str:
+    """The text of a message's content: a string, or OpenAI's list of parts (text parts joined)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict)
+                       and part.get("type", "text") == "text")
+    raise MurmurError(f"message content must be a string or a list of text parts, got {type(content).__name__}")
+
+
+class ChatTokenizer:
+    """A Hugging Face `tokenizers.Tokenizer` plus the chat template and the special ids Murmur needs."""
+
+    def __init__(self, tokenizer, chat_template: str | None = None, config: dict[str, Any] | None = None,
+                 path: Path | None = None):
+        self.tokenizer = tokenizer
+        self.config = config or {}
+        self.path = path
+        self.chat_template = chat_template
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        self.im_start_id = vocab.get(IM_START)
+        self.im_end_id = vocab.get(IM_END)
+        self._chatml = self.im_start_id is not None and self.im_end_id is not None and (
+            chat_template is None or _normalise_template(chat_template) == _normalise_template(CHATML_TEMPLATE))
+        eos = _token_content(self.config.get("eos_token"))
+        if ENDOFTEXT in vocab:
+            self.eos_id = vocab[ENDOFTEXT]
+        elif eos is not None and eos in vocab:
+            self.eos_id = vocab[eos]
+        else:
+            raise MurmurError(f"tokenizer {path or ''} has neither {ENDOFTEXT} nor an eos_token in its vocabulary; "
+                              "a document boundary token is needed")
+        stops = {self.eos_id}
+        for token in (IM_END, eos, "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "</s>"):
+            if token is not None and token in vocab:
+                stops.add(vocab[token])
+        self.stop_ids: set[int] = stops
+        self._jinja = None
+
+    # ---- loading and saving -------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ChatTokenizer:
+        """Load a tokenizer directory written by Murmur or by `transformers` (tokenizer.json required)."""
+        from tokenizers import Tokenizer
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise MurmurError(f"tokenizer directory {directory} does not exist; run `murmur tokenizer` first "
+                              "or pass a Hugging Face model directory")
+        missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+        if missing:
+            raise MurmurError(f"tokenizer directory {directory} is missing {', '.join(missing)}; "
+                              "Murmur reads fast (Rust) tokenizers only — rerun `murmur tokenizer` or save the "
+                              "tokenizer with transformers' save_pretrained")
+        try:
+            tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        except Exception as err:  # the Rust side raises a plain Exception for malformed files
+            raise MurmurError(f"{directory / 'tokenizer.json'} is not a valid tokenizer file: {err}") from None
+        config = _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() \
+            else {}
+        return cls(tokenizer, chat_template=_read_chat_template(directory, config), config=config, path=directory)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja and
+        generation_config.json into `out_dir`, replacing it atomically."""
+        out_dir = Path(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        try:
+            self.tokenizer.save(str(tmp / "tokenizer.json"))
+            template = self.chat_template or CHATML_TEMPLATE
+            (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
+            vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+            added = {str(vocab[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                     "single_word": False, "special": True} for t in SPECIAL_TOKENS if t in vocab}
+            config = {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "added_tokens_decoder": added,
+                "bos_token": None,
+                "eos_token": ENDOFTEXT,
+                "pad_token": ENDOFTEXT,
+                "unk_token": None,
+                "additional_special_tokens": [IM_START, IM_END],
+                "clean_up_tokenization_spaces": False,
+                "model_max_length": MAX_MODEL_LENGTH,
+            }
+            _write_json(tmp / "tokenizer_config.json", config)
+            _write_json(tmp / "special_tokens_map.json", {
+                "eos_token": ENDOFTEXT, "pad_token": ENDOFTEXT, "additional_special_tokens": [IM_START, IM_END]})
+            # Generation stops at the end of an assistant turn as well as at a document boundary.
+            _write_json(tmp / "generation_config.json", {
+                "eos_token_id": sorted(self.stop_ids), "pad_token_id": self.eos_id})
+            _replace_dir(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.path = out_dir
+        self.config = config
+        return out_dir
+
+    # ---- plain text ---------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included (the model's embedding needs at least this many rows)."""
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, with no special tokens added."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of many texts at once, encoded in parallel by the Rust tokenizer."""
+        return [enc.ids for enc in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """The text of `ids`. Byte-level BPE makes decode(encode(text)) == text for any UTF-8 text."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
+
+    def vocab_hash(self) -> str:
+        """A fingerprint of the vocabulary, merges and special tokens (shards record it)."""
+        return hashlib.sha256(self.tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
+
+    # ---- chat ---------------------------------------------------------------------------------
+
+    def render_chat_text(self, messages: Sequence[Message], add_generation_prompt: bool = False
+                         ) -> tuple[str, list[tuple[int, int]]]:
+        """The chat as text, and the character spans the model is trained on (assistant content and the
+        token that ends its turn)."""
+        if self._chatml:
+            parts: list[str] = []
+            spans: list[tuple[int, int]] = []
+            pos = 0
+            for message in messages:
+                role = message.get("role")
+                if not isinstance(role, str) or not role:
+                    raise MurmurError(f"chat message without a role: {message!r}")
+                head = f"{IM_START}{role}\n"
+                body = message_text(message.get("content")) + IM_END
+                if role == "assistant":
+                    spans.append((pos + len(head), pos + len(head) + len(body)))
+                piece = head + body + "\n"
+                parts.append(piece)
+                pos += len(piece)
+            if add_generation_prompt:
+                parts.append(f"{IM_START}assistant\n")
+            return "".join(parts), spans
+        return self._render_with_template(messages, add_generation_prompt)
+
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> list[int]:
+        """Token ids of a chat, exactly as `apply_chat_template(messages, tokenize=True)` gives them."""
+        text, _ = self.render_chat_text(messages, add_generation_prompt)
+        return self.encode(text)
+
+    def render_chat_with_mask(self, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
+        """Token ids of a chat and a loss mask: 1 exactly on assistant content and its end-of-turn token."""
+        text, spans = self.render_chat_text(messages)
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        return encoding.ids, mask_from_offsets(encoding.offsets, spans)
+
+    def render_chats_with_masks(self, chats: Sequence[Sequence[Message]]) -> list[tuple[list[int], list[int]]]:
+        """`render_chat_with_mask` for many chats, encoded in parallel."""
+        rendered = [self.render_chat_text(chat) for chat in chats]
+        encodings = self.tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
+        return [(enc.ids, mask_from_offsets(enc.offsets, spans)) for enc, (_, spans) in zip(encodings, rendered)]
+
+    def _render_with_template(self, messages: Sequence[Message], add_generation_prompt: bool
+                              ) -> tuple[str, list[tuple[int, int]]]:
+        """Render with a foreign Jinja template; assistant spans come from rendering each prefix."""
+        if not self.chat_template:
+            raise MurmurError(f"tokenizer {self.path or ''} has no chat template; add chat_template.jinja or "
+                              "use a tokenizer trained by `murmur tokenizer`")
+        messages = [dict(m, content=message_text(m.get("content"))) for m in messages]
+        text = self._jinja_render(messages, add_generation_prompt)
+        spans = []
+        for i, message in enumerate(messages):
+            if message.get("role") != "assistant":
+                continue
+            before = self._jinja_render(messages[:i], add_generation_prompt=True)
+            after = self._jinja_render(messages[:i + 1], add_generation_prompt=False)
+            if after.startswith(before) and text.startswith(after):
+                spans.append((len(before), len(after)))
+            else:  # a template that rewrites history; fall back to the content itself
+                start = text.find(message["content"], spans[-1][1] if spans else 0)
+                if start >= 0:
+                    spans.append((start, start + len(message["content"])))
+        return text, spans
+
+    def _jinja_render(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        if self._jinja is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message):
+                raise MurmurError(f"chat template: {message}")
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            env.filters["tojson"] = lambda value, indent=None, **_: json.dumps(value, indent=indent,
+                                                                                ensure_ascii=False)
+            self._jinja = env.from_string(self.chat_template)
+        specials = {key: _token_content(self.config.get(key)) or "" for key in
+                    ("bos_token", "eos_token", "pad_token", "unk_token")}
+        return self._jinja.render(messages=messages, add_generation_prompt=add_generation_prompt, **specials)
+
+
+def mask_from_offsets(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
+    """1 for each token that starts inside one of the character spans, else 0."""
+    mask = [0] * len(offsets)
+    if not spans:
+        return mask
+    k = 0
+    for i, (start, end) in enumerate(offsets):
+        while k < len(spans) and start >= spans[k][1]:
+            k += 1
+        if k == len(spans):
+            break
+        if spans[k][0] <= start < spans[k][1] and end > start:
+            mask[i] = 1
+    return mask
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path | None = None,
+                    min_frequency: int = 2) -> ChatTokenizer:
+    """Train byte-level BPE on `texts` with Murmur's special tokens; save it to `out_dir` when given.
+
+    Raises MurmurError when the texts are too few to learn `vocab_size` tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    base = 256 + len(SPECIAL_TOKENS)
+    if vocab_size <= base:
+        raise MurmurError(f"vocab_size {vocab_size} is too small: byte-level BPE needs more than {base} "
+                          "(256 bytes + special tokens)")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    counted = _CountingIterator(texts)
+    tokenizer.train_from_iterator(counted, trainer=trainer)
+    if counted.count == 0:
+        raise MurmurError("no training text for the tokenizer: the training split is empty")
+    learned = tokenizer.get_vocab_size(with_added_tokens=True)
+    if learned < vocab_size:
+        raise MurmurError(f"the corpus is too small for vocab_size {vocab_size}: only {learned} tokens could be "
+                          f"learned from {counted.count} texts; lower --vocab-size (e.g. {learned}) or add data")
+    chat = ChatTokenizer(tokenizer, chat_template=CHATML_TEMPLATE)
+    if out_dir is not None:
+        chat.save(out_dir)
+    return chat
+
+
+def run_stage(settings, run_dir: str | Path) -> dict[str, Any]:
+    """The `tokenizer` stage: train on run_dir/data/posts.parquet (train split), or copy the pretrained
+    tokenizer named by `tokenizer.pretrained`, into run_dir/tokenizer."""
+    run_dir = Path(run_dir)
+    out_dir = run_dir / "tokenizer"
+    cfg = settings.tokenizer
+    if cfg.pretrained:
+        tok = ChatTokenizer.load(cfg.pretrained)
+        copy_tokenizer_dir(cfg.pretrained, out_dir)
+        return {"tokenizer": str(out_dir), "vocab_size": tok.vocab_size, "pretrained": str(cfg.pretrained)}
+    texts = training_texts(run_dir / "data")
+    tok = train_tokenizer(texts, cfg.vocab_size, out_dir, min_frequency=cfg.min_frequency)
+    return {"tokenizer": str(out_dir), "vocab_size": tok.vocab_size, "texts": texts.count}
+
+
+class training_texts:  # noqa: N801 - used like a generator function, but remembers how many texts it gave
+    """The training-split post texts of a data folder, streamed from Parquet in batches."""
+
+    def __init__(self, data_dir: str | Path):
+        self.path = Path(data_dir) / "posts.parquet"
+        if not self.path.is_file():
+            raise MurmurError(f"{self.path} not found; run `murmur data` first (or pass --data DIR)")
+        self.count = 0
+
+    def __iter__(self) -> Iterator[str]:
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(self.path).iter_batches(columns=["text", "split"], batch_size=8192):
+            cols = batch.to_pydict()
+            for text, split in zip(cols["text"], cols["split"]):
+                if split == "train" and text:
+                    self.count += 1
+                    yield text
+
+
+def copy_tokenizer_dir(src: str | Path, out_dir: str | Path) -> Path:
+    """Copy the tokenizer files of a Hugging Face directory into `out_dir`, atomically."""
+    src, out_dir = Path(src), Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                     "generation_config.json"):
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+class _CountingIterator:
+    def __init__(self, texts: Iterable[str]):
+        self.texts = texts
+        self.count = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self.texts:
+            self.count += 1
+            yield text
+
+
+def _normalise_template(template: str) -> str:
+    return "".join(template.split())
+
+
+def _token_content(token: Any) -> str | None:
+    if isinstance(token, dict):
+        return token.get("content")
+    return token if isinstance(token, str) else None
+
+
+def _read_chat_template(directory: Path, config: dict[str, Any]) -> str | None:
+    """The chat template: chat_template.jinja (what current transformers writes) or the config's entry."""
+    path = directory / "chat_template.jinja"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template if isinstance(template, str) else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MurmurError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise MurmurError(f"{path} should hold a JSON object")
+    return data
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished directory `tmp` to `final`, replacing an existing one (old copy removed after)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
