@@ -18,5 +18,9 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest -q
 
+# Build recipes/demo.toml on CPU (stages already built are skipped), then serve it on http://127.0.0.1:8000.
+demo: install
+	$(VENV)/bin/murmur demo
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache test-output
