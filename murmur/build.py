@@ -314,6 +314,15 @@ def _check_sources(settings: Settings) -> None:
     if not settings.data.sources:
         raise MurmurError("stage data: the recipe names no sources; add data.sources = [\"FORMAT:PATH\", ...] "
                           "(e.g. \"x-api:posts/*.json\" or \"chitchat:\")")
+    try:
+        from murmur.data.sources import resolve_sources
+    except ImportError:
+        resolve_sources = None
+    if resolve_sources is not None:  # the data stage's own reader decides what a source names
+        try:
+            resolve_sources(settings.data.sources)
+        except MurmurError as err:
+            raise MurmurError(f"stage data: {err}") from None
     for source in settings.data.sources:
         fmt, path = split_source(source)
         if fmt == "chitchat" and not path:
