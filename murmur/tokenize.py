@@ -1,0 +1,296 @@
+"""The `tokenize` stage: curated posts and threads -> token shards for pretraining and chat finetuning.
+
+Pretraining documents: each conversation as plain text (its turns joined by newlines), and each post that
+belongs to no conversation. Every document is prefixed with `<|endoftext|>` and records the ids of the posts
+it was built from (the provenance index that `murmur data purge` uses).
+
+Chat finetuning documents: each conversation rendered with the chat template, the loss on assistant turns
+only. A thread has no natural assistant, so with `sft_roles = "both"` it is rendered once per speaker who
+replies, that speaker as the assistant and everyone else as the user: every reply is then trained exactly
+once. With "second" only the speaker of the first reply is the assistant. Conversations from JSONL files in
+OpenAI's `messages` format are mixed in with a weight per source.
+
+Text is encoded in batches by the Rust tokenizer (parallel across cores) while Parquet is streamed in
+record batches, so memory stays bounded by the batch and one shard per output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from murmur.errors import MurmurError
+from murmur.shards import ShardWriter, dtype_for_vocab, new_manifest, read_manifest, write_manifest
+from murmur.tokenizer import ChatTokenizer, _replace_dir
+
+BATCH = 2048
+SPLITS = ("train", "validation", "test")
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def conversation_text(turns: list[dict[str, Any]]) -> str:
+    """A thread as a plain-text pretraining document: its turns joined by newlines."""
+    return "\n".join(t["text"] for t in turns if t.get("text"))
+
+
+def thread_chats(turns: list[dict[str, Any]], roles: str = "both") -> list[list[dict[str, str]]]:
+    """The chats a thread is trained as: one per assistant speaker (see the module docstring).
+
+    Turns before the assistant's first reply to someone else are context only, consecutive turns of the
+    same role are joined with a newline, and the chat ends at the assistant's last turn."""
+    turns = [t for t in turns if t.get("text")]
+    if len(turns) < 2:
+        return []
+    repliers = []
+    for prev, turn in zip(turns, turns[1:]):
+        if turn["speaker"] != prev["speaker"] and turn["speaker"] not in repliers:
+            repliers.append(turn["speaker"])
+    if roles == "second":
+        repliers = repliers[:1]
+    chats = []
+    for speaker in repliers:
+        messages: list[dict[str, str]] = []
+        for turn in turns:
+            role = "assistant" if turn["speaker"] == speaker else "user"
+            if not messages and role == "assistant":
+                continue  # the assistant never opens a chat
+            if messages and messages[-1]["role"] == role:
+                messages[-1]["content"] += "\n" + turn["text"]
+            else:
+                messages.append({"role": role, "content": turn["text"]})
+        while messages and messages[-1]["role"] != "assistant":
+            messages.pop()
+        if messages:
+            chats.append(messages)
+    return chats
+
+
+def copies(weight: float, key: str, seed: int) -> int:
+    """How many times a conversation of a source with `weight` appears: floor(weight), plus one more for a
+    seeded share equal to the fractional part (deterministic per conversation)."""
+    whole = math.floor(weight)
+    frac = weight - whole
+    if frac <= 0:
+        return whole
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return whole + (int.from_bytes(digest, "little") / 2**64 < frac)
+
+
+def parse_chat_source(text: str) -> tuple[str, float]:
+    """`FILE[:WEIGHT]` from the command line."""
+    path, sep, weight = text.rpartition(":")
+    if sep and path:
+        try:
+            value = float(weight)
+        except ValueError:
+            return text, 1.0
+        if value < 0 or not math.isfinite(value):
+            raise MurmurError(f"--chat-jsonl {text}: the weight must be a non-negative number")
+        return path, value
+    return text, 1.0
+
+
+def read_chat_jsonl(path: str | Path, counts: dict[str, int]) -> Iterator[tuple[str, list[dict[str, str]], str]]:
+    """(key, messages, split) for each usable line of an OpenAI `messages` JSONL file; the reasons for lines
+    that cannot be used are counted in `counts`."""
+    path = Path(path)
+    if not path.is_file():
+        raise MurmurError(f"chat source {path} not found; pass a JSONL file with one {{\"messages\": [...]}} "
+                          "object per line")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                counts["bad_json"] = counts.get("bad_json", 0) + 1
+                continue
+            messages = record.get("messages") if isinstance(record, dict) else None
+            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                counts["no_messages"] = counts.get("no_messages", 0) + 1
+                continue
+            clean = []
+            for m in messages:
+                content = m.get("content")
+                if isinstance(content, list):
+                    content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+                if m.get("role") in CHAT_ROLES and isinstance(content, str):
+                    clean.append({"role": m["role"], "content": content})
+            if len(clean) != len(messages):
+                counts["bad_message"] = counts.get("bad_message", 0) + 1
+                continue
+            if not any(m["role"] == "assistant" for m in clean):
+                counts["no_assistant"] = counts.get("no_assistant", 0) + 1
+                continue
+            split = record.get("split", "train")
+            if split not in SPLITS:
+                split = "train"
+            yield f"{path.name}:{number}", clean, split
+
+
+def _fingerprint(data_dir: Path, tokenizer: ChatTokenizer, cfg, chat_sources: list[tuple[str, float]]) -> str:
+    digest = hashlib.sha256()
+    for name in ("posts.parquet", "conversations.parquet"):
+        path = data_dir / name
+        digest.update(name.encode())
+        if path.is_file():
+            digest.update(_file_sha(path).encode())
+    for path, weight in chat_sources:
+        digest.update(f"{path}:{weight}:{_file_sha(Path(path)) if Path(path).is_file() else ''}".encode())
+    digest.update(tokenizer.vocab_hash().encode())
+    digest.update(json.dumps([cfg.sft_roles, cfg.thread_weight, cfg.shard_tokens, cfg.seed]).encode())
+    return digest.hexdigest()[:16]
+
+
+def _file_sha(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenize_corpus(data_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, cfg,
+                    chat_sources: list[tuple[str, float]] | None = None, force: bool = False) -> dict[str, Any]:
+    """Write the tokens folder `out_dir` from a data folder and a tokenizer folder (see the module docstring).
+
+    `cfg` is a TokenizerSettings; `chat_sources` (path, weight) pairs override `cfg.chat_sources`. Skips the
+    work when `out_dir` already holds shards of the same inputs and settings, unless `force`."""
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    tokenizer = ChatTokenizer.load(tokenizer_dir)
+    if chat_sources is None:
+        chat_sources = [(s.path, s.weight) for s in cfg.chat_sources]
+    for name in ("posts.parquet", "conversations.parquet"):
+        if not (data_dir / name).is_file():
+            raise MurmurError(f"{data_dir / name} not found; run `murmur data` first (or pass --data DIR)")
+    fingerprint = _fingerprint(data_dir, tokenizer, cfg, chat_sources)
+    if not force and (out_dir / "manifest.json").is_file():
+        try:
+            old = read_manifest(out_dir)
+        except MurmurError:
+            old = {}
+        if old.get("fingerprint") == fingerprint:
+            return {"tokens_dir": str(out_dir), "skipped": True, **old.get("summary", {})}
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        summary = _write_all(data_dir, tokenizer, tmp, cfg, chat_sources)
+        manifest = new_manifest(tokenizer.vocab_size, tokenizer.vocab_hash(), tokenizer.eos_id)
+        manifest["splits"] = summary.pop("splits")
+        manifest["fingerprint"] = fingerprint
+        manifest["summary"] = summary
+        manifest["sources"] = {"data": str(data_dir), "tokenizer": str(tokenizer_dir),
+                               "chat_sources": [{"path": p, "weight": w} for p, w in chat_sources]}
+        shutil.copyfile(Path(tokenizer_dir) / "tokenizer.json", tmp / "tokenizer.json")
+        write_manifest(tmp, manifest)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"tokens_dir": str(out_dir), **summary}
+
+
+def _write_all(data_dir: Path, tokenizer: ChatTokenizer, out: Path, cfg,
+               chat_sources: list[tuple[str, float]]) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    dtype = dtype_for_vocab(tokenizer.vocab_size)
+    eos = tokenizer.eos_id
+    writers = {(kind, split): ShardWriter(out, kind, split, dtype, kind == "sft", cfg.shard_tokens)
+               for kind in ("pretrain", "sft") for split in SPLITS}
+    unused: dict[str, int] = {}
+
+    def add_pretrain(split, texts, post_ids, source):
+        for text, ids, posts in zip(texts, tokenizer.encode_batch(texts), post_ids):
+            if ids:
+                writers["pretrain", split].add([eos] + ids, None, posts, len(text.encode("utf-8")), source)
+
+    def add_sft(split, chats, post_ids, source):
+        for chat, (ids, mask), posts in zip(chats, tokenizer.render_chats_with_masks(chats), post_ids):
+            trained = sum(len(m["content"].encode("utf-8")) for m in chat if m["role"] == "assistant")
+            writers["sft", split].add([eos] + ids, [0] + mask, posts, trained, source)
+
+    in_threads: set[str] = set()
+    threads = pq.ParquetFile(data_dir / "conversations.parquet")
+    for batch in threads.iter_batches(columns=["id", "split", "turns", "post_ids"], batch_size=BATCH):
+        cols = batch.to_pydict()
+        by_split: dict[str, tuple[list, list, list, list]] = {}
+        for conv_id, split, turns, posts in zip(cols["id"], cols["split"], cols["turns"], cols["post_ids"]):
+            posts = posts or []
+            in_threads.update(posts)
+            if split not in SPLITS:
+                unused["unknown_split"] = unused.get("unknown_split", 0) + 1
+                continue
+            texts, text_posts, chats, chat_posts = by_split.setdefault(split, ([], [], [], []))
+            text = conversation_text(turns or [])
+            if text:
+                texts.append(text)
+                text_posts.append(posts)
+            for k, chat in enumerate(thread_chats(turns or [], cfg.sft_roles)):
+                for _ in range(copies(cfg.thread_weight, f"{conv_id}:{k}", cfg.seed)):
+                    chats.append(chat)
+                    chat_posts.append(posts)
+        for split, (texts, text_posts, chats, chat_posts) in by_split.items():
+            add_pretrain(split, texts, text_posts, "thread")
+            add_sft(split, chats, chat_posts, "thread")
+
+    posts_file = pq.ParquetFile(data_dir / "posts.parquet")
+    for batch in posts_file.iter_batches(columns=["id", "text", "split"], batch_size=BATCH * 4):
+        cols = batch.to_pydict()
+        by_split_posts: dict[str, tuple[list, list]] = {}
+        for post_id, text, split in zip(cols["id"], cols["text"], cols["split"]):
+            if post_id in in_threads or not text:
+                continue
+            if split not in SPLITS:
+                unused["unknown_split"] = unused.get("unknown_split", 0) + 1
+                continue
+            texts, ids = by_split_posts.setdefault(split, ([], []))
+            texts.append(text)
+            ids.append([post_id])
+        for split, (texts, ids) in by_split_posts.items():
+            add_pretrain(split, texts, ids, "post")
+
+    for path, weight in chat_sources:
+        pending: dict[str, list] = {}
+        source = f"jsonl:{Path(path).name}"
+        for key, messages, split in read_chat_jsonl(path, unused):
+            for _ in range(copies(weight, key, cfg.seed)):
+                pending.setdefault(split, []).append(messages)
+            if sum(len(v) for v in pending.values()) >= BATCH:
+                for s, chats in pending.items():
+                    add_sft(s, chats, [[] for _ in chats], source)
+                pending = {}
+        for s, chats in pending.items():
+            add_sft(s, chats, [[] for _ in chats], source)
+
+    splits: dict[str, dict[str, Any]] = {"pretrain": {}, "sft": {}}
+    for (kind, split), writer in writers.items():
+        if writer.documents or split != "test":
+            splits[kind][split] = writer.close()
+        else:
+            writer.close()
+            shutil.rmtree(out / kind / split, ignore_errors=True)
+    if splits["pretrain"]["train"]["documents"] == 0:
+        raise MurmurError(f"no training documents in {data_dir}: the train split of posts.parquet and "
+                          "conversations.parquet is empty; check the data stage's split settings")
+    totals = {f"{kind}/{split}": {"documents": e["documents"], "tokens": e["tokens"]}
+              for kind, by in splits.items() for split, e in by.items()}
+    return {"splits": splits, "counts": totals, "unused": unused}
+
+
+def run_stage(settings, run_dir: str | Path) -> dict[str, Any]:
+    """The `tokenize` stage: run_dir/data + run_dir/tokenizer -> run_dir/tokens."""
+    run_dir = Path(run_dir)
+    return tokenize_corpus(run_dir / "data", run_dir / "tokenizer", run_dir / "tokens", settings.tokenizer)
+
+
+__all__ = ["run_stage", "tokenize_corpus", "thread_chats", "conversation_text", "copies", "parse_chat_source",
+           "read_chat_jsonl"]
