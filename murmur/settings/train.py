@@ -34,8 +34,11 @@ class TrainSettings(Section):
     global_batch_tokens: int = Field(0, ge=0, description="tokens per optimizer step; 0 = one micro-batch per rank")
     steps: int = Field(1000, gt=0)
 
-    optimizer: Literal["adamw", "muon"] = "adamw"
-    lr: float = Field(3e-3, gt=0)
+    optimizer: Literal["adamw", "muon"] = Field("adamw", description="muon: Muon for hidden matrices, AdamW "
+                                                "for embeddings, head, norms and biases")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate (peak, after warmup)")
+    muon_lr: float = Field(0.02, gt=0, description="Muon learning rate for hidden matrices (optimizer=muon)")
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = Field(50, ge=0)

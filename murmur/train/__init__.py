@@ -1,0 +1,1 @@
+"""Training: the loop (trainer), the parallel layout (parallel), checkpoints, optimizers and metrics."""

@@ -1,0 +1,351 @@
+"""Training checkpoints: torch.distributed.checkpoint (DCP) step folders, written atomically.
+
+Layout of a stage folder's `checkpoints/`:
+
+    step_00000500/   DCP files (.metadata, __R_N.distcp), murmur.json, train_state.json
+    step_00001000/
+    latest           text file naming the newest complete step folder; moved last
+
+Every process writes its own shards into `.partial_step_NNNNNNNN/`; when all are done, rank 0 adds
+`murmur.json` (model settings, stage, step, tokens, tokenizer folder) and `train_state.json` (loader
+positions and RNG states of every rank, as JSON), renames the folder to its final name and only then
+moves `latest`. A process killed at any point leaves the previous `latest` complete and loadable.
+DCP reshards on load, so a checkpoint written by N processes resumes on M.
+
+Loading never unpickles arbitrary objects: DCP's metadata is read with an unpickler that only
+accepts DCP's own metadata records, and non-tensor entries load with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+from murmur.errors import MurmurError
+from murmur.model import Transformer
+from murmur.settings.model import ModelSettings
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+META_FILE = "murmur.json"
+STATE_FILE = "train_state.json"
+PARTIAL_PREFIX = ".partial_"
+
+# One process without a process group is a normal way to train; DCP warns about it on every save.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# --- safe loading -------------------------------------------------------------------------------
+
+_ALLOWED_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Accepts DCP's metadata records, torch dtypes and sizes; refuses every other global."""
+
+    def find_class(self, module: str, name: str):
+        if module == "torch.distributed.checkpoint.metadata" and not name.startswith("__"):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
+            return getattr(torch, name)
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a checkpoint never "
+                                     "needs; refusing to load it")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader, reading `.metadata` with the restricted unpickler."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        path = Path(self.path) / ".metadata"
+        try:
+            with open(path, "rb") as handle:
+                metadata = _MetadataUnpickler(handle).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
+            raise MurmurError(f"{path} is not a readable checkpoint index: {err}") from None
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's planner, loading non-tensor entries (optimizer hyper-parameters) with weights_only=True."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _dcp_load(state: dict, path: Path) -> None:
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
+    except MurmurError:
+        raise
+    except Exception as err:  # DCP wraps per-rank failures in CheckpointException
+        raise MurmurError(f"could not load checkpoint {path}: {str(err).splitlines()[0][:300]}") from None
+
+
+# --- finding checkpoints -------------------------------------------------------------------------
+
+def latest_step_dir(checkpoints_dir: Path) -> Path | None:
+    """The step folder `latest` names, or None when there is no complete checkpoint."""
+    pointer = Path(checkpoints_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    target = Path(checkpoints_dir) / pointer.read_text().strip()
+    if not (target / META_FILE).is_file():
+        raise MurmurError(f"{pointer} names {target.name}, which is not a complete checkpoint; "
+                          "delete the pointer to start over, or point it at an existing step folder")
+    return target
+
+
+def _resolve_step_dir(path: Path) -> Path | None:
+    """The step folder a path means: a step folder, a checkpoints folder, a stage folder or a run folder."""
+    path = Path(path)
+    if (path / META_FILE).is_file() and (path / ".metadata").is_file():
+        return path
+    for candidate in (path, path / CHECKPOINTS, path / "sft" / CHECKPOINTS, path / "pretrain" / CHECKPOINTS):
+        if (candidate / LATEST).is_file():
+            return latest_step_dir(candidate)
+    return None
+
+
+def is_checkpoint_source(path: str | Path) -> bool:
+    """True when `path` is a Murmur run folder, stage folder or step folder holding a checkpoint."""
+    try:
+        return Path(path).is_dir() and _resolve_step_dir(Path(path)) is not None
+    except MurmurError:
+        return True  # it is one, but broken: let the loader say how
+
+
+def read_meta(step_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(step_dir) / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise MurmurError(f"{Path(step_dir) / META_FILE} is not readable JSON: {err}") from None
+
+
+def _tokenizer_dir(step_dir: Path, meta: dict[str, Any]) -> Path | None:
+    """The tokenizer folder named in murmur.json: relative to the run folder when it was inside it."""
+    name = meta.get("tokenizer_dir")
+    if not name:
+        return None
+    run_dir = step_dir.parent.parent.parent  # run/stage/checkpoints/step
+    for candidate in (run_dir / name, Path(name)):
+        if (candidate / "tokenizer.json").is_file():
+            return candidate
+    return None
+
+
+def load_model_weights(model: nn.Module, step_dir: Path) -> None:
+    """Load only the weights of a checkpoint into `model` (plain or sharded), e.g. to start SFT."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = {"model": get_model_state_dict(model)}
+    _dcp_load(state, step_dir)
+    set_model_state_dict(model, state["model"])
+
+
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+                       ) -> tuple[Transformer, ModelSettings, Path | None]:
+    """The model of a checkpoint (run, stage or step folder), its settings and its tokenizer folder."""
+    step_dir = _resolve_step_dir(Path(path))
+    if step_dir is None:
+        raise MurmurError(f"{path} holds no Murmur checkpoint (no checkpoints/latest or step folder)")
+    meta = read_meta(step_dir)
+    try:
+        settings = ModelSettings.model_validate(meta["model"])
+    except (KeyError, ValueError) as err:
+        raise MurmurError(f"{step_dir / META_FILE} has no valid model settings: {err}") from None
+    with torch.device("meta"):
+        model = Transformer(settings)
+    model.to_empty(device="cpu")
+    model.init_weights()  # reties shared weights and rebuilds rope; the values are replaced below
+    state = {"model": model.state_dict()}
+    _dcp_load(state, step_dir)
+    model.load_state_dict(state["model"])
+    model.to(device=device, dtype=dtype)
+    model.init_rope()
+    return model.eval(), settings, _tokenizer_dir(step_dir, meta)
+
+
+# --- JSON-safe RNG states ------------------------------------------------------------------------
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as JSON (byte tensors in base64)."""
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    def tensor(text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensor(state["cuda"]))
+
+
+# --- saving and resuming -------------------------------------------------------------------------
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _gather_json(obj: Any) -> list[Any]:
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class Checkpointer:
+    """Saves and restores a stage's training state under `stage_dir/checkpoints`, keeping the last `keep`."""
+
+    def __init__(self, stage_dir: Path, keep: int, async_save: bool = False):
+        self.dir = Path(stage_dir) / CHECKPOINTS
+        self.keep = keep
+        self.async_save = async_save
+        self._pending = None  # (future, finalize) of an asynchronous save in flight
+
+    def latest(self) -> Path | None:
+        return latest_step_dir(self.dir)
+
+    def clean_partial(self) -> None:
+        """Remove step folders a killed process left half-written (never visible as `latest`)."""
+        if _is_main() and self.dir.is_dir():
+            for partial in self.dir.glob(PARTIAL_PREFIX + "*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        _barrier()
+
+    def save(self, step: int, model: nn.Module, optimizers: list, meta: dict[str, Any],
+             local_state: dict[str, Any]) -> Path:
+        """Write step `step`: model and optimizer shards (DCP), then metadata, then move `latest`.
+
+        local_state: this rank's JSON state (loader position, RNG); all ranks' are stored together.
+        """
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        self.wait()
+        final = self.dir / step_name(step)
+        partial = self.dir / (PARTIAL_PREFIX + step_name(step))
+        if _is_main():
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        _barrier()
+        model_state, optim_state = get_state_dict(model, optimizers)
+        state = {"model": model_state, "optim": optim_state}
+        ranks_state = _gather_json(local_state)
+
+        def finalize() -> None:
+            _barrier()
+            if _is_main():
+                _write_json(partial / STATE_FILE, {"ranks": ranks_state})
+                _write_json(partial / META_FILE, meta)  # murmur.json last: its presence marks completeness
+                _fsync_dir(partial)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(partial, final)
+                self._point_latest(final.name)
+                self._prune()
+            _barrier()
+
+        if self.async_save:
+            future = dcp.async_save(state, checkpoint_id=str(partial))
+            self._pending = (future, finalize)
+        else:
+            dcp.save(state, checkpoint_id=str(partial))
+            finalize()
+        return final
+
+    def _point_latest(self, name: str) -> None:
+        tmp = self.dir / (LATEST + ".tmp")
+        with open(tmp, "w") as handle:
+            handle.write(name + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.dir / LATEST)
+        _fsync_dir(self.dir)
+
+    def _prune(self) -> None:
+        steps = sorted(p for p in self.dir.glob("step_*") if p.is_dir())
+        for old in steps[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def wait(self) -> None:
+        """Finish an asynchronous save in flight (its folder becomes visible only now)."""
+        if self._pending is not None:
+            future, finalize = self._pending
+            self._pending = None
+            future.result()
+            finalize()
+
+    def load(self, step_dir: Path, model: nn.Module, optimizers: list) -> tuple[dict[str, Any], list[Any]]:
+        """Restore model and optimizers from `step_dir` (any number of writers); returns (meta, ranks' states)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(model, optimizers)
+        state = {"model": model_state, "optim": optim_state}
+        _dcp_load(state, step_dir)
+        set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        try:
+            ranks = json.loads((step_dir / STATE_FILE).read_text())["ranks"]
+        except (OSError, json.JSONDecodeError, KeyError) as err:
+            raise MurmurError(f"{step_dir / STATE_FILE} is missing or unreadable: {err}") from None
+        return read_meta(step_dir), ranks

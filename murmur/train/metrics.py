@@ -1,0 +1,203 @@
+"""Watching a run: metrics.jsonl, TensorBoard events, a console line with ETA, a loss PNG, and MFU.
+
+Only rank 0 writes. Records are written at the log interval, never every step, so that logging
+costs nothing between intervals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16 tensor-core peak FLOP/s per GPU, from the vendors' data sheets (without sparsity).
+# Matched against torch.cuda.get_device_name() by the first key it contains.
+PEAK_BF16_FLOPS: dict[str, float] = {
+    "GB200": 2.5e15,
+    "B200": 2.25e15,
+    "B100": 1.75e15,
+    "H200": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,  # SXM
+    "H800": 989e12,
+    "H20": 148e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "L40": 181e12,
+    "L4": 121e12,
+    "A6000": 155e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "MI300X": 1307e12,
+    "MI325X": 1307e12,
+    "MI250X": 383e12,
+}
+
+
+def peak_flops(device: torch.device) -> tuple[float | None, str]:
+    """(peak bf16 FLOP/s of one device, its name); None when the device is a CPU or not in the table."""
+    if device.type != "cuda":
+        return None, "cpu"
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key.lower() in name.lower():
+            return value, name
+    return None, name
+
+
+def peak_flops_note(device: torch.device) -> str:
+    """One line saying how MFU will be reported on this device."""
+    peak, name = peak_flops(device)
+    if device.type != "cuda":
+        return "MFU: not defined on CPU; reporting achieved GFLOP/s instead"
+    if peak is None:
+        return (f"MFU: GPU '{name}' is not in Murmur's peak FLOP/s table (murmur/train/metrics.py); "
+                "reporting achieved TFLOP/s only, not guessing a peak")
+    return f"MFU: against {peak / 1e12:.0f} TFLOP/s bf16 peak of '{name}' per GPU"
+
+
+def _human(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLogger:
+    """Writes training records of one stage to metrics.jsonl, tb/ and the console (rank 0 only)."""
+
+    def __init__(self, stage_dir: Path, total_steps: int, flops_per_token: float, device: torch.device,
+                 world_size: int, enabled: bool = True, tensorboard: bool = True, stream=None):
+        self.stage_dir = Path(stage_dir)
+        self.total_steps = total_steps
+        self.flops_per_token = flops_per_token
+        self.world_size = world_size
+        self.peak, self.device_name = peak_flops(device)
+        self.enabled = enabled
+        self.stream = stream or sys.stdout
+        self._jsonl = None
+        self._tb = None
+        self._losses: list[tuple[int, float]] = []
+        self._val: list[tuple[int, float]] = []
+        self._start = time.perf_counter()
+        self._start_step: int | None = None
+        if enabled:
+            self.stage_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.stage_dir / "metrics.jsonl", "a", encoding="utf-8")
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._tb = SummaryWriter(str(self.stage_dir / "tb"))
+                except ImportError:
+                    print("tensorboard is not installed; metrics go to metrics.jsonl only", file=self.stream)
+
+    def rates(self, tokens: int, seconds: float) -> dict[str, float | None]:
+        """tokens/s (whole job), achieved FLOP/s per device as GFLOP/s, and MFU when the peak is known."""
+        tps = tokens / seconds if seconds > 0 else 0.0
+        flops_per_device = tps * self.flops_per_token / self.world_size
+        mfu = flops_per_device / self.peak if self.peak else None
+        return {"tokens_per_sec": tps, "gflops_per_sec": flops_per_device / 1e9, "mfu": mfu}
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Write one record (a training interval or an evaluation) everywhere."""
+        if not self.enabled:
+            return
+        step = record["step"]
+        if self._start_step is None:
+            self._start_step = step - 1
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self._tb.add_scalar(key, value, step)
+        if "loss" in record:
+            self._losses.append((step, record["loss"]))
+        if "val_loss" in record:
+            self._val.append((step, record["val_loss"]))
+        print(self._console_line(record), file=self.stream, flush=True)
+
+    def _console_line(self, record: dict[str, Any]) -> str:
+        step = record["step"]
+        parts = [f"step {step}/{self.total_steps}"]
+        if "val_loss" in record:
+            parts.append(f"val_loss {record['val_loss']:.4f}")
+            if record.get("val_bpb") is not None:
+                parts.append(f"val_bpb {record['val_bpb']:.4f}")
+            return " | ".join(parts)
+        parts.append(f"loss {record['loss']:.4f}")
+        parts.append(f"lr {record['lr']:.2e}")
+        parts.append(f"gnorm {record['grad_norm']:.3f}")
+        parts.append(f"{record['tokens_per_sec'] / 1e3:.1f}k tok/s")
+        if record.get("mfu") is not None:
+            parts.append(f"MFU {100 * record['mfu']:.1f}%")
+        else:
+            parts.append(f"{record['gflops_per_sec']:.1f} GFLOP/s")
+        if record.get("memory_gb"):
+            parts.append(f"mem {record['memory_gb']:.1f}GB")
+        done = step - (self._start_step or 0)
+        elapsed = time.perf_counter() - self._start
+        if done > 0:
+            parts.append(f"ETA {_human(elapsed / done * (self.total_steps - step))}")
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        """Flush the files and draw the loss curve."""
+        if not self.enabled:
+            return
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        self.plot()
+
+    def plot(self) -> Path | None:
+        """loss.png from every record of metrics.jsonl (earlier sessions of a resumed run included)."""
+        path = self.stage_dir / "metrics.jsonl"
+        if not path.is_file():
+            return None
+        train, val = [], []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if rec.get("loss") is not None and math.isfinite(rec["loss"]):
+                train.append((rec["step"], rec["loss"]))
+            if rec.get("val_loss") is not None:
+                val.append((rec["step"], rec["val_loss"]))
+        if not train and not val:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if train:
+            ax.plot(*zip(*sorted(dict(train).items())), label="train loss")
+        if val:
+            ax.plot(*zip(*sorted(dict(val).items())), "o-", label="validation loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title(self.stage_dir.name)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        out = self.stage_dir / "loss.png"
+        tmp = self.stage_dir / ".loss.png.tmp"
+        fig.savefig(tmp, dpi=100, format="png")
+        plt.close(fig)
+        os.replace(tmp, out)
+        return out

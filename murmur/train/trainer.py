@@ -1,0 +1,614 @@
+"""The training loop shared by pretraining and chat finetuning (SFT).
+
+    run_stage(settings, run_dir, "pretrain")   # token shards -> runs/NAME/pretrain/
+    run_stage(settings, run_dir, "sft")        # masked conversations -> runs/NAME/sft/
+
+One process, or one process per device under `torchrun`. Every optimizer step sees
+`global_batch_tokens` tokens: micro-batches per process × processes × accumulation steps. The
+loss of a step is the mean over every target token of the whole global batch (masked ones
+excluded), whatever the split over processes, so one process and N processes compute the same
+step. The loop holds no per-step host synchronisation on GPU except where a setting asks for it
+(nan_policy="skip"); values leave the device at the log interval.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from murmur.errors import MurmurError
+from murmur.model import Transformer, count_params, flops_per_token
+from murmur.settings.model import ModelSettings
+from murmur.settings.train import TrainSettings
+from murmur.train import checkpoint as ckpt
+from murmur.train.metrics import MetricsLogger, peak_flops_note
+from murmur.train.optim import build_optimizers, lr_multiplier, set_learning_rate
+from murmur.train.parallel import (Layout, build_mesh, check_model_fits_layout, data_rank, parallelize,
+                                   resolve_layout)
+
+STAGES = ("pretrain", "sft")
+IGNORE = -100
+# Models above this size are built on the meta device and initialised after sharding when sharded.
+META_INIT_PARAMS = 1_000_000_000
+
+
+def stage_settings(settings, stage: str) -> TrainSettings:
+    """The training section a stage reads: `train` for pretraining, `sft` for finetuning."""
+    if stage not in STAGES:
+        raise MurmurError(f"unknown training stage {stage!r}; use one of: {', '.join(STAGES)}")
+    return settings.train if stage == "pretrain" else settings.sft
+
+
+# --- processes and devices -----------------------------------------------------------------------
+
+@dataclass
+class Runtime:
+    """Where this process runs: its rank among `world_size` and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    owns_process_group: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start_runtime(ts: TrainSettings) -> Runtime:
+    """Join the process group torchrun describes (gloo on CPU, NCCL on GPU), or run alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    want = ts.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise MurmurError("train.device=cuda but no CUDA device is visible; set train.device=cpu or auto")
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        if "OMP_NUM_THREADS" not in os.environ:
+            # Share the cores among the processes of this node instead of oversubscribing them.
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            torch.set_num_threads(max(1, cores // local_world))
+    owns = False
+    if world > 1 and not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
+        owns = True
+    return Runtime(rank, world, local_rank, local_world, device, owns)
+
+
+def _all_reduce(tensor: Tensor, op=None) -> Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor
+
+
+# --- the plan of a stage -------------------------------------------------------------------------
+
+@dataclass
+class StagePlan:
+    """Everything derived from the settings and the world size, before any tensor exists."""
+
+    stage: str
+    ts: TrainSettings
+    model: ModelSettings
+    layout: Layout
+    accumulation: int
+    tokens_per_step: int
+
+    def describe(self) -> list[str]:
+        m, ts = self.model, self.ts
+        return [
+            f"stage        {self.stage}",
+            f"model        {count_params(m) / 1e6:.2f}M parameters (dim {m.dim}, {m.n_layers} layers, "
+            f"vocab {m.vocab_size}); {flops_per_token(m, ts.seq_len):.3e} training FLOPs/token",
+            f"layout       {self.layout.describe()}",
+            f"batch        {ts.micro_batch_size} seqs × {ts.seq_len} tokens per process × {self.layout.dp_size} "
+            f"data-parallel × {self.accumulation} accumulation = {self.tokens_per_step:,} tokens per step",
+            f"schedule     {ts.steps} steps ({ts.steps * self.tokens_per_step:,} tokens), {ts.optimizer} lr {ts.lr:g}, "
+            f"{ts.schedule} after {ts.warmup_steps} warmup steps",
+            f"precision    dtype {ts.dtype}, compile {ts.compile}, activation checkpointing "
+            f"{ts.activation_checkpointing}",
+            f"checkpoints  every {ts.checkpoint_interval} steps, keep {ts.keep_checkpoints}"
+            f"{', async' if ts.async_checkpoint else ''}",
+        ]
+
+
+def make_plan(settings, stage: str, world_size: int, model: ModelSettings | None = None) -> StagePlan:
+    """Validate the stage's settings against the world size; the errors name the setting to change."""
+    ts = stage_settings(settings, stage)
+    model = model or settings.model
+    layout = resolve_layout(ts.parallel, world_size)
+    check_model_fits_layout(layout, model.n_heads, model.kv_heads, model.hidden_dim)
+    section = "train" if stage == "pretrain" else "sft"
+    if ts.seq_len > model.max_seq_len:
+        raise MurmurError(f"{section}.seq_len={ts.seq_len} exceeds model.max_seq_len={model.max_seq_len}; "
+                          "lower the first or raise the second")
+    per_round = ts.seq_len * ts.micro_batch_size * layout.dp_size
+    if ts.global_batch_tokens == 0:
+        accumulation = 1
+    elif ts.global_batch_tokens % per_round:
+        raise MurmurError(f"{section}.global_batch_tokens={ts.global_batch_tokens} is not a multiple of seq_len × "
+                          f"micro_batch_size × data-parallel processes = {ts.seq_len} × {ts.micro_batch_size} × "
+                          f"{layout.dp_size} = {per_round}; make it a multiple, or 0 for one micro-batch per process")
+    else:
+        accumulation = ts.global_batch_tokens // per_round
+    return StagePlan(stage, ts, model, layout, accumulation, per_round * accumulation)
+
+
+# --- the run folder ------------------------------------------------------------------------------
+
+def _fingerprint(plan: StagePlan) -> dict[str, Any]:
+    """What must match for a stage folder to be resumed rather than refused."""
+    return {"stage": plan.stage, "model": plan.model.model_dump(mode="json", exclude={"preset"}),
+            "seq_len": plan.ts.seq_len, "optimizer": plan.ts.optimizer}
+
+
+def _claim_stage_dir(stage_dir: Path, plan: StagePlan, overwrite: bool, rt: Runtime) -> None:
+    """Create or reuse the stage folder; refuse one that belongs to another configuration."""
+    marker = stage_dir / "run.json"
+    wanted = _fingerprint(plan)
+    if rt.is_main:
+        if overwrite and stage_dir.exists():
+            shutil.rmtree(stage_dir)
+        if marker.is_file():
+            found = json.loads(marker.read_text())
+            if found != wanted:
+                diff = [k for k in wanted if found.get(k) != wanted[k]]
+                if "model" in diff:
+                    diff = ["model." + k for k in wanted["model"] if found.get("model", {}).get(k) !=
+                            wanted["model"][k]] or ["model"]
+                raise MurmurError(f"{stage_dir} belongs to a run with different settings ({', '.join(diff)}); "
+                                  "pass --overwrite to start it over, or set run.name / run.dir to another folder")
+        elif stage_dir.is_dir() and any(stage_dir.iterdir()):
+            raise MurmurError(f"{stage_dir} exists but was not written by `murmur train`; pass --overwrite to "
+                              "replace it, or choose another run.dir")
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        ckpt._write_json(marker, wanted)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+def _tokens_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "tokens"
+
+
+def _open_loader(run_dir: Path, stage: str, split: str, ts: TrainSettings, rank: int, world: int, loop: bool):
+    from murmur.shards import TokenLoader
+
+    return TokenLoader(_tokens_dir(run_dir), kind=stage, split=split, seq_len=ts.seq_len,
+                       batch_size=ts.micro_batch_size, rank=rank, world_size=world, seed=ts.seed, loop=loop)
+
+
+def _bytes_tokenizer(run_dir: Path, tokenizer_dir: Path | None) -> Path | None:
+    """The tokenizer whose pieces give bytes per token: the model's, else the copy beside the shards."""
+    for folder in (tokenizer_dir, _tokens_dir(run_dir)):
+        if folder is not None and (folder / "tokenizer.json").is_file():
+            return folder
+    return None
+
+
+def _has_split(run_dir: Path, stage: str, split: str) -> bool:
+    folder = _tokens_dir(run_dir) / stage / split
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def token_byte_lengths(tokenizer_dir: Path | None, vocab_size: int) -> Tensor | None:
+    """UTF-8 bytes each token id stands for (0 for special tokens), for bits per byte; None without a tokenizer."""
+    if tokenizer_dir is None or not (tokenizer_dir / "tokenizer.json").is_file():
+        return None
+    from tokenizers import Tokenizer
+    from tokenizers.decoders import ByteLevel
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    special = {t.id for t in tok.get_added_tokens_decoder().values() if t.special} if hasattr(
+        tok, "get_added_tokens_decoder") else set()
+    byte_level = isinstance(tok.decoder, ByteLevel)
+    lengths = torch.zeros(vocab_size, dtype=torch.float64)
+    for token, idx in tok.get_vocab(with_added_tokens=True).items():
+        if idx >= vocab_size or idx in special:
+            continue
+        # Byte-level BPE spells every byte as one character; otherwise count the UTF-8 of the piece.
+        lengths[idx] = len(token) if byte_level else len(token.replace("▁", " ").encode("utf-8"))
+    return lengths
+
+
+# --- the trainer ---------------------------------------------------------------------------------
+
+class Trainer:
+    """One stage of training in one process (of possibly many). `setup()` then `train()`."""
+
+    def __init__(self, settings, run_dir: Path, stage: str, rt: Runtime, overwrite: bool = False):
+        self.settings = settings
+        self.run_dir = Path(run_dir)
+        self.stage = stage
+        self.rt = rt
+        self.overwrite = overwrite
+        self.ts = stage_settings(settings, stage)
+        self.stage_dir = self.run_dir / stage
+        self.step = 0
+        self.tokens = 0
+
+    # ---- setup
+
+    def _init_source(self) -> tuple[str, Path] | None:
+        """For SFT: ("checkpoint" | "hf", path) to start from; None for pretraining."""
+        if self.stage != "sft":
+            return None
+        from murmur import hf
+
+        source = self.ts.init_from
+        if source is None:
+            step_dir = ckpt.latest_step_dir(self.run_dir / "pretrain" / ckpt.CHECKPOINTS)
+            if step_dir is None:
+                raise MurmurError(f"SFT starts from the run's pretraining checkpoint, but {self.run_dir / 'pretrain'} "
+                                  "has none; run `murmur train RECIPE --stage pretrain` first, or set sft.init_from")
+            return "checkpoint", step_dir
+        path = Path(source)
+        if hf.is_hf_dir(path):
+            return "hf", path
+        step_dir = ckpt._resolve_step_dir(path) if path.is_dir() else None
+        if step_dir is None:
+            raise MurmurError(f"sft.init_from={source} is neither a Murmur checkpoint nor a Hugging Face model "
+                              "directory")
+        return "checkpoint", step_dir
+
+    def _model_settings(self, init: tuple[str, Path] | None) -> ModelSettings:
+        """Pretraining uses [model]; SFT the shape of whatever it starts (or resumes) from."""
+        own = ckpt.latest_step_dir(self.stage_dir / ckpt.CHECKPOINTS) if self.stage_dir.is_dir() else None
+        if own is not None and not self.overwrite:
+            return ModelSettings.model_validate(ckpt.read_meta(own)["model"])
+        if init is None:
+            return self.settings.model
+        kind, path = init
+        if kind == "hf":
+            from murmur import hf
+
+            return hf.settings_from_hf_config(hf.read_hf_config(path), source=str(path / "config.json"))
+        return ModelSettings.model_validate(ckpt.read_meta(path)["model"])
+
+    def _tokenizer_dir(self, init: tuple[str, Path] | None) -> tuple[Path | None, str | None]:
+        """(the tokenizer folder, how murmur.json names it: relative to the run when inside it)."""
+        own = self.run_dir / "tokenizer"
+        if (own / "tokenizer.json").is_file():
+            return own, "tokenizer"
+        if init is not None:
+            kind, path = init
+            if kind == "hf" and (path / "tokenizer.json").is_file():
+                return path, str(path.resolve())
+            if kind == "checkpoint":
+                found = ckpt._tokenizer_dir(path, ckpt.read_meta(path))
+                if found is not None:
+                    return found, str(found.resolve())
+        return None, None
+
+    def setup(self) -> StagePlan:
+        rt, ts = self.rt, self.ts
+        init = self._init_source()
+        model_settings = self._model_settings(init)
+        self.plan = plan = make_plan(self.settings, self.stage, rt.world_size, model_settings)
+        if not _has_split(self.run_dir, self.stage, "train"):
+            raise MurmurError(f"no {self.stage} training shards in {_tokens_dir(self.run_dir) / self.stage / 'train'};"
+                              " run `murmur tokenize` first (or `murmur build`)")
+        _claim_stage_dir(self.stage_dir, plan, self.overwrite, rt)
+        self.tokenizer_dir, self.tokenizer_name = self._tokenizer_dir(init)
+
+        self.dtype = {"auto": torch.bfloat16 if rt.device.type == "cuda" else torch.float32,
+                      "float32": torch.float32, "bfloat16": torch.bfloat16}[ts.dtype]
+        torch.manual_seed(ts.seed)
+        self.mesh = build_mesh(plan.layout, rt.device.type)
+        sharded = plan.layout.strategy not in ("single", "ddp")
+        meta_init = sharded and count_params(model_settings) > META_INIT_PARAMS
+        with torch.device("meta" if meta_init else rt.device):
+            model = Transformer(model_settings)
+        self.fsdp = sharded
+        # FSDP casts parameters for compute itself; otherwise autocast does.
+        param_dtype = self.dtype if (sharded and self.dtype != torch.float32) else None
+        self.autocast = (torch.autocast(rt.device.type, dtype=self.dtype)
+                         if self.dtype != torch.float32 and not sharded else nullcontext())
+        self.model = parallelize(model, plan.layout, self.mesh, compile=ts.compile,
+                                 activation_checkpointing=ts.activation_checkpointing,
+                                 reshard_after_forward=ts.parallel.reshard_after_forward, param_dtype=param_dtype,
+                                 device=rt.device)
+        self.inner = model  # the Transformer itself (DDP wraps it; FSDP2 and TP change it in place)
+        if meta_init:
+            model.to_empty(device=rt.device)
+            model.init_weights()
+        self.optimizers = build_optimizers(self.model, ts, rt.device.type)
+        self.checkpointer = ckpt.Checkpointer(self.stage_dir, ts.keep_checkpoints,
+                                              async_save=ts.async_checkpoint and rt.device.type == "cuda")
+        self.checkpointer.clean_partial()
+
+        self.dp_rank = data_rank(self.mesh, plan.layout)
+        self.loader = _open_loader(self.run_dir, self.stage, "train", ts, self.dp_rank, plan.layout.dp_size, True)
+        resume = self.checkpointer.latest()
+        if resume is not None:
+            meta, ranks = self.checkpointer.load(resume, self.model, self.optimizers)
+            self.step, self.tokens = meta["step"], meta["tokens"]
+            same_world = len(ranks) == rt.world_size
+            mine = ranks[rt.rank] if same_world else ranks[0]
+            self.loader.load_state_dict(mine["loader"])
+            if same_world:
+                ckpt.set_rng_state(mine["rng"])
+            self._say(f"resumed from {resume} (step {self.step}, {self.tokens:,} tokens, written by {len(ranks)} "
+                      f"process{'es' if len(ranks) > 1 else ''})")
+        elif init is not None:
+            self._load_initial_weights(*init)
+        self.byte_lengths = token_byte_lengths(_bytes_tokenizer(self.run_dir, self.tokenizer_dir),
+                                               model_settings.vocab_size)
+        self.val_loader = (_open_loader(self.run_dir, self.stage, "validation", ts, self.dp_rank,
+                                        plan.layout.dp_size, False)
+                           if _has_split(self.run_dir, self.stage, "validation") else None)
+        self.flops_per_token = flops_per_token(model_settings, ts.seq_len)
+        return plan
+
+    def _load_initial_weights(self, kind: str, path: Path) -> None:
+        if kind == "checkpoint":
+            ckpt.load_model_weights(self.model, path)
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            from murmur import hf
+
+            full, _ = hf.load_hf_model(path, device="cpu", dtype=torch.float32)
+            set_model_state_dict(self.model, full.state_dict(), options=StateDictOptions(full_state_dict=True))
+        self._say(f"starting from {kind} {path}")
+
+    def _say(self, text: str) -> None:
+        if self.rt.is_main:
+            print(text, flush=True)
+
+    # ---- one optimizer step
+
+    def _loss_sum(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        with self.autocast:
+            logits = self.model(inputs)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                               reduction="sum")
+
+    def _sync_context(self, last: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+        if self.plan.accumulation == 1:
+            return nullcontext()
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(last)
+            return nullcontext()
+        if hasattr(self.model, "no_sync") and not last:
+            return self.model.no_sync()
+        return nullcontext()
+
+    def train_step(self, batches: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor, int]:
+        """Forward/backward over the step's micro-batches, clip, and step: (loss sum, grad norm, target count).
+
+        Each micro-batch's summed loss is divided by the global number of target tokens (times the
+        data-parallel size, which the gradient averaging divides by again), so the update is the
+        gradient of the mean loss over the whole global batch.
+        """
+        count = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
+        global_count = count
+        if self.plan.layout.dp_size > 1:
+            global_count = int(_all_reduce(torch.tensor([count], dtype=torch.int64, device=self._comm_device))[0])
+        scale = self.plan.layout.dp_size / max(global_count, 1)
+        device = self.rt.device
+        total = torch.zeros((), device=device)
+        for i, batch in enumerate(batches):
+            inputs = batch["inputs"].to(device, non_blocking=True)
+            targets = batch["targets"].to(device, non_blocking=True)
+            with self._sync_context(i == len(batches) - 1):
+                loss_sum = self._loss_sum(inputs, targets)
+                (loss_sum * scale).backward()
+            total += loss_sum.detach()
+        grad_norm = self._clip_gradients()
+        return total, grad_norm, global_count
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.rt.device
+
+    def _clip_gradients(self) -> Tensor:
+        """Total gradient norm over every parameter (clipped to train.grad_clip when set)."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.ts.grad_clip or float("inf")
+        if self.mesh is None or self.plan.layout.strategy == "ddp":
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        # Sharded parameters live on different meshes (dp only, or dp × tp): sum squares per mesh.
+        from torch.distributed.tensor import DTensor
+
+        by_mesh: dict[Any, list[Tensor]] = {}
+        for p in params:
+            key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+            by_mesh.setdefault(key, []).append(p.grad)
+        total_sq = torch.zeros((), device=self.rt.device)
+        for grads in by_mesh.values():
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            if isinstance(norm, DTensor):
+                norm = norm.full_tensor()
+            total_sq += norm.float() ** 2
+        total = total_sq.sqrt()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+        return total
+
+    def _optimizer_step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    # ---- evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float | None]:
+        """Validation loss (nats/token) and bits per byte over up to eval_batches batches per process.
+
+        Processes may hold different numbers of validation batches (one may have none): all run the
+        largest count, padding with batches that take no loss, so sharded forwards never wait forever.
+        """
+        ts, device = self.ts, self.rt.device
+        loader = self.val_loader
+        if loader is None:
+            return {"val_loss": None, "val_bpb": None}
+        loader.load_state_dict({"position": 0})  # the same first batches every time
+        batches = []
+        for batch in loader:
+            batches.append(batch)
+            if len(batches) >= ts.eval_batches:
+                break
+        n = int(_all_reduce(torch.tensor([len(batches)], device=device), dist.ReduceOp.MAX if dist.is_initialized()
+                            else None)[0])
+        if n == 0:
+            return {"val_loss": None, "val_bpb": None}
+        blank = {"inputs": torch.zeros(ts.micro_batch_size, ts.seq_len, dtype=torch.long),
+                 "targets": torch.full((ts.micro_batch_size, ts.seq_len), IGNORE, dtype=torch.long)}
+        batches += [blank] * (n - len(batches))
+        self.model.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
+        for batch in batches:
+            inputs, targets = batch["inputs"].to(device), batch["targets"].to(device)
+            sums[0] += self._loss_sum(inputs, targets).double()
+            valid = targets != IGNORE
+            sums[1] += valid.sum()
+            if self.byte_lengths is not None:
+                lengths = self.byte_lengths.to(device)
+                sums[2] += lengths[targets.clamp(min=0)][valid].sum()
+        self.model.train()
+        loss, count, nbytes = _all_reduce(sums).tolist()
+        if count == 0:
+            return {"val_loss": None, "val_bpb": None}
+        bpb = loss / math.log(2) / nbytes if nbytes > 0 else None
+        return {"val_loss": loss / count, "val_bpb": bpb}
+
+    # ---- the loop
+
+    def _meta(self) -> dict[str, Any]:
+        return {"format": 1, "stage": self.stage, "step": self.step, "tokens": self.tokens,
+                "model": self.plan.model.model_dump(mode="json"), "tokenizer_dir": self.tokenizer_name,
+                "world_size": self.rt.world_size, "layout": self.plan.layout.describe(),
+                "train": self.ts.model_dump(mode="json")}
+
+    def save(self) -> Path:
+        local = {"loader": self.loader.state_dict(), "rng": ckpt.rng_state()}
+        return self.checkpointer.save(self.step, self.model, self.optimizers, self._meta(), local)
+
+    def _nonfinite(self, loss_sum: Tensor, grad_norm: Tensor) -> bool:
+        return not bool(torch.isfinite(loss_sum + grad_norm))
+
+    def _stop_for_nan(self, step: int) -> None:
+        last = self.checkpointer.latest()
+        where = f"the last good checkpoint is {last}" if last else "there is no checkpoint yet"
+        raise MurmurError(f"loss or gradient became NaN/infinite at step {step}; {where}. Lower the learning rate "
+                          f"({'train' if self.stage == 'pretrain' else 'sft'}.lr), check the data, or set "
+                          "nan_policy=\"skip\" to skip such steps")
+
+    def train(self) -> dict[str, Any]:
+        rt, ts, plan = self.rt, self.ts, self.plan
+        logger = MetricsLogger(self.stage_dir, ts.steps, self.flops_per_token, rt.device, rt.world_size,
+                               enabled=rt.is_main)
+        if rt.is_main:
+            for line in plan.describe():
+                print(line)
+            print(peak_flops_note(rt.device), flush=True)
+        check_every_step = rt.device.type == "cpu" or ts.nan_policy == "skip"
+        batches_iter: Iterator = iter(self.loader)
+        interval_loss = torch.zeros((), device=rt.device, dtype=torch.float64)
+        interval_count = 0
+        interval_tokens = 0
+        skipped = 0
+        last_val: dict[str, Any] = {}
+        self.model.train()
+        t0 = time.perf_counter()
+        start_step = self.step
+        grad_norm = torch.zeros(())
+        try:
+            while self.step < ts.steps:
+                set_learning_rate(self.optimizers, lr_multiplier(self.step, ts))
+                batches = [next(batches_iter) for _ in range(plan.accumulation)]
+                loss_sum, grad_norm, count = self.train_step(batches)
+                if check_every_step and self._nonfinite(loss_sum, grad_norm):
+                    if ts.nan_policy == "stop":
+                        self._stop_for_nan(self.step + 1)
+                    skipped += 1
+                    for opt in self.optimizers:
+                        opt.zero_grad(set_to_none=True)
+                    self._say(f"step {self.step + 1}: non-finite loss or gradient, step skipped (nan_policy=skip)")
+                else:
+                    self._optimizer_step()
+                    interval_loss += loss_sum.double()
+                    interval_count += count
+                self.step += 1
+                self.tokens += plan.tokens_per_step
+                interval_tokens += plan.tokens_per_step
+                last = self.step == ts.steps
+                if self.step % ts.log_interval == 0 or last:
+                    # interval_count is already global (train_step counts over all processes).
+                    loss_total = _all_reduce(interval_loss.clone()).item()
+                    loss = loss_total / interval_count if interval_count else float("nan")
+                    if not math.isfinite(loss) and not check_every_step and ts.nan_policy == "stop":
+                        self._stop_for_nan(self.step)
+                    elapsed = time.perf_counter() - t0
+                    record = {"step": self.step, "tokens": self.tokens, "loss": loss,
+                              "lr": self.optimizers[-1].param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                              **logger.rates(interval_tokens, elapsed)}
+                    if rt.device.type == "cuda":
+                        record["memory_gb"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
+                    if skipped:
+                        record["skipped_steps"] = skipped
+                    logger.log(record)
+                    interval_loss.zero_()
+                    interval_count = interval_tokens = 0
+                    t0 = time.perf_counter()
+                if self.step % ts.eval_interval == 0 or last:
+                    last_val = self.evaluate()
+                    if last_val["val_loss"] is not None:
+                        logger.log({"step": self.step, "tokens": self.tokens, **last_val})
+                    t0 = time.perf_counter()
+                if self.step % ts.checkpoint_interval == 0 or last:
+                    self.save()
+                    t0 = time.perf_counter()
+            self.checkpointer.wait()
+        except torch.OutOfMemoryError:
+            section = "train" if self.stage == "pretrain" else "sft"
+            raise MurmurError(f"out of GPU memory at step {self.step + 1}; lower {section}.micro_batch_size (keep "
+                              f"global_batch_tokens to accumulate instead), set {section}.activation_checkpointing="
+                              f"\"full\", shard more ({section}.parallel.dp_shard, tp) or lower {section}.seq_len"
+                              ) from None
+        finally:
+            logger.close()
+        return {"stage": self.stage, "steps": self.step, "tokens": self.tokens, "new_steps": self.step - start_step,
+                "checkpoint": str(self.checkpointer.latest()), **{k: v for k, v in last_val.items()}}
+
+
+def run_stage(settings, run_dir: str | Path, stage: str = "pretrain", *, overwrite: bool = False) -> dict[str, Any]:
+    """Train one stage (pretrain or sft) in this process, resuming from the stage's latest checkpoint.
+
+    Returns a summary: steps, tokens, final validation loss and the checkpoint written.
+    """
+    ts = stage_settings(settings, stage)
+    rt = start_runtime(ts)
+    try:
+        trainer = Trainer(settings, Path(run_dir), stage, rt, overwrite=overwrite)
+        trainer.setup()
+        return trainer.train()
+    finally:
+        if rt.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
