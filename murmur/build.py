@@ -200,6 +200,9 @@ def input_files_manifest(settings: Settings, stage: Stage) -> list[Any]:
             items.append([source, _file_manifest(source_files(source)), _bundled_corpus_version(fmt)])
         if settings.data.deletions:
             items.append(["deletions", _file_manifest(source_files(f"file:{settings.data.deletions}"))])
+    if stage.name == "tokenize":
+        for chat in settings.tokenizer.chat_sources:
+            items.append(["chat", chat.path, _file_manifest(source_files(f"jsonl:{chat.path}"))])
     base = _base_dir(settings)
     if base is not None and stage.name in ("tokenizer", "sft"):
         items.append(["base", _hf_dir_manifest(base)])
@@ -357,6 +360,8 @@ def _check_inputs(plan: BuildPlan) -> None:
                                   f"run the build without --from/--only, or start from "
                                   f"--from {producer.name if producer else STAGE_NAMES[0]}")
             _check_setting_paths(plan.settings, step.stage)
+            if step.stage.name in ("pretrain", "sft"):
+                _check_training_layout(plan.settings, step.stage.name)
         if step.action in ("run", "skip"):
             will_write.add(step.stage.name)
 
@@ -366,11 +371,37 @@ def _check_setting_paths(settings: Settings, stage: Stage) -> None:
     paths: list[tuple[str, str | None]] = []
     if stage.name == "tokenizer":
         paths.append(("tokenizer.pretrained", settings.tokenizer.pretrained))
+    if stage.name == "tokenize":
+        paths.extend(("tokenizer.chat_sources", chat.path) for chat in settings.tokenizer.chat_sources)
     if stage.name == "sft":
         paths.append(("sft.init_from", settings.sft.init_from))
     for key, value in paths:
         if value and not Path(value).exists():
-            raise MurmurError(f"stage {stage.name}: {key} = {value} not found; point it at an existing directory")
+            raise MurmurError(f"stage {stage.name}: {key} = {value} not found; point it at an existing path")
+
+
+def intended_world_size(settings: Settings, stage: str) -> int:
+    """The number of processes a training stage's layout names (dp_shard=-1, "the rest", counts as 1)."""
+    parallel = (settings.train if stage == "pretrain" else settings.sft).parallel
+    return parallel.dp_replicate * max(parallel.dp_shard, 1) * parallel.tp
+
+
+def _check_training_layout(settings: Settings, stage: str) -> None:
+    """The trainer's own validation of batch, sequence length and parallel layout, at the intended world size."""
+    try:
+        from murmur.train.trainer import make_plan
+    except ImportError:
+        return
+    model = None
+    init = settings.sft.init_from if stage == "sft" else None
+    if init and (Path(init) / "config.json").is_file():
+        from murmur import hf
+
+        model = hf.settings_from_hf_config(hf.read_hf_config(init), source=str(Path(init) / "config.json"))
+    try:
+        make_plan(settings, stage, intended_world_size(settings, stage), model=model)
+    except MurmurError as err:
+        raise MurmurError(f"stage {stage}: {err}") from None
 
 
 def plan_build(settings: Settings, from_stage: str | None = None, only: str | None = None) -> BuildPlan:

@@ -24,6 +24,11 @@ OUTPUT_FILES = {
 }
 
 
+TINY_LLAMA_CONFIG = {"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                     "max_position_embeddings": 512, "tie_word_embeddings": True}
+
+
 class FakeStages:
     """Stage functions that write their outputs and remember what they were called with."""
 
@@ -184,7 +189,7 @@ def test_interrupted_stage_resumes_in_place_but_a_changed_one_starts_clean(tmp_p
 def test_base_model_skips_pretraining_and_finetunes_with_its_tokenizer(tmp_path, corpus):
     base = tmp_path / "base"
     base.mkdir()
-    (base / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (base / "config.json").write_text(json.dumps(TINY_LLAMA_CONFIG))
     (base / "tokenizer.json").write_text("{}")
     fakes = FakeStages()
     result = _build(_settings(tmp_path, corpus, model={"base": str(base)}), fakes)
@@ -244,7 +249,7 @@ def test_shipped_recipes_validate(recipe, tmp_path):
     if settings.model.base:
         base = tmp_path / "base"
         base.mkdir()
-        (base / "config.json").write_text("{}")
+        (base / "config.json").write_text(json.dumps(TINY_LLAMA_CONFIG))
         (base / "tokenizer.json").write_text("{}")
         overrides["model"] = {"base": str(base)}
     data = settings.model_dump(mode="json", exclude_none=True)
@@ -252,3 +257,10 @@ def test_shipped_recipes_validate(recipe, tmp_path):
         data[key].update(value)
     plan = plan_build(settings_from_dict(data))
     assert [s.action for s in plan.steps if s.stage.name != "pretrain"] == ["run"] * (len(STAGE_NAMES) - 1)
+
+
+def test_bad_layout_and_missing_chat_source_fail_in_the_plan(tmp_path, corpus):
+    with pytest.raises(MurmurError, match="stage pretrain: .*global_batch_tokens"):
+        plan_build(_settings(tmp_path, corpus, train={"global_batch_tokens": 1000}))
+    with pytest.raises(MurmurError, match="stage tokenize: tokenizer.chat_sources = .*extra.jsonl not found"):
+        plan_build(_settings(tmp_path, corpus, tokenizer={"chat_sources": [{"path": str(tmp_path / "extra.jsonl")}]}))
