@@ -129,3 +129,36 @@ def run_canaries(model, tokenizer, data_dir: str | Path, n_candidates: int, seed
         out.append({"prefix": canary["prefix"], "secret": canary["secret"], "repeats": canary["repeats"],
                     "inserted": canary["inserted"], **result})
     return out
+
+
+def pii_patterns() -> dict[str, list]:
+    """The personal-data patterns the data stage scrubs (murmur.data.clean), by kind: [(regex, check)]."""
+    from murmur.data import clean
+
+    digits = lambda text: "".join(c for c in text if c.isdigit())  # noqa: E731
+    return {
+        "email": [(clean.EMAIL_RE, None)],
+        "phone": [(clean.PHONE_RE, None)],
+        "card": [(clean.CARD_RE, lambda m: clean.luhn_valid(digits(m)))],
+        "ip": [(clean.IPV4_RE, None), (clean.IPV6_RE, None)],
+    }
+
+
+def scan_for_pii(texts: list[str], max_examples: int = 10) -> dict:
+    """Count the personal-data matches in generated texts, by kind, with a few examples to look at."""
+    patterns = pii_patterns()
+    counts = {kind: 0 for kind in patterns}
+    examples = []
+    flagged = 0
+    for index, text in enumerate(texts):
+        hit = False
+        for kind, rules in patterns.items():
+            for regex, check in rules:
+                for match in regex.finditer(text):
+                    if check is None or check(match.group(0)):
+                        counts[kind] += 1
+                        hit = True
+                        if len(examples) < max_examples:
+                            examples.append({"text_index": index, "kind": kind, "match": match.group(0)})
+        flagged += hit
+    return {"texts": len(texts), "texts_with_pii": flagged, "matches": counts, "examples": examples}

@@ -30,16 +30,23 @@ def _gather_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     return -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
 
 
-@torch.no_grad()
 def sequence_logprobs(model: Transformer, sequences: Sequence[Sequence[int]], score_from: Sequence[int],
                       batch_size: int = 32) -> list[np.ndarray]:
     """For each sequence, log p(token i | tokens < i) for every i >= score_from (score_from >= 1).
 
     Each sequence must fit the model's context (max_seq_len). Returns float64 arrays in input order.
     """
+    return [lp for lp, _ in scored_sequences(model, sequences, score_from, batch_size)]
+
+
+@torch.no_grad()
+def scored_sequences(model: Transformer, sequences: Sequence[Sequence[int]], score_from: Sequence[int],
+                     batch_size: int = 32) -> list[tuple[np.ndarray, bool]]:
+    """`sequence_logprobs` plus, per sequence, whether every scored token was the model's top choice
+    (what lm-eval calls is_greedy)."""
     device = model_device(model)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    out: list[np.ndarray | None] = [None] * len(sequences)
+    out: list[tuple[np.ndarray, bool] | None] = [None] * len(sequences)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         width = max(len(sequences[i]) for i in idx)
@@ -47,12 +54,15 @@ def sequence_logprobs(model: Transformer, sequences: Sequence[Sequence[int]], sc
         for row, i in enumerate(idx):
             batch[row, :len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
         batch = batch.to(device)
-        logp = _gather_logprobs(model(batch[:, :-1]), batch[:, 1:]).double().cpu().numpy()
+        logits = model(batch[:, :-1])
+        logp = _gather_logprobs(logits, batch[:, 1:]).double().cpu().numpy()
+        top = (logits.argmax(-1) == batch[:, 1:]).cpu().numpy()
         for row, i in enumerate(idx):
             first = score_from[i]
             if first < 1:
                 raise ValueError("score_from must be at least 1: the first token has nothing to be predicted from")
-            out[i] = logp[row, first - 1:len(sequences[i]) - 1]
+            span = slice(first - 1, len(sequences[i]) - 1)
+            out[i] = (logp[row, span], bool(top[row, span].all()))
     return out  # type: ignore[return-value]
 
 

@@ -1,0 +1,37 @@
+"""Samples: the model's replies to a fixed set of prompts at fixed seeds, so checkpoints read side by side.
+
+Generation goes through the inference engine (murmur.infer), the same code that serves the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def generate_samples(model, tokenizer, prompts: list[str], seeds: list[int], max_new_tokens: int = 48,
+                     temperature: float = 0.8, top_p: float = 0.95) -> list[dict]:
+    """One reply per (seed, prompt); each prompt is a user message answered as the assistant."""
+    from murmur.infer.engine import Engine
+    from murmur.infer.sampling import SamplingParams
+
+    jobs = [(seed, prompt) for seed in seeds for prompt in prompts]
+    if not jobs:
+        return []
+    engine = Engine(model, tokenizer, max_batch_size=min(16, len(jobs)))
+    params = [SamplingParams(temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_new_tokens)
+              for seed, _ in jobs]
+    completions = engine.generate([[{"role": "user", "content": prompt}] for _, prompt in jobs], params)
+    return [{"prompt": prompt, "seed": seed, "reply": c.text, "finish_reason": c.finish_reason,
+             "tokens": c.completion_tokens} for (seed, prompt), c in zip(jobs, completions)]
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> Path:
+    """Write records one JSON object a line, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
