@@ -1,4 +1,6 @@
-"""Settings of the server (`murmur serve`)."""
+"""Settings of the server (`murmur serve`) and the inference engine behind it."""
+
+from typing import Literal
 
 from pydantic import Field
 
@@ -6,7 +8,22 @@ from murmur.settings.base import Section
 
 
 class ServeSettings(Section):
-    """Where to listen and how many requests to run at once."""
+    """Where to listen, who may call, and how many requests run at once."""
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    model_name: str | None = Field(None, description="name clients use in `model`; default the folder's name")
+    api_keys: list[str] = Field(default_factory=list, description="accepted Bearer keys; empty = no auth "
+                                "(MURMUR_API_KEYS adds comma-separated keys)")
+    rate_limit_per_minute: int = Field(0, ge=0, description="requests per minute per key (or client); 0 = off")
+    device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch_size: int = Field(16, ge=1, description="requests decoded together (KV-cache slots)")
+    max_queue: int = Field(256, ge=1, description="requests waiting for a slot before 429")
+    max_seq_len: int | None = Field(None, ge=2, description="context per request; default the model's")
+    prefix_cache: int = Field(8, ge=0, description="system-prompt prefixes whose keys/values are kept; 0 = off")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
+    default_max_tokens: int | None = Field(None, ge=1, description="when a request gives none; None = to context")
+    health_timeout_s: float = Field(10.0, gt=0, description="/health fails when a 1-token probe takes longer")
+    stuck_after_s: float = Field(60.0, gt=0, description="a busy engine with no finished step this long is stuck")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="on shutdown, time in-flight requests get to finish")

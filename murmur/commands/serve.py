@@ -1,0 +1,54 @@
+"""`murmur serve RUN_OR_MODEL_DIR`: an OpenAI-compatible API and a web chat page for a model.
+
+Serves /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics and the chat page at /.
+API keys come from --api-key (repeatable) and MURMUR_API_KEYS (comma-separated); with none, anyone
+may call. Any serve setting can be given as --set serve.KEY=VALUE (e.g. serve.max_batch_size=32).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible API and a web chat page",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", metavar="RUN_OR_MODEL_DIR", help="a Murmur run folder or checkpoint, or a Hugging Face "
+                   "model directory with its tokenizer")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--api-key", action="append", metavar="KEY", help="accept this Bearer key (repeatable)")
+    p.add_argument("--model-name", help="the name clients pass as `model` (default: the run's name)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--max-batch-size", type=int, help="requests decoded together (default 16)")
+    p.add_argument("--rate-limit", type=int, metavar="PER_MINUTE", help="requests per minute per key (0 = off)")
+    p.add_argument("--recipe", help="read the [serve] section of this recipe first")
+    p.add_argument("--set", action="append", default=[], metavar="serve.KEY=VALUE", help="any serve setting")
+    p.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace):
+    """ServeSettings from the recipe, --set overrides, then the explicit flags."""
+    from murmur.config import apply_overrides, read_recipe, settings_from_dict
+    from murmur.errors import SettingsError
+    from murmur.serve.launch import api_keys
+
+    data = read_recipe(args.recipe) if args.recipe else {}
+    for item in args.set:
+        if not item.startswith("serve."):
+            raise SettingsError(f"--set {item!r}: only serve.* settings apply to `murmur serve`")
+    data = apply_overrides(data, args.set)
+    flags = {"host": args.host, "port": args.port, "model_name": args.model_name, "device": args.device,
+             "max_batch_size": args.max_batch_size, "rate_limit_per_minute": args.rate_limit}
+    serve = data.setdefault("serve", {})
+    serve.update({k: v for k, v in flags.items() if v is not None})
+    settings = settings_from_dict(data, origin="serve settings").serve
+    settings.api_keys = api_keys(args.api_key, settings)
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    from murmur.serve.launch import serve
+
+    serve(args.src, settings_from_args(args))
+    return 0

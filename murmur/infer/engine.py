@@ -1,0 +1,500 @@
+"""The inference engine: continuous batching over a slot-based KV cache.
+
+Requests wait in a queue; between decode steps the engine admits as many as there are free slots
+(prefilling each prompt into its slot), then runs one decode step for every running request at
+once, samples one token per request, and streams the text out. A request leaves the batch the
+moment it finishes or is aborted, and its slot is reused by the next one. The model's own `forward`
+does the work, through `positions` and the `KVCache` protocol.
+
+Two ways to drive it:
+
+- `engine.start()` runs the loop in a background thread (the server does this); `submit` and
+  `abort` are then safe to call from any thread, and outputs go to each request's `sink`.
+- Without `start()`, `generate` and `stream` step the engine inline (the evaluation and the
+  terminal chat use this): `engine.generate(["hello", [{"role": "user", "content": "hi"}]], params)`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from murmur.errors import MurmurError
+from murmur.infer.kv_cache import SlotKVCache
+from murmur.infer.sampling import SamplingParams, TokenChoice, make_generator, sample
+from murmur.infer.text import IncrementalDetokenizer, StopMatcher
+from murmur.model import Transformer
+
+log = logging.getLogger("murmur.infer")
+
+Prompt = str | Sequence[dict[str, Any]] | Sequence[int]
+
+
+class EngineBusy(MurmurError):
+    """The waiting queue is full; try again later."""
+
+
+class EngineClosed(MurmurError):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclass
+class StepOutput:
+    """What one request produced in one step; the last one has `finished` set.
+
+    text is new text safe to show (complete characters, no part of a stop string); token_ids and
+    logprobs are the tokens sampled in this step. finish_reason: "stop" (stop token or string),
+    "length" (max_tokens or the context is full), "abort" (cancelled) or "error" (see `error`).
+    """
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenChoice] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Completion:
+    """The whole result of one prompt, as `Engine.generate` returns it."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[TokenChoice] | None = None
+
+
+class Request:
+    """A prompt being served: its parameters, its slot, and the state of its output."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 sink: Callable[[StepOutput], None], prefix_len: int, tokenizer, device: torch.device):
+        self.id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.sink = sink
+        self.prefix_len = prefix_len
+        self.generator = None if params.greedy else make_generator(params.seed, device)
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.stop_matcher = StopMatcher(params.stop)
+        self.slot: int | None = None
+        self.length = 0  # positions already in the cache
+        self.last_token: int | None = None  # sampled, not yet fed to the model
+        self.output_ids: list[int] = []
+        self.arrival = time.monotonic()
+        self.token_times: list[float] = []
+        self.finish_reason: str | None = None
+
+
+class PrefixStore:
+    """Keys/values of recently seen prompt prefixes (a shared system prompt), least recently used out."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.entries: OrderedDict[tuple[int, ...], tuple[list[torch.Tensor], list[torch.Tensor]]] = OrderedDict()
+        self.hits = 0
+
+    def get(self, prefix: tuple[int, ...]):
+        entry = self.entries.get(prefix)
+        if entry is not None:
+            self.entries.move_to_end(prefix)
+            self.hits += 1
+        return entry
+
+    def put(self, prefix: tuple[int, ...], keys, values) -> None:
+        self.entries[prefix] = (keys, values)
+        self.entries.move_to_end(prefix)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+
+class Engine:
+    """Serve one model to many requests at once. See the module docstring for how to drive it."""
+
+    def __init__(self, model: Transformer, tokenizer, *, max_batch_size: int = 16, max_seq_len: int | None = None,
+                 max_queue: int = 256, prefix_cache: int = 0, stuck_after_s: float = 30.0):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = model.embed_tokens.weight.device
+        self.dtype = model.embed_tokens.weight.dtype
+        self.max_seq_len = min(max_seq_len or model.settings.max_seq_len, model.settings.max_seq_len)
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.stuck_after_s = stuck_after_s
+        self.cache = SlotKVCache(model.settings, max_batch_size, self.max_seq_len, self.device, self.dtype)
+        self.prefixes = PrefixStore(prefix_cache) if prefix_cache > 0 else None
+        vocab = model.settings.vocab_size
+        # Tokens each slot has seen (prompt and output), for the repetition penalty.
+        self.seen = torch.zeros(max_batch_size, vocab, dtype=torch.bool, device=self.device)
+        self.stop_ids = set(getattr(tokenizer, "stop_ids", set()))
+        self._free = list(range(max_batch_size))
+        self._waiting: deque[Request] = deque()
+        self._running: dict[str, Request] = {}
+        self._requests: dict[str, Request] = {}
+        self._aborts: set[str] = set()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._closed = False
+        self._busy_since: float | None = None
+        self._ids = itertools.count()
+        self.on_finish: Callable[[Request], None] | None = None
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0, "aborted": 0, "errors": 0,
+                         "steps": 0}
+
+    @classmethod
+    def from_source(cls, src: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    **kwargs) -> Engine:
+        """An engine for the model at `src` (Hugging Face directory, run folder or checkpoint), with its tokenizer."""
+        from murmur.source import load_model
+        from murmur.tokenizer import ChatTokenizer
+
+        device = torch.device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        loaded = load_model(src, device=device, dtype=dtype)
+        if loaded.tokenizer_dir is None:
+            raise MurmurError(f"{src} has no tokenizer (tokenizer.json); export the model with its tokenizer "
+                              "(`murmur export`) or serve a run folder")
+        return cls(loaded.model, ChatTokenizer.load(loaded.tokenizer_dir), **kwargs)
+
+    # ---- prompts -------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: Prompt) -> tuple[list[int], int]:
+        """Token ids of a prompt (text, chat messages or ids) and the length of its reusable prefix.
+
+        For chat messages the prefix is the leading system message(s), shared by many conversations.
+        """
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt), 0
+        items = list(prompt)
+        if all(isinstance(t, int) for t in items):
+            return [int(t) for t in items], 0
+        if not all(isinstance(m, dict) for m in items):
+            raise MurmurError("a prompt is a string, a list of chat messages (dicts) or a list of token ids")
+        ids = self.tokenizer.render_chat(items, add_generation_prompt=True)
+        system = list(itertools.takewhile(lambda m: m.get("role") == "system", items))
+        prefix_len = 0
+        if system and self.prefixes is not None:
+            prefix = self.tokenizer.render_chat(system)
+            if ids[:len(prefix)] == prefix:
+                prefix_len = len(prefix)
+        return ids, prefix_len
+
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise MurmurError when a prompt cannot be served (empty, too long, bad token ids)."""
+        if not prompt_ids:
+            raise MurmurError("the prompt is empty; send at least one token of text")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise MurmurError(f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_seq_len} "
+                              "tokens and at least one must be left for the reply. Shorten the prompt")
+        vocab = self.model.settings.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise MurmurError(f"prompt token ids must be in [0, {vocab})")
+        if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > self.max_seq_len:
+            raise MurmurError(f"max_tokens {params.max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds "
+                              f"this model's context of {self.max_seq_len} tokens; lower max_tokens")
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[StepOutput], None],
+               request_id: str | None = None, prefix_len: int = 0) -> str:
+        """Queue a request; outputs are passed to `sink` (called from the engine's thread). Thread-safe."""
+        self.check_prompt(prompt_ids, params)
+        request_id = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        request = Request(request_id, list(prompt_ids), params, sink,
+                          prefix_len if 0 < prefix_len < len(prompt_ids) else 0, self.tokenizer, self.device)
+        with self._cond:
+            if self._closed:
+                raise EngineClosed("the server is shutting down; retry on another replica or later")
+            if len(self._waiting) >= self.max_queue:
+                raise EngineBusy(f"the request queue is full ({self.max_queue} waiting); retry later")
+            self._waiting.append(request)
+            self._requests[request_id] = request
+            self._cond.notify()
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its slot is freed before the next decode step. Thread-safe; unknown ids are ignored."""
+        with self._cond:
+            if request_id in self._requests:
+                self._aborts.add(request_id)
+                self._cond.notify()
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._requests
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the scheduling loop in a background thread."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="murmur-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._waiting or self._running or self._aborts or self._stopping):
+                    self._busy_since = None
+                    self._cond.wait()
+                if self._stopping and not (self._waiting or self._running or self._aborts):
+                    return
+                if self._busy_since is None:
+                    self._busy_since = time.monotonic()
+            self.step()
+            self._busy_since = time.monotonic()
+
+    def is_stuck(self) -> bool:
+        """True when the loop has work but has not finished a step for `stuck_after_s` seconds, or died."""
+        if self._thread is not None and not self._thread.is_alive() and not self._stopping:
+            return True
+        busy = self._busy_since
+        return busy is not None and time.monotonic() - busy > self.stuck_after_s
+
+    def shutdown(self, grace_s: float = 10.0) -> None:
+        """Stop taking requests, let running ones finish for up to `grace_s`, abort the rest, stop the loop."""
+        with self._cond:
+            self._closed = True
+        deadline = time.monotonic() + grace_s
+        while (self._running or self._waiting) and time.monotonic() < deadline and self._thread is not None:
+            time.sleep(0.02)
+        with self._cond:
+            self._aborts.update(self._requests)
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=max(1.0, grace_s))
+            self._thread = None
+        else:
+            self.step()
+
+    def step(self) -> bool:
+        """One scheduling iteration: apply aborts, admit waiting requests, run one decode step.
+
+        Returns whether there is still work. A failure fails the requests it touched, not the engine.
+        """
+        try:
+            with torch.inference_mode():
+                self._apply_aborts()
+                self._admit()
+                if self._running:
+                    self._decode()
+            self.counters["steps"] += 1
+        except Exception as err:  # noqa: BLE001 - a failed step must not kill the serving loop
+            log.exception("engine step failed")
+            self.counters["errors"] += 1
+            for request in list(self._running.values()):
+                self._finish(request, "error", error=f"generation failed: {type(err).__name__}: {err}")
+        return bool(self._running or self._waiting)
+
+    def _apply_aborts(self) -> None:
+        with self._cond:
+            aborts, self._aborts = self._aborts, set()
+            if not aborts:
+                return
+            waiting = [r for r in self._waiting if r.id in aborts]
+            for request in waiting:
+                self._waiting.remove(request)
+        for request in waiting:
+            self._finish(request, "abort")
+        for request_id in aborts:
+            request = self._running.get(request_id)
+            if request is not None:
+                self._finish(request, "abort")
+
+    def _admit(self) -> None:
+        while self._free:
+            with self._cond:
+                if not self._waiting:
+                    return
+                request = self._waiting.popleft()
+            request.slot = heapq.heappop(self._free)
+            self._running[request.id] = request
+            self._prefill(request)
+
+    def _prefill(self, request: Request) -> None:
+        ids, slot = request.prompt_ids, request.slot
+        start = 0
+        prefix = tuple(ids[:request.prefix_len]) if request.prefix_len and self.prefixes is not None else None
+        if prefix is not None:
+            entry = self.prefixes.get(prefix)
+            if entry is not None:
+                self.cache.copy_in(slot, *entry)
+                start = len(prefix)
+        positions = self.cache.bind([slot], [start], len(ids) - start)
+        tokens = torch.tensor([ids[start:]], device=self.device)
+        hidden = self.model(tokens, positions=positions, cache=self.cache, return_hidden=True)
+        logits = self.model.lm_head(hidden[:, -1])
+        if prefix is not None and start == 0:
+            self.prefixes.put(prefix, *self.cache.copy_out(slot, len(prefix)))
+        request.length = len(ids)
+        self.counters["prompt_tokens"] += len(ids)
+        self.seen[slot] = False
+        self.seen[slot, torch.tensor(ids, device=self.device)] = True
+        choice = sample(logits, [request.params], [request.generator], self.seen[slot:slot + 1])[0]
+        self._accept(request, choice)
+
+    def _decode(self) -> None:
+        batch = sorted(self._running.values(), key=lambda r: r.slot)
+        slots = [r.slot for r in batch]
+        positions = self.cache.bind(slots, [r.length for r in batch], 1)
+        tokens = torch.tensor([[r.last_token] for r in batch], device=self.device)
+        hidden = self.model(tokens, positions=positions, cache=self.cache, return_hidden=True)
+        logits = self.model.lm_head(hidden[:, -1])
+        for request in batch:
+            request.length += 1
+        slot_index = torch.tensor(slots, device=self.device)
+        choices = sample(logits, [r.params for r in batch], [r.generator for r in batch], self.seen[slot_index])
+        for request, choice in zip(batch, choices):
+            self._accept(request, choice)
+
+    def _accept(self, request: Request, choice: TokenChoice) -> None:
+        """Record a sampled token: stream its text, or finish the request."""
+        token = choice.token
+        now = time.monotonic()
+        request.output_ids.append(token)
+        request.token_times.append(now)
+        request.last_token = token
+        self.counters["generation_tokens"] += 1
+        self.seen[request.slot, token] = True
+        out = StepOutput(request.id, token_ids=[token], logprobs=[choice] if request.params.logprobs else [])
+        params = request.params
+        if token in params.stop_token_ids or (token in self.stop_ids and not params.ignore_eos):
+            self._finish(request, "stop", out, flush=True)
+            return
+        text, stopped = request.stop_matcher.feed(request.detokenizer.add(token))
+        out.text = text
+        if stopped:
+            self._finish(request, "stop", out)
+        elif params.max_tokens is not None and len(request.output_ids) >= params.max_tokens:
+            self._finish(request, "length", out, flush=True)
+        elif request.length + 1 >= self.max_seq_len:
+            self._finish(request, "length", out, flush=True)  # the context is full
+        else:
+            out.completion_tokens = len(request.output_ids)
+            out.prompt_tokens = len(request.prompt_ids)
+            request.sink(out)
+
+    def _finish(self, request: Request, reason: str, out: StepOutput | None = None, error: str | None = None,
+                flush: bool = False) -> None:
+        """Free the request's slot and send its last output (with any held-back text when `flush`)."""
+        out = out or StepOutput(request.id)
+        if flush:
+            tail, stopped = request.stop_matcher.feed(request.detokenizer.flush())
+            out.text += tail
+            if stopped:
+                reason = "stop"
+            else:
+                out.text += request.stop_matcher.flush()
+        request.finish_reason = reason
+        out.finished, out.finish_reason, out.error = True, reason, error
+        out.prompt_tokens, out.completion_tokens = len(request.prompt_ids), len(request.output_ids)
+        if request.slot is not None and self._running.pop(request.id, None) is not None:
+            heapq.heappush(self._free, request.slot)
+        with self._cond:
+            self._requests.pop(request.id, None)
+            self._aborts.discard(request.id)
+        self.counters["aborted" if reason == "abort" else "finished"] += 1
+        if self.on_finish is not None:
+            self.on_finish(request)
+        request.sink(out)
+
+    # ---- synchronous helpers -------------------------------------------------------------------
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StepOutput]:
+        """Yield a prompt's outputs as they come. Closing the iterator early aborts the request."""
+        params = params or SamplingParams()
+        ids, prefix_len = self.encode_prompt(prompt)
+        outputs: queue.Queue[StepOutput] = queue.Queue()
+        request_id = self.submit(ids, params, outputs.put, prefix_len=prefix_len)
+        finished = False
+        try:
+            while not finished:
+                if self._thread is None:
+                    while outputs.empty():
+                        self.step()
+                out = outputs.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+                if self._thread is None:
+                    self.step()
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[Completion]:
+        """Complete every prompt (continuously batched) and return the results in order.
+
+        prompts: each a text (completed as is), a list of chat messages (rendered with the chat template
+        and answered as the assistant) or a list of token ids. params: one for all, or one per prompt.
+        """
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise MurmurError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
+        outputs: queue.Queue[StepOutput] = queue.Queue()
+        encoded = [self.encode_prompt(p) for p in prompts]
+        for (prompt_ids, _), p in zip(encoded, params):
+            self.check_prompt(prompt_ids, p)
+        pending = deque(zip(encoded, params))
+        results: dict[str, dict[str, Any]] = {}
+        order: list[str] = []
+        done = 0
+        while done < len(prompts):
+            # Keep the queue bounded: submit as room allows.
+            while pending and self.num_waiting < self.max_queue:
+                (prompt_ids, prefix_len), p = pending.popleft()
+                request_id = self.submit(prompt_ids, p, outputs.put, prefix_len=prefix_len)
+                order.append(request_id)
+                results[request_id] = {"text": [], "ids": [], "logprobs": [], "final": None}
+            if self._thread is None and outputs.empty():
+                self.step()
+                continue
+            out = outputs.get()
+            entry = results[out.request_id]
+            entry["text"].append(out.text)
+            entry["ids"].extend(out.token_ids)
+            entry["logprobs"].extend(out.logprobs)
+            if out.finished:
+                entry["final"] = out
+                done += 1
+        completions = []
+        for request_id, p in zip(order, params):
+            entry = results[request_id]
+            final: StepOutput = entry["final"]
+            if final.error:
+                raise MurmurError(final.error)
+            completions.append(Completion("".join(entry["text"]), entry["ids"], final.finish_reason,
+                                          final.prompt_tokens, final.completion_tokens,
+                                          entry["logprobs"] if p.logprobs else None))
+        return completions
+

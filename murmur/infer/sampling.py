@@ -1,0 +1,159 @@
+"""Choosing the next token: per-request sampling parameters applied to a batch of logits at once.
+
+Every row of a decode batch may belong to a different request with its own temperature, top-k,
+top-p, min-p, repetition penalty and seed. The filters are vectorised over the batch; only the
+final random draw is per row, through the request's own generator, so a seeded request draws the
+same numbers whether it runs alone or beside fifteen others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from murmur.errors import MurmurError
+
+
+@dataclass
+class SamplingParams:
+    """How one request picks its tokens and when it stops.
+
+    temperature 0 means greedy (argmax). top_k 0 and top_p 1 and min_p 0 disable those filters.
+    repetition_penalty > 1 discourages tokens already in the prompt or the output (CTRL's rule:
+    positive logits divided by it, negative ones multiplied). max_tokens None means "until the
+    context is full". stop strings end the output before the match; stop_token_ids add to the
+    tokenizer's end-of-turn tokens unless ignore_eos is set. logprobs returns the chosen token's
+    log-probability under the model and the top_logprobs most likely alternatives.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = 256
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in self.stop if s]
+        problems = []
+        if not (self.temperature >= 0 and self.temperature < float("inf")):
+            problems.append(f"temperature must be >= 0 (got {self.temperature})")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0 (got {self.top_k})")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1] (got {self.top_p})")
+        if not 0 <= self.min_p <= 1:
+            problems.append(f"min_p must be in [0, 1] (got {self.min_p})")
+        if not self.repetition_penalty > 0:
+            problems.append(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            problems.append(f"max_tokens must be >= 1 (got {self.max_tokens})")
+        if not 0 <= self.top_logprobs <= 20:
+            problems.append(f"top_logprobs must be in [0, 20] (got {self.top_logprobs})")
+        if problems:
+            raise MurmurError("; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class TokenChoice:
+    """The token picked for one row, with its log-probability and the best alternatives (when asked)."""
+
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+def _param_column(values: list[float], device) -> Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
+    """Penalise tokens marked in `seen` (B, V bool) by `penalty` (B, 1)."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_logits(logits: Tensor, params: list[SamplingParams]) -> Tensor:
+    """Temperature, top-k, top-p and min-p for each row; filtered-out entries become -inf.
+
+    Rows that are greedy are returned unscaled (their caller takes the argmax).
+    """
+    device = logits.device
+    temps = _param_column([p.temperature if p.temperature > 0 else 1.0 for p in params], device)
+    logits = logits / temps
+    if any(p.top_k > 0 or p.top_p < 1 for p in params):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        vocab = logits.shape[-1]
+        ks = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)[:, None]
+        ranks = torch.arange(vocab, device=device)[None]
+        drop = ranks >= ks
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+        # Keep the smallest set whose mass reaches top_p: drop a token when the mass before it already does.
+        mass_before = probs.cumsum(-1) - probs
+        drop |= mass_before >= _param_column([p.top_p for p in params], device)
+        drop[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    if any(p.min_p > 0 for p in params):
+        probs = logits.softmax(-1)
+        floor = probs.max(-1, keepdim=True).values * _param_column([p.min_p for p in params], device)
+        logits = logits.masked_fill(probs < floor, float("-inf"))
+    return logits
+
+
+def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           seen: Tensor | None = None) -> list[TokenChoice]:
+    """One token per row of `logits` (B, V), each row by its own request's parameters.
+
+    seen: (B, V) bool of tokens already in each request's context, for the repetition penalty.
+    Log-probabilities are those of the model's own distribution (before any filter), as OpenAI reports.
+    """
+    logits = logits.float()
+    want_logprobs = any(p.logprobs for p in params)
+    raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
+    if seen is not None and any(p.repetition_penalty != 1 for p in params):
+        logits = apply_repetition_penalty(logits, seen, _param_column([p.repetition_penalty for p in params],
+                                                                      logits.device))
+    greedy_tokens = logits.argmax(-1)
+    sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+    chosen = greedy_tokens.clone()
+    if sampled_rows:
+        rows = torch.tensor(sampled_rows, device=logits.device)
+        probs = filter_logits(logits[rows], [params[i] for i in sampled_rows]).softmax(-1)
+        for j, i in enumerate(sampled_rows):
+            chosen[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+    tokens = chosen.tolist()
+    out = []
+    for i, token in enumerate(tokens):
+        choice = TokenChoice(token)
+        if params[i].logprobs and raw_logprobs is not None:
+            choice.logprob = float(raw_logprobs[i, token])
+            if params[i].top_logprobs:
+                values, ids = raw_logprobs[i].topk(params[i].top_logprobs)
+                choice.top = list(zip(ids.tolist(), values.tolist()))
+        out.append(choice)
+    return out
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A generator for one request: seeded when a seed is given, else from fresh entropy."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed % (2**63))
+    return generator

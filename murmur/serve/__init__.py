@@ -1,0 +1,1 @@
+"""Serving: the OpenAI-compatible HTTP API, its metrics and the web chat page."""

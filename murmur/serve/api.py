@@ -1,0 +1,593 @@
+"""The OpenAI-compatible HTTP API and the web chat page, over one `Engine`.
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /metrics,
+GET / (chat page), GET /report (the evaluation report of a run folder, when there is one).
+
+Every request is validated, and its generation submitted to the engine, before the first byte of
+the response is sent, so all refusals carry a proper status in OpenAI's error shape. A client that
+disconnects (or presses stop in the page) aborts its requests in the engine at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+import uuid
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from murmur.errors import MurmurError
+from murmur.infer.engine import Engine, EngineBusy, EngineClosed, StepOutput
+from murmur.infer.sampling import SamplingParams
+from murmur.serve.metrics import Metrics
+from murmur.serve.middleware import ServerMiddleware
+from murmur.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from murmur.settings.serve import ServeSettings
+
+UI_DIR = Path(__file__).parent / "ui"
+# The page and the report load scripts and styles from this server only: model output can never run code.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+                                           "base-uri 'none'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+REPORT_FILE = re.compile(r"^[A-Za-z0-9_.-]+\.(png|md)$")
+
+
+class APIError(Exception):
+    """A refusal sent as OpenAI's `{"error": {...}}` body with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+class RateLimiter:
+    """At most `per_minute` requests in any sliding 60-second window, per key."""
+
+    def __init__(self, per_minute: int):
+        self.per_minute = per_minute
+        self.seen: dict[str, deque[float]] = defaultdict(deque)
+        self.lock = threading.Lock()
+
+    def allow(self, key: str) -> bool:
+        if self.per_minute <= 0:
+            return True
+        now = time.monotonic()
+        with self.lock:
+            window = self.seen[key]
+            while window and now - window[0] > 60:
+                window.popleft()
+            if len(window) >= self.per_minute:
+                return False
+            window.append(now)
+            return True
+
+
+class ServerState:
+    """What the handlers share: the engine (None while loading), settings, keys, limits, metrics."""
+
+    def __init__(self, settings: ServeSettings, model_name: str, engine: Engine | None,
+                 loader: Callable[[], Engine] | None, report_dir: Path | None):
+        self.settings = settings
+        self.model_name = model_name
+        self.engine = engine
+        self.loader = loader
+        self.load_error: str | None = None
+        self.report_dir = report_dir
+        self.keys = set(settings.api_keys)
+        self.limiter = RateLimiter(settings.rate_limit_per_minute)
+        self.metrics = Metrics()
+        self.created = int(time.time())
+        if engine is not None:
+            self._attach(engine)
+
+    def _attach(self, engine: Engine) -> None:
+        engine.on_finish = self.metrics.observe_generation
+        engine.start()
+        self.engine = engine
+
+    def load(self) -> None:
+        try:
+            self._attach(self.loader())
+        except Exception as err:  # noqa: BLE001 - reported by /health and every request
+            self.load_error = f"{type(err).__name__}: {err}"
+
+    def require_engine(self) -> Engine:
+        if self.engine is None:
+            message = (f"the model failed to load: {self.load_error}" if self.load_error
+                       else "the model is still loading; retry in a few seconds")
+            raise APIError(503, message, type="service_unavailable", code="model_loading")
+        return self.engine
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}' "
+                                "(see GET /v1/models)", param="model", code="model_not_found")
+
+
+# ---- conversions between API bodies and engine calls -------------------------------------------
+
+def sampling_params(body: SamplingFields, max_tokens: int | None, default_max_tokens: int | None, seed_offset: int,
+                    logprobs: bool, top_logprobs: int) -> SamplingParams:
+    """Engine sampling parameters for choice number `seed_offset` of a request."""
+    temperature = 1.0 if body.temperature is None else body.temperature
+    top_p = 1.0 if body.top_p is None else body.top_p
+    if top_p == 0:  # the smallest possible nucleus: the most likely token
+        temperature, top_p = 0.0, 1.0
+    seed = None if body.seed is None else body.seed + seed_offset
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return SamplingParams(temperature=temperature, top_p=top_p, top_k=body.top_k or 0, min_p=body.min_p or 0.0,
+                          repetition_penalty=body.repetition_penalty or 1.0, seed=seed,
+                          max_tokens=max_tokens or default_max_tokens, stop=stop, ignore_eos=body.ignore_eos,
+                          logprobs=logprobs, top_logprobs=top_logprobs)
+
+
+def check_lengths(engine: Engine, prompt_len: int, max_tokens: int | None, prompt_param: str,
+                  max_param: str) -> int | None:
+    """Refuse a prompt too long for the context, or a max_tokens that cannot fit; return max_tokens to use."""
+    context = engine.max_seq_len
+    if prompt_len == 0:
+        raise APIError(400, "the prompt is empty; send some text", param=prompt_param)
+    if prompt_len >= context:
+        raise APIError(400, f"This model's maximum context length is {context} tokens. However, your prompt has "
+                            f"{prompt_len} tokens (at least one must be left for the reply). Please shorten it.",
+                       param=prompt_param, code="context_length_exceeded")
+    if max_tokens is not None and prompt_len + max_tokens > context:
+        raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the "
+                            f"completion). Please reduce the prompt or {max_param}.",
+                       param=max_param, code="context_length_exceeded")
+    return max_tokens
+
+
+class Generation:
+    """The engine requests behind one HTTP request (one per choice), read as an async stream."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, StepOutput]] = asyncio.Queue()
+        self.request_ids: list[str] = []
+        self.unfinished: set[int] = set()
+
+    def _sink(self, index: int) -> Callable[[StepOutput], None]:
+        def put(out: StepOutput) -> None:
+            try:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
+            except RuntimeError:  # the event loop is gone (server stopped): nobody is listening
+                pass
+        return put
+
+    def submit(self, prompts: list[tuple[list[int], int]], params: list[SamplingParams]) -> None:
+        """Submit every choice, or none: a refusal part-way aborts what was already queued."""
+        try:
+            for index, ((ids, prefix_len), p) in enumerate(zip(prompts, params)):
+                self.request_ids.append(self.engine.submit(ids, p, self._sink(index), prefix_len=prefix_len))
+                self.unfinished.add(index)
+        except EngineBusy as err:
+            self.abort()
+            raise APIError(429, str(err), type="rate_limit_exceeded", code="queue_full") from None
+        except EngineClosed as err:
+            self.abort()
+            raise APIError(503, str(err), type="service_unavailable", code="shutting_down") from None
+        except MurmurError as err:
+            self.abort()
+            raise APIError(400, str(err)) from None
+
+    def abort(self) -> None:
+        for index in list(self.unfinished):
+            self.engine.abort(self.request_ids[index])
+        self.unfinished.clear()
+
+    async def events(self) -> AsyncIterator[tuple[int, StepOutput]]:
+        while self.unfinished:
+            index, out = await self.queue.get()
+            if out.finished:
+                self.unfinished.discard(index)
+            yield index, out
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Return when the client has gone away (the body was already read, so only disconnect can come)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run_until_disconnect(request: Request, generation: Generation, work) -> Any:
+    """Await `work` unless the client disconnects first, in which case abort the generation."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        generation.abort()
+        task.cancel()
+        return None
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            generation.abort()
+
+
+def failure_of(out: StepOutput) -> APIError | None:
+    """The error to report for an output that ended without a reply."""
+    if out.finish_reason == "error":
+        return APIError(500, out.error or "generation failed", type="server_error", code="generation_failed")
+    if out.finish_reason == "abort":
+        return APIError(503, "the request was cancelled because the server is shutting down",
+                        type="service_unavailable", code="cancelled")
+    return None
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+def chat_logprobs(engine: Engine, choices) -> dict[str, Any]:
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        token = engine.tokenizer.decode([token_id])
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [{**entry(c.token, c.logprob), "top_logprobs": [entry(t, lp) for t, lp in (c.top or [])]}
+                        for c in choices], "refusal": None}
+
+
+def completion_logprobs(engine: Engine, choices, offset: int) -> dict[str, Any]:
+    tokens = [engine.tokenizer.decode([c.token]) for c in choices]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {"tokens": tokens, "token_logprobs": [c.logprob for c in choices],
+            "top_logprobs": [{engine.tokenizer.decode([t]): lp for t, lp in (c.top or [])} for c in choices],
+            "text_offset": offsets}
+
+
+# ---- the app -----------------------------------------------------------------------------------
+
+def create_app(settings: ServeSettings | None = None, engine: Engine | None = None, model_name: str = "murmur",
+               loader: Callable[[], Engine] | None = None, report_dir: Path | None = None) -> FastAPI:
+    """The FastAPI app over `engine`, or over the engine `loader` builds in the background (503 until then)."""
+    settings = settings or ServeSettings()
+    if engine is None and loader is None:
+        raise ValueError("create_app needs an engine or a loader")
+    state = ServerState(settings, model_name, engine, loader, report_dir)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if state.engine is None:
+            threading.Thread(target=state.load, name="murmur-load", daemon=True).start()
+        yield
+        if state.engine is not None:
+            await asyncio.to_thread(state.engine.shutdown, 0.0)
+
+    app = FastAPI(title="Murmur", version="1", lifespan=lifespan,
+                  description="OpenAI-compatible chat and text completions over a Murmur model.")
+    app.state.murmur = state
+    app.add_middleware(ServerMiddleware, metrics=state.metrics, max_body_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, err: APIError):
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, err: RequestValidationError):
+        problems = err.errors()
+        first = problems[0] if problems else {}
+        if first.get("type") == "json_invalid":
+            return APIError(400, "We could not parse the JSON body of your request: it is not valid JSON.").response()
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+                            for e in problems[:5])
+        return APIError(400, f"Invalid request: {message}", param=param, code="invalid_value").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, err: StarletteHTTPException):
+        kind = "not_found" if err.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(err.status_code, str(err.detail), type=kind).body(), status_code=err.status_code,
+                            headers=getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def on_crash(request: Request, err: Exception):
+        return APIError(500, f"internal error: {type(err).__name__}", type="server_error").response()
+
+    async def authorize(request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        key = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if state.keys and key not in state.keys:
+            what = "a wrong API key was given" if key else "no API key was given"
+            raise APIError(401, f"Incorrect API key: {what}. Send 'Authorization: Bearer YOUR_KEY'.",
+                           code="invalid_api_key")
+        who = key or (request.client.host if request.client else "anonymous")
+        if not state.limiter.allow(who):
+            raise APIError(429, f"Rate limit reached: {state.limiter.per_minute} requests per minute. Retry later.",
+                           type="rate_limit_exceeded", code="rate_limit_exceeded")
+        return who
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def list_models():
+        """The one model this server serves."""
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
+                                            "owned_by": "murmur",
+                                            "max_model_len": state.engine.max_seq_len if state.engine else None}]}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        """Answer a conversation as the assistant (OpenAI's Chat Completions)."""
+        engine = state.require_engine()
+        state.check_model(body.model)
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+        from murmur.tokenizer import message_text
+
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": message_text(
+            [p.model_dump() for p in m.content] if isinstance(m.content, list) else m.content)}
+            for m in body.messages]
+        try:
+            ids, prefix_len = engine.encode_prompt(messages)
+        except MurmurError as err:
+            raise APIError(400, str(err), param="messages") from None
+        max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_tokens = check_lengths(engine, len(ids), body.max_completion_tokens or body.max_tokens,
+                                   "messages", max_param)
+        default_max = _default_max(engine, len(ids))
+        params = [sampling_params(body, max_tokens, default_max, i, body.logprobs, body.top_logprobs or 0)
+                  for i in range(body.n)]
+        generation = Generation(engine)
+        generation.submit([(ids, prefix_len)] * body.n, params)
+        reply_id = f"chatcmpl-{uuid.uuid4().hex}"
+        head = {"id": reply_id, "created": int(time.time()), "model": state.model_name, "system_fingerprint": None}
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return stream_response(request, generation, _chat_chunks(engine, generation, head, body.n, len(ids),
+                                                                     body.logprobs, usage))
+        result = await run_until_disconnect(request, generation, _collect(generation, body.n))
+        if result is None:
+            return Response(status_code=499)
+        choices = []
+        completion_tokens = 0
+        for index, (text, final, logprob_choices) in enumerate(result):
+            error = failure_of(final)
+            if error:
+                raise error
+            completion_tokens += final.completion_tokens
+            choices.append({"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
+                            "logprobs": chat_logprobs(engine, logprob_choices) if body.logprobs else None,
+                            "finish_reason": final.finish_reason})
+        return {**head, "object": "chat.completion", "choices": choices,
+                "usage": _usage(len(ids), completion_tokens)}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(body: CompletionRequest, request: Request):
+        """Continue text (OpenAI's legacy Completions): a prompt, several prompts, or token ids."""
+        engine = state.require_engine()
+        state.check_model(body.model)
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        prompts = body.prompt
+        if isinstance(prompts, list) and prompts and isinstance(prompts[0], int):
+            vocab = engine.model.settings.vocab_size
+            if any(not 0 <= t < vocab for t in prompts):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+            encoded = [list(prompts)]
+        else:
+            texts = [prompts] if isinstance(prompts, str) else prompts
+            if not texts:
+                raise APIError(400, "prompt is an empty list; send at least one prompt", param="prompt")
+            encoded = [engine.tokenizer.encode(t) for t in texts]
+        requested = []
+        for ids in encoded:
+            max_tokens = check_lengths(engine, len(ids), body.max_tokens, "prompt", "max_tokens")
+            want = body.logprobs is not None
+            for i in range(body.n):
+                requested.append(((ids, 0), sampling_params(body, max_tokens, _default_max(engine, len(ids)), i,
+                                                            want, body.logprobs or 0)))
+        generation = Generation(engine)
+        generation.submit([r[0] for r in requested], [r[1] for r in requested])
+        prompt_tokens = sum(len(ids) for ids in encoded)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name,
+                "system_fingerprint": None}
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return stream_response(request, generation, _completion_chunks(
+                engine, generation, head, len(requested), prompt_tokens, body.logprobs is not None, usage))
+        result = await run_until_disconnect(request, generation, _collect(generation, len(requested)))
+        if result is None:
+            return Response(status_code=499)
+        choices = []
+        completion_tokens = 0
+        for index, (text, final, logprob_choices) in enumerate(result):
+            error = failure_of(final)
+            if error:
+                raise error
+            completion_tokens += final.completion_tokens
+            choices.append({"index": index, "text": text, "finish_reason": final.finish_reason,
+                            "logprobs": completion_logprobs(engine, logprob_choices, 0)
+                            if body.logprobs is not None else None})
+        return {**head, "object": "text_completion", "choices": choices,
+                "usage": _usage(prompt_tokens, completion_tokens)}
+
+    @app.get("/health")
+    async def health():
+        """200 when the engine answers a one-token probe in time; 503 while loading or when it is stuck."""
+        engine = state.require_engine()
+        if engine.is_stuck():
+            raise APIError(503, f"the engine has made no progress for {engine.stuck_after_s:.0f}s",
+                           type="service_unavailable", code="engine_stuck")
+        generation = Generation(engine)
+        probe = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        try:
+            generation.submit([([engine.tokenizer.eos_id], 0)], [probe])
+        except APIError as err:
+            if err.status != 429:  # a full queue is busy, not broken
+                raise
+        else:
+            try:
+                result = await asyncio.wait_for(_collect(generation, 1), timeout=state.settings.health_timeout_s)
+            except TimeoutError:
+                generation.abort()
+                raise APIError(503, f"the engine did not answer a one-token probe in "
+                                    f"{state.settings.health_timeout_s:g}s", type="service_unavailable",
+                               code="engine_stuck") from None
+            if result[0][1].finish_reason == "error":
+                raise APIError(503, f"the engine failed a probe: {result[0][1].error}", type="service_unavailable",
+                               code="engine_failed")
+        return {"status": "ok", "model": state.model_name, "running": engine.num_running,
+                "waiting": engine.num_waiting}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        """Prometheus text: requests, tokens, latency histograms, queue depth, running batch size."""
+        return PlainTextResponse(state.metrics.render(state.engine), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        return FileResponse(UI_DIR / "index.html", headers=PAGE_HEADERS)
+
+    @app.get("/report", include_in_schema=False)
+    async def report_page():
+        if state.report_dir is None or not (state.report_dir / "report.md").is_file():
+            raise APIError(404, "no report here: serve a run folder after `murmur eval` wrote report/report.md",
+                           type="not_found")
+        return FileResponse(UI_DIR / "report.html", headers=PAGE_HEADERS)
+
+    @app.get("/report/{name}", include_in_schema=False)
+    async def report_file(name: str):
+        path = state.report_dir / name if state.report_dir is not None and REPORT_FILE.match(name) else None
+        if path is None or not path.is_file():
+            raise APIError(404, f"report file {name!r} not found", type="not_found")
+        media = "image/png" if name.endswith(".png") else "text/plain; charset=utf-8"
+        return FileResponse(path, media_type=media, headers={"X-Content-Type-Options": "nosniff"})
+
+    app.mount("/ui", StaticFiles(directory=UI_DIR), name="ui")
+    return app
+
+
+def _default_max(engine: Engine, prompt_len: int) -> int:
+    return engine.max_seq_len - prompt_len
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _collect(generation: Generation, n: int) -> list[tuple[str, StepOutput, list]]:
+    texts: list[list[str]] = [[] for _ in range(n)]
+    logprobs: list[list] = [[] for _ in range(n)]
+    finals: list[StepOutput | None] = [None] * n
+    async for index, out in generation.events():
+        texts[index].append(out.text)
+        logprobs[index].extend(out.logprobs)
+        if out.finished:
+            finals[index] = out
+    return [("".join(t), f, lp) for t, f, lp in zip(texts, finals, logprobs)]
+
+
+def stream_response(request: Request, generation: Generation, chunks: AsyncIterator[bytes]) -> StreamingResponse:
+    """Server-sent events; the engine requests are aborted when the client goes away mid-stream."""
+
+    async def body() -> AsyncIterator[bytes]:
+        watcher = asyncio.ensure_future(wait_for_disconnect(request))
+        try:
+            iterator = chunks.__aiter__()
+            while True:
+                step = asyncio.ensure_future(iterator.__anext__())
+                done, _ = await asyncio.wait({step, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if step not in done:
+                    step.cancel()
+                    return
+                try:
+                    yield step.result()
+                except StopAsyncIteration:
+                    return
+        finally:
+            watcher.cancel()
+            generation.abort()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _chat_chunks(engine: Engine, generation: Generation, head: dict, n: int, prompt_tokens: int,
+                       logprobs: bool, usage: bool) -> AsyncIterator[bytes]:
+    extra = {"usage": None} if usage else {}
+
+    def chunk(index: int, delta: dict, finish: str | None = None, lp=None) -> bytes:
+        return sse({**head, "object": "chat.completion.chunk", "choices": [
+            {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}], **extra})
+
+    for index in range(n):
+        yield chunk(index, {"role": "assistant", "content": ""})
+    completion_tokens = 0
+    async for index, out in generation.events():
+        error = failure_of(out) if out.finished else None
+        if error:
+            generation.abort()
+            yield sse(error.body())
+            yield sse("[DONE]")
+            return
+        lp = chat_logprobs(engine, out.logprobs) if logprobs and out.logprobs else None
+        if out.text or lp:
+            yield chunk(index, {"content": out.text}, lp=lp)
+        if out.finished:
+            completion_tokens += out.completion_tokens
+            yield chunk(index, {}, out.finish_reason)
+    if usage:
+        yield sse({**head, "object": "chat.completion.chunk", "choices": [],
+                   "usage": _usage(prompt_tokens, completion_tokens)})
+    yield sse("[DONE]")
+
+
+async def _completion_chunks(engine: Engine, generation: Generation, head: dict, n: int, prompt_tokens: int,
+                             logprobs: bool, usage: bool) -> AsyncIterator[bytes]:
+    extra = {"usage": None} if usage else {}
+    offsets = [0] * n
+    completion_tokens = 0
+    async for index, out in generation.events():
+        error = failure_of(out) if out.finished else None
+        if error:
+            generation.abort()
+            yield sse(error.body())
+            yield sse("[DONE]")
+            return
+        lp = None
+        if logprobs and out.logprobs:
+            lp = completion_logprobs(engine, out.logprobs, offsets[index])
+        offsets[index] += len(out.text)
+        if out.text or lp or out.finished:
+            yield sse({**head, "object": "text_completion", "choices": [
+                {"index": index, "text": out.text, "logprobs": lp,
+                 "finish_reason": out.finish_reason if out.finished else None}], **extra})
+        if out.finished:
+            completion_tokens += out.completion_tokens
+    if usage:
+        yield sse({**head, "object": "text_completion", "choices": [],
+                   "usage": _usage(prompt_tokens, completion_tokens)})
+    yield sse("[DONE]")

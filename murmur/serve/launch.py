@@ -1,0 +1,76 @@
+"""From a SRC argument and serve settings to a running server (or an engine for `murmur chat`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from murmur.errors import MurmurError
+from murmur.settings.serve import ServeSettings
+
+
+def resolve_device(name: str) -> str:
+    """`auto` picks CUDA when it is there; an explicit CUDA device that is absent is an error."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MurmurError(f"device {name!r} asked for but CUDA is not available here; use --device cpu")
+    return name
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def build_engine(src: str | Path, settings: ServeSettings):
+    """Load the model at `src` and wrap it in an engine sized by `settings`."""
+    from murmur.infer.engine import Engine
+
+    device = resolve_device(settings.device)
+    return Engine.from_source(src, device=device, dtype=resolve_dtype(settings.dtype, device),
+                              max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,
+                              max_queue=settings.max_queue, prefix_cache=settings.prefix_cache,
+                              stuck_after_s=settings.stuck_after_s)
+
+
+def served_name(src: str | Path) -> str:
+    """The model's name for clients: the run's name for a run folder or its model/ subfolder."""
+    path = Path(src).resolve()
+    return path.parent.name if path.name == "model" else path.name
+
+
+def report_dir_of(src: str | Path) -> Path | None:
+    """The run's report/ folder when `src` is a run folder (or a folder inside one) that has report.md."""
+    path = Path(src).resolve()
+    for candidate in (path, path.parent, path.parent.parent):
+        if (candidate / "report" / "report.md").is_file():
+            return candidate / "report"
+    return None
+
+
+def api_keys(flag_keys: list[str] | None, settings: ServeSettings) -> list[str]:
+    """Keys from the settings, the --api-key flags and MURMUR_API_KEYS (comma-separated)."""
+    env = [k.strip() for k in os.environ.get("MURMUR_API_KEYS", "").split(",") if k.strip()]
+    return list(dict.fromkeys([*settings.api_keys, *(flag_keys or []), *env]))
+
+
+def serve(src: str | Path, settings: ServeSettings) -> None:
+    """Run the server until interrupted; the model loads in the background (503 until ready)."""
+    import uvicorn
+
+    from murmur.serve.api import create_app
+
+    if not Path(src).exists():
+        raise MurmurError(f"{src} does not exist; pass a Hugging Face model directory or a Murmur run folder")
+    resolve_device(settings.device)  # fail now, not in the background
+    app = create_app(settings, model_name=settings.model_name or served_name(src),
+                     loader=lambda: build_engine(src, settings), report_dir=report_dir_of(src))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                            timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None)
+    uvicorn.Server(config).run()
