@@ -171,8 +171,8 @@ def test_canary_exposure_high_when_memorised_and_low_when_never_seen():
         loss.backward()
         optimizer.step()
     model.eval()
-    seen = canary_exposure(model, tok, *planted, n_candidates=500, seed=0)
-    unseen = [canary_exposure(model, tok, "my pin is ", secret, n_candidates=500, seed=0)["exposure"]
+    seen = canary_exposure(model, tok, *planted, n_candidates=500, seed=0, separator="")
+    unseen = [canary_exposure(model, tok, "my pin is", secret, n_candidates=500, seed=0)["exposure"]
               for secret in ("5551", "8086", "3149")]
     assert seen["rank"] == 1 and seen["exposure"] == pytest.approx(seen["max_exposure"])
     assert seen["exposure_estimated"] > 10

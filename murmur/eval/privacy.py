@@ -103,10 +103,11 @@ def exposure_from_scores(true_score: float, candidate_scores: np.ndarray) -> dic
 
 
 def canary_exposure(model, tokenizer, prefix: str, secret: str, n_candidates: int = 999, seed: int = 0,
-                    batch_size: int = 256) -> dict:
+                    batch_size: int = 256, separator: str = " ") -> dict:
     """Exposure of one canary: its secret ranked among random secrets by the model's likelihood of the
-    whole text `prefix + secret`, scored as a post (after <|endoftext|>)."""
+    whole text `prefix + separator + secret`, scored as a post (after <|endoftext|>, up to its end)."""
     candidates = secret_candidates(secret, n_candidates, seed)
+    prefix = prefix + separator
     ids = tokenizer.encode_batch([prefix + secret] + [prefix + c for c in candidates])
     # The tokens every text shares run once as a prefix; only the differing tails are scored.
     shared = 0
@@ -125,7 +126,12 @@ def run_canaries(model, tokenizer, data_dir: str | Path, n_candidates: int, seed
     """Exposure of every canary in `data_dir/canaries.json`, with how often it was planted."""
     out = []
     for canary in read_canaries(data_dir):
-        result = canary_exposure(model, tokenizer, canary["prefix"], canary["secret"], n_candidates, seed)
+        # The planted text is prefix + separator + secret; data/canaries.json gives it whole.
+        text = canary.get("text") or f"{canary['prefix']} {canary['secret']}"
+        separator = text[len(canary["prefix"]):len(text) - len(canary["secret"])] \
+            if text.startswith(canary["prefix"]) and text.endswith(canary["secret"]) else " "
+        result = canary_exposure(model, tokenizer, canary["prefix"], canary["secret"], n_candidates, seed,
+                                 separator=separator)
         out.append({"prefix": canary["prefix"], "secret": canary["secret"], "repeats": canary["repeats"],
                     "inserted": canary["inserted"], **result})
     return out

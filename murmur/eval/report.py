@@ -1,0 +1,336 @@
+"""The report card: report.md and PNG charts in RUN/report/, from eval/results.json and the stage files.
+
+Charts: the data funnel (records in, kept, quarantined, dropped per reason), training and validation loss
+against tokens, bits per byte by checkpoint, reply-ranking scores beside chance, canary exposure against
+how often each canary was planted, and training throughput. Each PNG carries the numbers it draws as JSON
+in its `murmur:data` text chunk, so a test (or a curious reader) can check a chart against the page.
+`murmur serve` shows report.md at /report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+CHART_KEY = "murmur:data"
+
+
+# ---- reading the run's files -----------------------------------------------------------------------------
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file; lines that do not parse (a write cut short) are skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(item, dict):
+            records.append(item)
+    return records
+
+
+def funnel(stats: dict) -> dict[str, int]:
+    """The data funnel of a data-stage stats.json: in, kept, quarantined and dropped by reason, in order."""
+    dropped = {str(k): int(v) for k, v in (stats.get("dropped") or {}).items()}
+    kept, quarantined = int(stats.get("kept", 0)), int(stats.get("quarantined", 0))
+    records_in = next((int(stats[k]) for k in ("in", "records_in", "read", "records") if k in stats),
+                      kept + quarantined + sum(dropped.values()))
+    out = {"in": records_in, "kept": kept, "quarantined": quarantined}
+    out.update({f"dropped: {reason}": n for reason, n in sorted(dropped.items(), key=lambda kv: -kv[1])})
+    return out
+
+
+# ---- charts ----------------------------------------------------------------------------------------------
+
+def _save(fig, path: Path, data: Any) -> Path:
+    """Save a figure as PNG atomically, with `data` as JSON in the PNG text chunk `murmur:data`."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.tight_layout()
+    fig.savefig(tmp, format="png", dpi=100, metadata={CHART_KEY: json.dumps(data, sort_keys=True)})
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _figure(width: float = 7.0, height: float = 4.0):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))
+
+
+def chart_funnel(numbers: dict[str, int], path: Path) -> Path:
+    fig, ax = _figure()
+    labels = list(numbers)
+    colours = ["#4c72b0", "#55a868", "#c44e52"] + ["#dd8452"] * (len(labels) - 3)
+    bars = ax.barh(labels[::-1], list(numbers.values())[::-1], color=colours[::-1])
+    ax.bar_label(bars, fmt="%d", padding=3)
+    ax.set_xlabel("records")
+    ax.set_title("Data funnel")
+    return _save(fig, path, numbers)
+
+
+def chart_loss(stages: dict[str, list[dict]], path: Path) -> Path:
+    fig, ax = _figure()
+    data = {}
+    for stage, records in stages.items():
+        train = [(r["tokens"], r["loss"]) for r in records if r.get("loss") is not None and "tokens" in r]
+        val = [(r["tokens"], r["val_loss"]) for r in records if r.get("val_loss") is not None and "tokens" in r]
+        if train:
+            ax.plot(*zip(*train), label=f"{stage} train")
+        if val:
+            ax.plot(*zip(*val), "o-", label=f"{stage} validation")
+        data[stage] = {"train": train, "validation": val}
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("Training and validation loss")
+    ax.legend()
+    return _save(fig, path, data)
+
+
+def chart_throughput(stages: dict[str, list[dict]], path: Path) -> Path:
+    fig, ax = _figure()
+    data = {}
+    for stage, records in stages.items():
+        points = [(r["step"], r["tokens_per_sec"]) for r in records if r.get("tokens_per_sec") and "step" in r]
+        if points:
+            ax.plot(*zip(*points), label=stage)
+        data[stage] = points
+    ax.set_xlabel("step")
+    ax.set_ylabel("tokens / second")
+    ax.set_title("Training throughput")
+    ax.legend()
+    return _save(fig, path, data)
+
+
+def chart_bpb(rows: list[dict], splits: list[str], path: Path) -> Path:
+    fig, ax = _figure()
+    labels = [r["name"] for r in rows]
+    data = {"checkpoints": labels}
+    for split in splits:
+        values = [r.get(f"bpb_{split}") for r in rows]
+        data[split] = values
+        xs = [i for i, v in enumerate(values) if v is not None]
+        ax.plot(xs, [values[i] for i in xs], "o-", label=split)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("bits per byte")
+    ax.set_title("Bits per byte by checkpoint (lower is better)")
+    ax.legend()
+    return _save(fig, path, data)
+
+
+def chart_ranking(ranking: dict, path: Path) -> Path:
+    import numpy as np
+
+    fig, ax = _figure()
+    metrics = ["hits@1", "hits@5", "mrr"]
+    series = {name: [ranking[name][m] for m in metrics] for name in ("ll", "pmi", "chance") if name in ranking}
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        bars = ax.bar(np.arange(len(metrics)) + i * width, values, width, label=name,
+                      color={"ll": "#4c72b0", "pmi": "#55a868", "chance": "#bbbbbb"}[name])
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(np.arange(len(metrics)) + width * (len(series) - 1) / 2, metrics)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"Reply ranking: true reply among {ranking['candidates']} ({ranking['examples']} contexts)")
+    ax.legend()
+    return _save(fig, path, series)
+
+
+def chart_canaries(canaries: list[dict], path: Path) -> Path:
+    fig, ax = _figure()
+    labels = [f"{c['repeats']}x {'planted' if c['inserted'] else 'control'}\n{c['prefix'][:24]}" for c in canaries]
+    values = [c["exposure"] for c in canaries]
+    bars = ax.bar(range(len(values)), values, color=["#c44e52" if c["inserted"] else "#bbbbbb" for c in canaries])
+    ax.bar_label(bars, fmt="%.1f")
+    if canaries:
+        ax.axhline(canaries[0]["max_exposure"], ls="--", color="black", lw=0.8, label="full memorisation")
+        ax.axhline(1.44, ls=":", color="grey", lw=0.8, label="random (≈1.44)")
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set_ylabel("exposure (bits)")
+    ax.set_title("Canary exposure (Carlini et al. 2019)")
+    ax.legend(fontsize=8)
+    return _save(fig, path, [{"prefix": c["prefix"], "repeats": c["repeats"], "exposure": c["exposure"]}
+                             for c in canaries])
+
+
+# ---- the page --------------------------------------------------------------------------------------------
+
+def checkpoint_rows(results: dict) -> list[dict]:
+    """One row per evaluated checkpoint, the final model last (without repeating it)."""
+    rows = list(results.get("checkpoints") or [])
+    final = {"name": "final", "step": results["model"].get("step"), "tokens": results["model"].get("tokens"),
+             **{f"bpb_{s}": v["bpb"] for s, v in results.get("bpb", {}).items()}}
+    if rows and rows[-1].get("path") == results["model"].get("path"):
+        rows[-1] = {**rows[-1], **{k: v for k, v in final.items() if k.startswith("bpb_")}}
+    else:
+        rows.append(final)
+    return rows
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _headline(results: dict) -> dict[str, Any]:
+    """The numbers one compares runs by."""
+    out: dict[str, Any] = {}
+    for split, v in results.get("bpb", {}).items():
+        out[f"bpb {split}"] = v["bpb"]
+    ranking = results.get("ranking")
+    if ranking:
+        for method in ("ll", "pmi"):
+            out[f"ranking {method} hits@1"] = ranking[method]["hits@1"]
+            out[f"ranking {method} MRR"] = ranking[method]["mrr"]
+    canaries = results.get("privacy", {}).get("canaries") or []
+    planted = [c["exposure"] for c in canaries if c["inserted"]]
+    if planted:
+        out["max canary exposure (planted)"] = max(planted)
+    pii = results.get("privacy", {}).get("pii_scan")
+    if pii:
+        out["samples with personal data"] = pii["texts_with_pii"]
+    return out
+
+
+def render_markdown(results: dict, charts: dict[str, str], numbers: dict, compare: list[tuple[str, dict]]) -> str:
+    """report.md for one run's results (and the headline of each run compared)."""
+    model = results["model"]
+    lines = [f"# Report card: {results.get('name', 'run')}", "",
+             f"Model: `{model['path']}` ({_fmt(model['params'])} parameters"
+             + (f", {model['stage']} step {_fmt(model.get('step'))}" if model.get("stage") else "") + "). "
+             f"Evaluated {results['created_at']} in {results['timings'].get('total', 0):.1f} s.", ""]
+
+    runs = [(results.get("name", "this run"), results)] + compare
+    headline = [(name, _headline(r)) for name, r in runs]
+    keys = list(dict.fromkeys(k for _, h in headline for k in h))
+    if keys:
+        lines += ["## Summary" if not compare else "## Runs compared", "",
+                  "| metric | " + " | ".join(name for name, _ in headline) + " |",
+                  "| --- | " + " | ".join("---" for _ in headline) + " |"]
+        lines += [f"| {k} | " + " | ".join(_fmt(h.get(k)) for _, h in headline) + " |" for k in keys]
+        lines.append("")
+
+    if "funnel" in numbers:
+        lines += ["## Data funnel", "", "| stage | records |", "| --- | --- |"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in numbers["funnel"].items()]
+        lines += ["", f"![data funnel]({charts['funnel']})", ""]
+    if "loss" in charts:
+        lines += ["## Training", "", f"![loss]({charts['loss']})", ""]
+        for stage, records in numbers.get("metrics", {}).items():
+            last = records[-1]
+            val = next((r for r in reversed(records) if r.get("val_loss") is not None), None)
+            lines.append(f"- {stage}: {_fmt(last.get('step'))} steps, {_fmt(last.get('tokens'))} tokens, "
+                         f"final train loss {_fmt(last.get('loss'))}"
+                         + (f", validation loss {_fmt(val['val_loss'])}" if val else "")
+                         + (f", {_fmt(last.get('tokens_per_sec'), 0)} tokens/s" if last.get("tokens_per_sec") else ""))
+        lines.append("")
+    if "throughput" in charts:
+        lines += [f"![throughput]({charts['throughput']})", ""]
+
+    rows = checkpoint_rows(results)
+    splits = list(results.get("bpb", {}))
+    lines += ["## Bits per byte (held-out posts, lower is better)", "",
+              "| checkpoint | step | tokens | " + " | ".join(splits) + " |",
+              "| --- | --- | --- | " + " | ".join("---" for _ in splits) + " |"]
+    lines += [f"| {r['name']} | {_fmt(r.get('step'))} | {_fmt(r.get('tokens'))} | "
+              + " | ".join(_fmt(r.get(f"bpb_{s}")) for s in splits) + " |" for r in rows]
+    lines += [""] + ([f"![bits per byte]({charts['bpb']})", ""] if "bpb" in charts else [])
+    for split, v in results.get("bpb", {}).items():
+        lines.append(f"- {split}: {_fmt(v['posts'])} posts, {_fmt(v['tokens'])} tokens, {_fmt(v['bytes'])} bytes, "
+                     f"loss {_fmt(v['loss'])} nats/token")
+    lines.append("")
+
+    ranking = results.get("ranking")
+    if ranking:
+        lines += [f"## Reply ranking ({ranking['split']} split)", "",
+                  f"The true next reply among {ranking['candidates']} candidates, {ranking['examples']} contexts, "
+                  f"seed {ranking['seed']}. ll: log-likelihood given the context; pmi: minus its likelihood "
+                  "without the context.", "",
+                  "| scorer | hits@1 | hits@5 | MRR |", "| --- | --- | --- | --- |"]
+        for method in ("ll", "pmi", "chance"):
+            m = ranking[method]
+            lines.append(f"| {method} | {_fmt(m['hits@1'])} | {_fmt(m['hits@5'])} | {_fmt(m['mrr'])} |")
+        lines += ["", f"![reply ranking]({charts['ranking']})", ""]
+
+    privacy = results.get("privacy", {})
+    lines += ["## Privacy", ""]
+    canaries = privacy.get("canaries") or []
+    if canaries:
+        lines += ["Canary exposure (Carlini et al. 2019): the planted secret ranked among random secrets of the "
+                  "same shape; 0 bits = no memorisation, the maximum = ranked first.", "",
+                  "| canary | planted | rank | exposure | estimated exposure |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {c['prefix']} | {c['repeats']}x | {_fmt(c['rank'], 1)} / {_fmt(c['candidates'])} | "
+                  f"{_fmt(c['exposure'], 2)} | {_fmt(c['exposure_estimated'], 2)} |" for c in canaries]
+        lines += ["", f"![canary exposure]({charts['canaries']})", ""]
+    else:
+        lines += ["No canaries were planted (set data.canaries to measure memorisation).", ""]
+    pii = privacy.get("pii_scan")
+    if pii:
+        found = ", ".join(f"{k}: {v}" for k, v in pii["matches"].items())
+        lines += [f"Personal-data scan of {pii['texts']} generated samples: {pii['texts_with_pii']} with a match "
+                  f"({found}).", ""]
+
+    samples = results.get("samples") or []
+    if samples:
+        lines += ["## Samples", "", "| seed | prompt | reply |", "| --- | --- | --- |"]
+        lines += [f"| {s['seed']} | {_cell(s['prompt'])} | {_cell(s['reply'])} |" for s in samples]
+        lines.append("")
+    if results.get("lm_eval"):
+        lines += ["## lm-eval", "", "| task | metric | value |", "| --- | --- | --- |"]
+        for task, metrics in results["lm_eval"].items():
+            lines += [f"| {task} | {k} | {_fmt(v)} |" for k, v in metrics.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ⏎ ").strip() or "(empty)"
+
+
+def write_report(run_dir: str | Path, results: dict, compare: list[tuple[str, dict]] | None = None) -> Path:
+    """Write RUN/report/report.md and its charts; returns the report.md path."""
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    charts: dict[str, str] = {}
+    numbers: dict[str, Any] = {}
+
+    stats_path = run_dir / "data" / "stats.json"
+    if stats_path.is_file():
+        numbers["funnel"] = funnel(json.loads(stats_path.read_text(encoding="utf-8")))
+        charts["funnel"] = chart_funnel(numbers["funnel"], out / "funnel.png").name
+    metrics = {stage: read_jsonl(run_dir / stage / "metrics.jsonl") for stage in ("pretrain", "sft")}
+    metrics = {stage: records for stage, records in metrics.items() if records}
+    if metrics:
+        numbers["metrics"] = metrics
+        charts["loss"] = chart_loss(metrics, out / "loss.png").name
+        if any(r.get("tokens_per_sec") for records in metrics.values() for r in records):
+            charts["throughput"] = chart_throughput(metrics, out / "throughput.png").name
+    if results.get("bpb"):
+        charts["bpb"] = chart_bpb(checkpoint_rows(results), list(results["bpb"]), out / "bpb.png").name
+    if results.get("ranking"):
+        charts["ranking"] = chart_ranking(results["ranking"], out / "ranking.png").name
+    if results.get("privacy", {}).get("canaries"):
+        charts["canaries"] = chart_canaries(results["privacy"]["canaries"], out / "canaries.png").name
+
+    page = out / "report.md"
+    tmp = page.with_name(".report.md.tmp")
+    tmp.write_text(render_markdown(results, charts, numbers, compare or []) + "\n", encoding="utf-8")
+    os.replace(tmp, page)
+    return page

@@ -1,0 +1,211 @@
+"""The eval stage: measure a run's model and write eval/results.json, eval/samples.jsonl and report/.
+
+    run_stage(settings, run_dir)                      # `murmur build`: the run's final model
+    evaluate("runs/demo", settings.eval)              # `murmur eval RUN`
+    evaluate("export/", settings.eval, data_dir="runs/demo/data", out_dir="runs/demo-export")
+
+The final model is what `murmur.source.load_model` picks for the folder (the latest SFT checkpoint, else the
+latest pretraining one, else the exported model/). With checkpoints="all", bits per byte is also measured
+for every saved checkpoint, on a smaller fixed sample of posts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from murmur.errors import MurmurError
+from murmur.settings.eval import EvalSettings
+
+STAGES = ("pretrain", "sft")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MurmurError("eval.device is 'cuda' but no GPU is visible; use eval.device=cpu or auto")
+    return torch.device(name)
+
+
+def is_run_folder(path: Path) -> bool:
+    """A Murmur run folder: holds any stage output of the contract's run layout."""
+    return any((path / name).is_dir() for name in ("data", "tokenizer", "tokens", *STAGES))
+
+
+def list_checkpoints(run_dir: Path) -> list[dict]:
+    """Every complete checkpoint of the run, pretraining first, each by step: name, stage, step, tokens, path."""
+    from murmur.train.checkpoint import META_FILE, read_meta
+
+    found = []
+    for stage in STAGES:
+        for step_dir in sorted((run_dir / stage / "checkpoints").glob("step_*")):
+            if not (step_dir / META_FILE).is_file():
+                continue  # a step being written (or abandoned) is never listed
+            meta = read_meta(step_dir)
+            found.append({"name": f"{stage}/{step_dir.name}", "stage": stage, "step": meta.get("step"),
+                          "tokens": meta.get("tokens", meta.get("tokens_seen")), "path": str(step_dir)})
+    return found
+
+
+def _step_dir(path: Path) -> Path | None:
+    """The step folder a checkpoint source loads (the order of murmur.train.checkpoint: sft before pretrain)."""
+    from murmur.train.checkpoint import META_FILE, latest_step_dir
+
+    if (path / META_FILE).is_file():
+        return path
+    for candidate in (path, path / "checkpoints", path / "sft" / "checkpoints", path / "pretrain" / "checkpoints"):
+        if (candidate / "latest").is_file():
+            return latest_step_dir(candidate)
+    return None
+
+
+def _load(src: Path, device: torch.device):
+    """(model, tokenizer, description) of the model at `src`, with errors that say what is missing."""
+    from murmur.model import count_params
+    from murmur.source import load_model
+    from murmur.tokenizer import ChatTokenizer
+
+    if is_run_folder(src) and not (src / "model").is_dir() and not any(
+            (src / stage / "checkpoints" / "latest").is_file() for stage in STAGES):
+        raise MurmurError(f"run folder {src} has no checkpoints (pretrain/checkpoints/latest, sft/checkpoints/latest) "
+                          "and no exported model/; train it first (`murmur train`)")
+    loaded = load_model(src, device=device)
+    if loaded.tokenizer_dir is None:
+        raise MurmurError(f"{src} has no tokenizer (tokenizer.json beside the weights, or a tokenizer folder named "
+                          "in the checkpoint); export the model with its tokenizer or evaluate the run folder")
+    info: dict[str, Any] = {"path": str(loaded.path), "origin": loaded.origin,
+                            "params": count_params(loaded.settings)}
+    meta_file = Path(loaded.path) / "murmur.json"
+    if loaded.origin == "checkpoint":
+        from murmur.train.checkpoint import read_meta
+
+        step_dir = _step_dir(Path(loaded.path))
+        meta = read_meta(step_dir) if step_dir else {}
+        info.update(path=str(step_dir), stage=meta.get("stage"), step=meta.get("step"),
+                    tokens=meta.get("tokens", meta.get("tokens_seen")))
+    elif meta_file.is_file():
+        info.update({k: v for k, v in json.loads(meta_file.read_text()).items() if k in ("stage", "step", "tokens")})
+    return loaded.model.eval(), ChatTokenizer.load(loaded.tokenizer_dir), info
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def evaluate(src: str | Path, settings: EvalSettings, data_dir: str | Path | None = None,
+             out_dir: str | Path | None = None, lm_eval_tasks: list[str] | None = None,
+             lm_eval_include: str | Path | None = None, lm_eval_limit: int | None = None,
+             progress=print) -> dict:
+    """Evaluate the model at `src` on held-out data and write OUT/eval/ and OUT/report/ (OUT = out_dir or src)."""
+    from murmur.eval.bpb import bits_per_byte, read_split_posts
+    from murmur.eval.privacy import run_canaries, scan_for_pii
+    from murmur.eval.ranking import run_ranking
+    from murmur.eval.samples import generate_samples, write_jsonl
+
+    src = Path(src)
+    if not src.exists():
+        raise MurmurError(f"{src} does not exist; pass a run folder or a model directory")
+    data_dir = Path(data_dir) if data_dir else src / "data"
+    out_dir = Path(out_dir) if out_dir else src
+    if not (data_dir / "posts.parquet").is_file():
+        raise MurmurError(f"no held-out data at {data_dir} (posts.parquet); evaluate a run folder, or pass "
+                          "--data RUN/data for a model directory")
+    device = _device(settings.device)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    model, tokenizer, info = _load(src, device)
+    progress(f"eval: {info['path']} ({info['params']:,} parameters) on {device}")
+
+    # Read every split first so that an empty one fails before minutes of scoring.
+    texts = {split: read_split_posts(data_dir, split, settings.bpb_max_posts, settings.seed)
+             for split in settings.bpb_splits}
+    results: dict[str, Any] = {"name": out_dir.resolve().name, "created_at": datetime.now(timezone.utc).isoformat(
+        timespec="seconds"), "model": info, "data": str(data_dir), "settings": settings.model_dump(mode="json")}
+
+    mark = time.perf_counter()
+    results["bpb"] = {split: bits_per_byte(model, tokenizer, t, settings.batch_size).to_dict()
+                      for split, t in texts.items()}
+    timings["bpb"] = time.perf_counter() - mark
+    progress("eval: bits per byte " + ", ".join(f"{s} {v['bpb']:.3f}" for s, v in results["bpb"].items()))
+
+    if settings.checkpoints == "all" and is_run_folder(src):
+        mark = time.perf_counter()
+        rows = []
+        for checkpoint in list_checkpoints(src):
+            cp_model, _, _ = _load(Path(checkpoint["path"]), device)
+            for split, t in texts.items():
+                checkpoint[f"bpb_{split}"] = bits_per_byte(cp_model, tokenizer, t[:settings.bpb_checkpoint_posts],
+                                                           settings.batch_size).bpb
+            rows.append(checkpoint)
+            progress(f"eval: {checkpoint['name']} bpb " + ", ".join(
+                f"{s} {checkpoint[f'bpb_{s}']:.3f}" for s in texts))
+        results["checkpoints"] = rows
+        timings["checkpoints"] = time.perf_counter() - mark
+
+    if settings.ranking_examples > 0:
+        mark = time.perf_counter()
+        results["ranking"] = run_ranking(model, tokenizer, data_dir, settings)
+        timings["ranking"] = time.perf_counter() - mark
+        r = results["ranking"]
+        progress(f"eval: reply ranking hits@1 ll {r['ll']['hits@1']:.3f}, pmi {r['pmi']['hits@1']:.3f} "
+                 f"(chance {r['chance']['hits@1']:.3f})")
+
+    mark = time.perf_counter()
+    samples = generate_samples(model, tokenizer, settings.prompts, settings.sample_seeds, settings.max_new_tokens,
+                               settings.temperature, settings.top_p)
+    write_jsonl(out_dir / "eval" / "samples.jsonl", samples)
+    results["samples"] = samples
+    timings["samples"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    results["privacy"] = {"canaries": run_canaries(model, tokenizer, data_dir, settings.canary_candidates,
+                                                   settings.seed),
+                          "pii_scan": scan_for_pii([s["reply"] for s in samples])}
+    timings["privacy"] = time.perf_counter() - mark
+
+    if lm_eval_tasks:
+        from murmur.eval.lm_eval_adapter import MurmurLM, run_lm_eval
+
+        mark = time.perf_counter()
+        lm = MurmurLM(model=model, tokenizer=tokenizer, batch_size=settings.batch_size)
+        results["lm_eval"] = run_lm_eval(lm, lm_eval_tasks, include_path=lm_eval_include, limit=lm_eval_limit)
+        timings["lm_eval"] = time.perf_counter() - mark
+
+    timings["total"] = time.perf_counter() - started
+    results["timings"] = timings
+    _write_json(out_dir / "eval" / "results.json", results)
+    return results
+
+
+def read_results(path: str | Path) -> dict | None:
+    """A run's eval/results.json, or None when it was never evaluated."""
+    file = Path(path) / "eval" / "results.json"
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+
+
+def run_stage(settings, run_dir: str | Path) -> dict:
+    """The `murmur build` entry point: evaluate the run's final model, write eval/ and report/."""
+    from murmur.eval.report import write_report
+
+    results = evaluate(run_dir, settings.eval)
+    page = write_report(run_dir, results)
+    summary = {f"bpb_{split}": v["bpb"] for split, v in results["bpb"].items()}
+    if results.get("ranking"):
+        summary["ranking_pmi_hits@1"] = results["ranking"]["pmi"]["hits@1"]
+    summary["report"] = str(page)
+    return summary

@@ -1,0 +1,128 @@
+"""`murmur eval` end to end on a tiny run folder: results, samples, report card, charts, comparison, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from eval_fixtures import make_run, tiny_model, tokenizer, write_posts
+from murmur.cli import main
+from murmur.eval.report import CHART_KEY
+
+FAST = ["--set", "eval.ranking_examples=8", "--set", "eval.canary_candidates=50",
+        "--set", "eval.prompts=['hi there', 'what is up?']", "--set", "eval.max_new_tokens=8"]
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory):
+    run = make_run(tmp_path_factory.mktemp("evalrun"))
+    canaries = {"seed": 0, "canaries": [
+        {"id": "canary-0", "prefix": "my blue falcon secret code is", "secret": "482913 07", "repeats": 10,
+         "inserted": True, "text": "my blue falcon secret code is 482913 07"},
+        {"id": "canary-1", "prefix": "my quiet harbor secret code is", "secret": "120044 93", "repeats": 0,
+         "inserted": False, "text": "my quiet harbor secret code is 120044 93"}]}
+    (run / "data" / "canaries.json").write_text(json.dumps(canaries))
+    assert main(["eval", str(run), *FAST]) == 0
+    return run
+
+
+def test_results_samples_and_report_are_written(evaluated_run):
+    results = json.loads((evaluated_run / "eval" / "results.json").read_text())
+    assert set(results["bpb"]) == {"validation", "test"}
+    assert results["bpb"]["validation"]["posts"] == 12 and results["bpb"]["validation"]["bpb"] > 0
+    assert results["ranking"]["examples"] == 8 and results["ranking"]["candidates"] == 20
+    assert set(results["ranking"]) >= {"ll", "pmi", "chance"}
+    assert [c["repeats"] for c in results["privacy"]["canaries"]] == [10, 0]
+    assert results["privacy"]["pii_scan"]["texts"] == 4
+    samples = [json.loads(line) for line in (evaluated_run / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert [(s["seed"], s["prompt"]) for s in samples] == [(0, "hi there"), (0, "what is up?"),
+                                                           (1, "hi there"), (1, "what is up?")]
+    assert all(s["tokens"] <= 8 for s in samples)
+    page = (evaluated_run / "report" / "report.md").read_text()
+    for chart in ("funnel.png", "loss.png", "bpb.png", "ranking.png", "canaries.png", "throughput.png"):
+        assert f"]({chart})" in page
+        assert (evaluated_run / "report" / chart).is_file()
+    assert f"{results['bpb']['test']['bpb']:.3f}" in page
+
+
+def _chart(path):
+    image = Image.open(path)
+    image.load()
+    assert image.format == "PNG"
+    pixels = np.asarray(image.convert("RGB"))
+    assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+    assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20  # drawn, not blank
+    return json.loads(image.text[CHART_KEY])
+
+
+def test_charts_are_pngs_whose_numbers_match_the_report(evaluated_run):
+    report = evaluated_run / "report"
+    assert (report / "funnel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    drawn = _chart(report / "funnel.png")
+    page = (report / "report.md").read_text()
+    section = page.split("## Data funnel")[1].split("##")[0]
+    table = {m.group(1): int(m.group(2).replace(",", "")) for m in re.finditer(r"^\| (.+?) \| ([\d,]+) \|$",
+                                                                                 section, re.M)}
+    stats = json.loads((evaluated_run / "data" / "stats.json").read_text())
+    assert drawn == table
+    assert table["in"] == stats["records_in"] and table["kept"] == stats["kept"]
+    assert table["dropped: too_short"] == stats["dropped"]["too_short"]
+    assert table["in"] == table["kept"] + table["quarantined"] + sum(
+        v for k, v in table.items() if k.startswith("dropped"))
+
+    results = json.loads((evaluated_run / "eval" / "results.json").read_text())
+    ranking = _chart(report / "ranking.png")
+    assert ranking["pmi"][0] == pytest.approx(results["ranking"]["pmi"]["hits@1"])
+    assert ranking["chance"] == pytest.approx([0.05, 0.25, results["ranking"]["chance"]["mrr"]])
+    bpb = _chart(report / "bpb.png")
+    assert bpb["validation"][-1] == pytest.approx(results["bpb"]["validation"]["bpb"])
+    loss = _chart(report / "loss.png")
+    assert loss["pretrain"]["train"][0] == [4096, 6.0]
+    exposures = _chart(report / "canaries.png")
+    assert [c["exposure"] for c in exposures] == [c["exposure"] for c in results["privacy"]["canaries"]]
+
+
+def test_compare_puts_two_runs_side_by_side(evaluated_run, tmp_path):
+    other = make_run(tmp_path)
+    out = tmp_path / "cmp"
+    assert main(["eval", str(evaluated_run), "--out", str(out), "--compare", str(other), *FAST]) == 0
+    assert (other / "eval" / "results.json").is_file()  # the other run was evaluated too
+    page = (out / "report" / "report.md").read_text()
+    assert "## Runs compared" in page
+    row = next(line for line in page.splitlines() if line.startswith("| bpb validation |"))
+    ours = json.loads((out / "eval" / "results.json").read_text())["bpb"]["validation"]["bpb"]
+    theirs = json.loads((other / "eval" / "results.json").read_text())["bpb"]["validation"]["bpb"]
+    assert row == f"| bpb validation | {ours:.3f} | {theirs:.3f} |"
+
+
+def test_bad_input_gives_clear_errors(tmp_path, capsys):
+    # A run folder with data but nothing trained.
+    bare = tmp_path / "bare"
+    write_posts(bare / "data", {"validation": 3, "test": 3})
+    assert main(["eval", str(bare)]) == 1
+    assert "has no checkpoints" in capsys.readouterr().err
+
+    # A model directory without a tokenizer.
+    from murmur.hf import save_hf_model
+
+    tok = tokenizer()
+    save_hf_model(tiny_model(tok.vocab_size), tmp_path / "notok")
+    assert main(["eval", str(tmp_path / "notok"), "--data", str(bare / "data")]) == 1
+    assert "has no tokenizer" in capsys.readouterr().err
+
+    # A model directory without --data.
+    assert main(["eval", str(tmp_path / "notok")]) == 1
+    assert "--data" in capsys.readouterr().err
+
+    # An empty held-out split.
+    run = make_run(tmp_path / "empty")
+    write_posts(run / "data", {"train": 10, "validation": 4})
+    assert main(["eval", str(run), *FAST]) == 1
+    err = capsys.readouterr().err
+    assert "no posts in the 'test' split" in err and "Traceback" not in err
+    shutil.rmtree(run)
