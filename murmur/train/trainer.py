@@ -222,7 +222,7 @@ def token_byte_lengths(tokenizer_dir: Path | None, vocab_size: int) -> Tensor | 
     from tokenizers.decoders import ByteLevel
 
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    special = {t.id for t in tok.get_added_tokens_decoder().values() if t.special} if hasattr(
+    special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special} if hasattr(
         tok, "get_added_tokens_decoder") else set()
     byte_level = isinstance(tok.decoder, ByteLevel)
     lengths = torch.zeros(vocab_size, dtype=torch.float64)
