@@ -1,0 +1,101 @@
+"""`murmur data`: curate raw posts into clean posts and conversations; `audit` and `purge` for deletions.
+
+    murmur data --source FORMAT:PATH [--source ...] --out DIR [--deletions FILE] [--executor local|ray]
+    murmur data audit DIR [--deletions FILE]
+    murmur data purge RUN_DIR --deletions FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+FORMATS_HELP = "FORMAT is x-api, x-archive, jsonl, csv, parquet, text or chitchat ('chitchat:' = the demo corpus)"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("data", help="curate posts: clean, scrub, filter, dedup, purge deletions, thread, split",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", action="append", default=[], metavar="FORMAT:PATH",
+                   help=f"input files (PATH may be a glob; gzip/zstd are read as is). {FORMATS_HELP}")
+    p.add_argument("--out", help="output folder (posts.parquet, conversations.parquet, quarantine.parquet, stats.json)")
+    p.add_argument("--deletions", metavar="FILE", help="deletion list: post:ID, account:ID or a bare post id a line")
+    p.add_argument("--executor", choices=["local", "ray"], help="where batches run (default local)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    p.add_argument("--recipe", help="a recipe TOML whose [data] section gives the defaults")
+    p.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE", dest="overrides",
+                   help="override a setting, e.g. --set data.languages='[\"en\",\"fr\"]'")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or funnel")
+    p.set_defaults(func=run, data_action=None)
+    actions = p.add_subparsers(dest="data_action", metavar="ACTION")
+    audit = actions.add_parser("audit", help="prove deleted posts and accounts are gone from a run's outputs")
+    audit.add_argument("dir", help="a run folder or its data folder")
+    audit.add_argument("--deletions", metavar="FILE", help="deletion list to check (default: every list the run applied)")
+    audit.set_defaults(func=run_audit)
+    purge = actions.add_parser("purge", help="remove newly deleted posts and accounts from an existing run")
+    purge.add_argument("dir", metavar="RUN_DIR", help="a run folder or its data folder")
+    purge.add_argument("--deletions", metavar="FILE", required=True, help="the deletion list to apply")
+    purge.set_defaults(func=run_purge)
+
+
+def run(args: argparse.Namespace) -> int:
+    from murmur.config import load_settings
+    from murmur.data.pipeline import run as run_pipeline
+    from murmur.errors import MurmurError
+
+    if not args.out:
+        raise MurmurError("--out DIR is required: the folder to write posts.parquet and the other outputs into")
+    overrides = list(args.overrides)
+    for key, value in (("executor", args.executor), ("address", args.address), ("deletions", args.deletions)):
+        if value is not None:
+            overrides.append(f'data.{key}="{value}"')
+    settings = load_settings(args.recipe, overrides)
+    if args.source:
+        settings.data.sources = args.source
+    stats = run_pipeline(settings.data, args.out, progress=None if not args.quiet else False)
+    if not args.quiet:
+        print_funnel(stats, args.out)
+    return 0
+
+
+def print_funnel(stats: dict, out) -> None:
+    """The short summary a user reads after a run."""
+    if stats.get("up_to_date"):
+        print(f"{out}: up to date (inputs and settings unchanged)")
+    print(f"records in      {stats['in']:>10,}")
+    print(f"kept            {stats['kept']:>10,}   " +
+          "  ".join(f"{k} {v:,}" for k, v in stats["splits"].items()))
+    for reason, count in sorted(stats["dropped"].items(), key=lambda kv: -kv[1]):
+        print(f"  dropped {reason:<22}{count:>8,}")
+    print(f"quarantined     {stats['quarantined']:>10,}   (see quarantine.parquet)")
+    print(f"duplicates      {stats['duplicates']:>10,}")
+    print(f"deleted         {stats['deleted']:>10,}")
+    print(f"conversations   {stats['conversations']:>10,}   {stats['conversation_turns']:,} turns")
+    if stats.get("posts_per_s"):
+        print(f"{stats['elapsed_s']:.1f} s, {stats['posts_per_s']:,.0f} records/s -> {out}")
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from murmur.data.compliance import audit, load_deletions
+
+    problems = audit(args.dir, load_deletions(args.deletions) if args.deletions else None)
+    for problem in problems[:50]:
+        print(f"FAIL {problem}", file=sys.stderr)
+    if problems:
+        print(f"audit failed: {len(problems)} problem(s) in {args.dir}", file=sys.stderr)
+        return 1
+    print(f"audit passed: no deleted post, account or deleted text remains in {args.dir}")
+    return 0
+
+
+def run_purge(args: argparse.Namespace) -> int:
+    from murmur.data.compliance import purge
+
+    summary = purge(args.dir, args.deletions)
+    print(f"purged {summary['posts_removed']} posts ({summary['copies_removed']} copies of deleted texts), "
+          f"cut {summary['conversations_cut']} conversations, {summary['quarantine_removed']} quarantined records")
+    if summary.get("token_problems"):
+        for problem in summary["token_problems"]:
+            print(f"FAIL tokens: {problem}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,158 @@
+"""Text cleaning: entities by policy, HTML entities, Unicode NFC, control characters, personal data, whitespace.
+
+Personal data is replaced by typed placeholders (<email>, <phone>, <card>, <ip>, or <NAME> for a pattern the
+settings add) so a model learns that something stood there without learning what.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import unicodedata
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from murmur.data.records import Post
+from murmur.settings.data import DataSettings
+
+URL_RE = re.compile(r"(?:https?://|www\.)[^\s<>\"']+", re.IGNORECASE)
+EMAIL_RE = re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+MENTION_RE = re.compile(r"(?<![\w@])@(\w{1,30})")
+LEADING_MENTIONS_RE = re.compile(r"^(?:\s*@\w+)+\s*")
+CARD_RE = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
+IPV4_RE = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])")
+IPV6_RE = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])")
+# Phone numbers: an international +CC form, a (555) 123-4567 form, 555-123-4567 / 555.123.4567, or 10-11 bare
+# digits. Plain space-separated digit groups are left alone: they are too often years, scores or counts.
+PHONE_RE = re.compile(
+    r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,5}(?!\w)"
+    r"|(?<!\w)\(\d{2,4}\)\s?\d{3,4}[-. ]\d{3,4}(?!\w)"
+    r"|(?<![\w.-])\d{3}[-.]\d{3,4}[-.]\d{4}(?![\w.-])"
+    r"|(?<![\w+])\d{10,11}(?!\w)")
+CONTROL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+SPACES_RE = re.compile(r"[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
+BLANK_LINES_RE = re.compile(r"\s*\n\s*")
+SHORTENERS = {"t.co", "bit.ly", "tinyurl.com", "goo.gl", "ow.ly", "buff.ly"}
+
+
+@dataclass(slots=True)
+class Cleaned:
+    """A cleaned text and what cleaning saw in it (for the filters)."""
+
+    text: str
+    links: int
+    scrubbed: int
+
+
+def luhn_valid(digits: str) -> bool:
+    """The Luhn checksum every payment card number satisfies."""
+    total = 0
+    for index, char in enumerate(reversed(digits)):
+        value = int(char)
+        if index % 2 == 1:
+            value *= 2
+            if value > 9:
+                value -= 9
+        total += value
+    return total % 10 == 0
+
+
+class Cleaner:
+    """Cleans post texts according to the settings; compiled once per worker."""
+
+    def __init__(self, settings: DataSettings):
+        self.settings = settings
+        self.scrub = set(settings.scrub)
+        self.extra = [(re.compile(pattern), f"<{name}>") for name, pattern in settings.scrub_patterns.items()]
+
+    def url_replacement(self, url: str) -> str:
+        policy = self.settings.urls
+        if policy == "keep":
+            return url
+        if policy == "remove":
+            return ""
+        if policy == "domain":
+            host = (urlparse(url if "://" in url else "http://" + url).hostname or "").removeprefix("www.")
+            if host and host not in SHORTENERS:
+                return host
+        return "<url>"
+
+    def mention_replacement(self, handle: str) -> str:
+        policy = self.settings.mentions
+        return f"@{handle}" if policy == "keep" else "" if policy == "remove" else "@user"
+
+    def clean(self, post: Post) -> Cleaned:
+        """The cleaned text of a post, with counts of links and personal data found."""
+        text, links = self._apply_entities(post)
+        text = html.unescape(text)
+        text = unicodedata.normalize("NFC", text)
+        text = CONTROL_RE.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+
+        def on_url(match: re.Match) -> str:
+            nonlocal links
+            links += 1
+            return self.url_replacement(match.group(0).rstrip(".,;:!?)")) + _trailing(match.group(0))
+
+        text = URL_RE.sub(on_url, text)
+        text, scrubbed = self._scrub(text)
+        if self.settings.mentions != "keep":
+            text = MENTION_RE.sub(lambda m: self.mention_replacement(m.group(1)), text)
+        if self.settings.strip_reply_mentions and post.in_reply_to_id:
+            text = LEADING_MENTIONS_RE.sub("", text)
+        text = SPACES_RE.sub(" ", text)
+        text = BLANK_LINES_RE.sub("\n", text).strip()
+        return Cleaned(text, links, scrubbed)
+
+    def _apply_entities(self, post: Post) -> tuple[str, int]:
+        """Replace the payload's mention and URL spans, when their offsets really point at them."""
+        text = post.text
+        spans = []
+        for start, end, handle in post.mentions:
+            if 0 <= start < end <= len(text) and text[start:end].lower() == f"@{handle}".lower():
+                spans.append((start, end, self.mention_replacement(handle), 0))
+        for start, end, url in post.urls:
+            if 0 <= start < end <= len(text) and text[start:end].lower().startswith(("http", "www.")):
+                spans.append((start, end, self.url_replacement(url), 1))
+        if not spans:
+            return text, 0
+        spans.sort()
+        pieces, cursor, links = [], 0, 0
+        for start, end, replacement, is_link in spans:
+            if start < cursor:  # overlapping entities: keep the first
+                continue
+            pieces.append(text[cursor:start])
+            pieces.append(replacement)
+            links += is_link
+            cursor = end
+        pieces.append(text[cursor:])
+        return "".join(pieces), links
+
+    def _scrub(self, text: str) -> tuple[str, int]:
+        count = 0
+
+        def replace(placeholder: str, check=None):
+            def on_match(match: re.Match) -> str:
+                nonlocal count
+                if check and not check(match.group(0)):
+                    return match.group(0)
+                count += 1
+                return placeholder
+            return on_match
+
+        if "email" in self.scrub:
+            text = EMAIL_RE.sub(replace("<email>"), text)
+        if "card" in self.scrub:
+            text = CARD_RE.sub(replace("<card>", lambda s: luhn_valid(re.sub(r"\D", "", s))), text)
+        if "ip" in self.scrub:
+            text = IPV6_RE.sub(replace("<ip>"), IPV4_RE.sub(replace("<ip>"), text))
+        if "phone" in self.scrub:
+            text = PHONE_RE.sub(replace("<phone>", lambda s: 8 <= sum(c.isdigit() for c in s) <= 15), text)
+        for pattern, placeholder in self.extra:
+            text = pattern.sub(replace(placeholder), text)
+        return text, count
+
+
+def _trailing(url: str) -> str:
+    """Punctuation a URL regex swallowed from the sentence around it, given back."""
+    stripped = url.rstrip(".,;:!?)")
+    return url[len(stripped):]

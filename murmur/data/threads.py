@@ -1,0 +1,100 @@
+"""Reply trees to conversations: root-to-leaf paths between alternating speakers.
+
+Consecutive posts of one author merge into one turn; speakers are named user1, user2, ... in order of
+appearance, consistently within a conversation. A tree gives at most `max_paths_per_tree` conversations,
+longer paths are cut into pieces of `max_turns` turns; paths shorter than `min_turns` turns are not conversations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass
+
+from murmur.data.records import Conversation, Turn
+
+MERGE_SEPARATOR = "\n"
+
+
+@dataclass(slots=True)
+class ThreadPost:
+    """What thread building needs of a post. `order` sorts siblings (earliest reply first)."""
+
+    id: str
+    parent_id: str | None
+    author_id: str
+    text: str
+    order: int
+
+
+def conversation_id(post_ids: list[str]) -> str:
+    """A stable id derived from the posts a conversation is made of."""
+    return "c" + hashlib.blake2b("\x1f".join(post_ids).encode("utf-8"), digest_size=10).hexdigest()
+
+
+def tree_conversations(root_id: str, posts: list[ThreadPost], split: str, min_turns: int, max_turns: int,
+                       max_paths: int) -> list[Conversation]:
+    """The conversations of one reply tree (all `posts` share `root_id`; parents outside it are ignored)."""
+    by_id = {p.id: p for p in posts}
+    children: dict[str, list[ThreadPost]] = defaultdict(list)
+    for post in posts:
+        if post.parent_id in by_id and post.id != root_id:
+            children[post.parent_id].append(post)
+    for siblings in children.values():
+        siblings.sort(key=lambda p: p.order)
+    if root_id not in by_id:
+        return []
+    conversations: list[Conversation] = []
+    seen: set[tuple[str, ...]] = set()
+    # Depth-first, iteratively (threads can be thousands deep); a visited set guards against reply cycles.
+    stack: list[tuple[ThreadPost, list[ThreadPost]]] = [(by_id[root_id], [])]
+    visited: set[str] = set()
+    while stack and len(conversations) < max_paths:
+        post, path = stack.pop()
+        if post.id in visited:
+            continue
+        visited.add(post.id)
+        path = path + [post]
+        turns = _turns(path, max_turns)
+        if len(turns) > max_turns:
+            # A long thread becomes several conversations of at most max_turns turns.
+            _emit(conversations, seen, _conversation(turns[:max_turns], root_id, split), min_turns)
+            path = [post]
+            turns = _turns(path, max_turns)
+        kids = [c for c in children.get(post.id, []) if c.id not in visited]
+        if not kids:
+            _emit(conversations, seen, _conversation(turns, root_id, split), min_turns)
+            continue
+        for kid in reversed(kids):
+            stack.append((kid, path))
+    return conversations
+
+
+def _emit(conversations: list[Conversation], seen: set, conversation: Conversation, min_turns: int) -> None:
+    key = tuple(conversation.post_ids)
+    if len(conversation.turns) >= min_turns and key not in seen:
+        seen.add(key)
+        conversations.append(conversation)
+
+
+def _turns(path: list[ThreadPost], max_turns: int) -> list[tuple[str, list[ThreadPost]]]:
+    """Merge consecutive posts by one author; stop one turn past the cap so the caller knows it was cut."""
+    turns: list[tuple[str, list[ThreadPost]]] = []
+    for post in path:
+        if turns and turns[-1][0] == post.author_id:
+            turns[-1][1].append(post)
+        else:
+            if len(turns) > max_turns:
+                break
+            turns.append((post.author_id, [post]))
+    return turns
+
+
+def _conversation(turns: list[tuple[str, list[ThreadPost]]], root_id: str, split: str) -> Conversation:
+    pseudonyms: dict[str, str] = {}
+    result = []
+    for author, posts in turns:
+        speaker = pseudonyms.setdefault(author, f"user{len(pseudonyms) + 1}")
+        result.append(Turn(speaker, MERGE_SEPARATOR.join(p.text for p in posts), [p.id for p in posts]))
+    post_ids = [pid for turn in result for pid in turn.post_ids]
+    return Conversation(conversation_id(post_ids), root_id, split, result)
