@@ -52,7 +52,8 @@ class BuildDisplay:
         return f"[{index + 1}/{self.total} {_clock(time.monotonic() - self.started)}]"
 
     def stage_skipped(self, index: int, step: Any) -> None:
-        self.console.print(f"{self._prefix(index)} [dim]{step.stage.name}: skipped ({step.reason})[/]")
+        what = {"skip": "skipped", "omit": "not selected", "not-needed": "not needed"}.get(step.action, step.action)
+        self.console.print(f"{self._prefix(index)} [dim]{step.stage.name}: {what} ({step.reason})[/]")
 
     def stage_started(self, index: int, step: Any) -> None:
         self.console.rule(f"{self._prefix(index)} [bold]{step.stage.name}[/]: {step.stage.description} "
@@ -73,6 +74,8 @@ class BuildDisplay:
         for column in ("stage", "result", "time", "figures"):
             table.add_column(column)
         for item in result.stages:
+            if item["action"] == "omitted":
+                continue  # outside --from/--only: already said as it was passed over
             seconds = f"{item['seconds']:.1f}s" if "seconds" in item else ""
             what = item["action"] if item["action"] == "ran" else f"{item['action']} ({item['reason']})"
             table.add_row(item["stage"], what, seconds, _short(item.get("summary")))
