@@ -34,16 +34,12 @@ SPLITS = ("train", "validation", "test")
 CHAT_ROLES = ("system", "user", "assistant")
 
 
-def conversation_text(turns: list[dict[str, Any]]) -> str:
-    """A thread as a plain-text pretraining document: its turns joined by newlines."""
-    return "\n".join(t["text"] for t in turns if t.get("text"))
-
-
-def thread_chats(turns: list[dict[str, Any]], roles: str = "both") -> list[list[dict[str, str]]]:
-    """The chats a thread is trained as: one per assistant speaker (see the module docstring).
+def thread_chat_parts(turns: list[dict[str, Any]], roles: str = "both") -> list[list[dict[str, Any]]]:
+    """The chats a thread is trained as, one per assistant speaker (see the module docstring); each message
+    holds `role` and `parts`, the texts of the turns it joins.
 
     Turns before the assistant's first reply to someone else are context only, consecutive turns of the
-    same role are joined with a newline, and the chat ends at the assistant's last turn."""
+    same role become one message (joined by newlines), and the chat ends at the assistant's last turn."""
     turns = [t for t in turns if t.get("text")]
     if len(turns) < 2:
         return []
@@ -55,20 +51,109 @@ def thread_chats(turns: list[dict[str, Any]], roles: str = "both") -> list[list[
         repliers = repliers[:1]
     chats = []
     for speaker in repliers:
-        messages: list[dict[str, str]] = []
+        messages: list[dict[str, Any]] = []
         for turn in turns:
             role = "assistant" if turn["speaker"] == speaker else "user"
             if not messages and role == "assistant":
                 continue  # the assistant never opens a chat
             if messages and messages[-1]["role"] == role:
-                messages[-1]["content"] += "\n" + turn["text"]
+                messages[-1]["parts"].append(turn["text"])
             else:
-                messages.append({"role": role, "content": turn["text"]})
+                messages.append({"role": role, "parts": [turn["text"]]})
         while messages and messages[-1]["role"] != "assistant":
             messages.pop()
         if messages:
             chats.append(messages)
     return chats
+
+
+def thread_chats(turns: list[dict[str, Any]], roles: str = "both") -> list[list[dict[str, str]]]:
+    """`thread_chat_parts` as chat messages (`role`, `content`)."""
+    return [[{"role": m["role"], "content": "\n".join(m["parts"])} for m in chat]
+            for chat in thread_chat_parts(turns, roles)]
+
+
+def _clean(piece: str) -> bool:
+    return bool(piece) and not piece[0].isspace() and not piece[-1].isspace()
+
+
+class PieceEncoder:
+    """Encodes documents built from posts, each distinct post text once, reusing its ids in the
+    pretraining text and in every chat rendering of its thread (when `tokenizer.encodes_by_parts`; a
+    document with a piece that starts or ends with whitespace is encoded whole). The ids equal those of
+    encoding the whole text, as `transformers` would."""
+
+    def __init__(self, tokenizer: ChatTokenizer):
+        self.tok = tokenizer
+        self.fast = tokenizer.encodes_by_parts
+        if self.fast:
+            self.newline = tokenizer.encode("\n")
+            self.heads = {role: [tokenizer.im_start_id] + tokenizer.encode(f"{role}\n") for role in CHAT_ROLES}
+
+    def encode(self, docs: list[list[str]], chats: list[list[dict[str, Any]]]
+               ) -> tuple[list[list[int]], list[tuple[list[int], list[int]]]]:
+        """Ids of each document (its pieces joined by newlines) and (ids, mask) of each chat."""
+        if not self.fast:
+            return (self.tok.encode_batch(["\n".join(d) for d in docs]),
+                    self.tok.render_chats_with_masks([_joined(c) for c in chats]))
+        pieces: dict[str, int] = {}
+        for parts in docs:
+            for piece in parts:
+                if _clean(piece):
+                    pieces.setdefault(piece, len(pieces))
+        for chat in chats:
+            for m in chat:
+                for piece in m["parts"]:
+                    if _clean(piece):
+                        pieces.setdefault(piece, len(pieces))
+        encoded = self.tok.encode_batch(list(pieces))
+        nl = self.newline
+
+        def join(parts: list[str]) -> list[int]:
+            ids = list(encoded[pieces[parts[0]]])
+            for piece in parts[1:]:
+                ids += nl
+                ids += encoded[pieces[piece]]
+            return ids
+
+        doc_ids: list[list[int] | None] = []
+        whole_docs = []
+        for parts in docs:
+            if parts and all(_clean(p) for p in parts):
+                doc_ids.append(join(parts))
+            else:
+                doc_ids.append(None)
+                whole_docs.append(len(doc_ids) - 1)
+        for i, ids in zip(whole_docs, self.tok.encode_batch(["\n".join(docs[i]) for i in whole_docs])):
+            doc_ids[i] = ids
+
+        chat_out: list[tuple[list[int], list[int]] | None] = []
+        whole_chats = []
+        im_end = self.tok.im_end_id
+        for chat in chats:
+            if not all(m["role"] in self.heads and m["parts"] and all(_clean(p) for p in m["parts"]) for m in chat):
+                chat_out.append(None)
+                whole_chats.append(len(chat_out) - 1)
+                continue
+            ids: list[int] = []
+            mask: list[int] = []
+            for m in chat:
+                head, body = self.heads[m["role"]], join(m["parts"]) + [im_end]
+                ids += head
+                ids += body
+                ids += nl
+                mask += [0] * len(head)
+                mask += [1 if m["role"] == "assistant" else 0] * len(body)
+                mask += [0] * len(nl)
+            chat_out.append((ids, mask))
+        rendered = self.tok.render_chats_with_masks([_joined(chats[i]) for i in whole_chats])
+        for i, pair in zip(whole_chats, rendered):
+            chat_out[i] = pair
+        return doc_ids, chat_out
+
+
+def _joined(chat: list[dict[str, Any]]) -> list[dict[str, str]]:
+    return [{"role": m["role"], "content": "\n".join(m["parts"])} for m in chat]
 
 
 def copies(weight: float, key: str, seed: int) -> int:
@@ -208,13 +293,17 @@ def _write_all(data_dir: Path, tokenizer: ChatTokenizer, out: Path, cfg,
                for kind in ("pretrain", "sft") for split in SPLITS}
     unused: dict[str, int] = {}
 
-    def add_pretrain(split, texts, post_ids, source):
-        for text, ids, posts in zip(texts, tokenizer.encode_batch(texts), post_ids):
+    pieces = PieceEncoder(tokenizer)
+
+    def add_pretrain(split, texts, post_ids, source, ids_list=None):
+        ids_list = ids_list if ids_list is not None else tokenizer.encode_batch(texts)
+        for text, ids, posts in zip(texts, ids_list, post_ids):
             if ids:
                 writers["pretrain", split].add([eos] + ids, None, posts, len(text.encode("utf-8")), source)
 
-    def add_sft(split, chats, post_ids, source):
-        for chat, (ids, mask), posts in zip(chats, tokenizer.render_chats_with_masks(chats), post_ids):
+    def add_sft(split, chats, post_ids, source, rendered=None):
+        rendered = rendered if rendered is not None else tokenizer.render_chats_with_masks(chats)
+        for chat, (ids, mask), posts in zip(chats, rendered, post_ids):
             trained = sum(len(m["content"].encode("utf-8")) for m in chat if m["role"] == "assistant")
             writers["sft", split].add([eos] + ids, [0] + mask, posts, trained, source)
 
@@ -229,18 +318,19 @@ def _write_all(data_dir: Path, tokenizer: ChatTokenizer, out: Path, cfg,
             if split not in SPLITS:
                 unused["unknown_split"] = unused.get("unknown_split", 0) + 1
                 continue
-            texts, text_posts, chats, chat_posts = by_split.setdefault(split, ([], [], [], []))
-            text = conversation_text(turns or [])
-            if text:
-                texts.append(text)
-                text_posts.append(posts)
-            for k, chat in enumerate(thread_chats(turns or [], cfg.sft_roles)):
+            docs, doc_posts, chats, chat_posts = by_split.setdefault(split, ([], [], [], []))
+            parts = [t["text"] for t in turns or [] if t.get("text")]
+            if parts:
+                docs.append(parts)
+                doc_posts.append(posts)
+            for k, chat in enumerate(thread_chat_parts(turns or [], cfg.sft_roles)):
                 for _ in range(copies(cfg.thread_weight, f"{conv_id}:{k}", cfg.seed)):
                     chats.append(chat)
                     chat_posts.append(posts)
-        for split, (texts, text_posts, chats, chat_posts) in by_split.items():
-            add_pretrain(split, texts, text_posts, "thread")
-            add_sft(split, chats, chat_posts, "thread")
+        for split, (docs, doc_posts, chats, chat_posts) in by_split.items():
+            doc_ids, rendered = pieces.encode(docs, chats)
+            add_pretrain(split, ["\n".join(d) for d in docs], doc_posts, "thread", doc_ids)
+            add_sft(split, [_joined(c) for c in chats], chat_posts, "thread", rendered)
 
     posts_file = pq.ParquetFile(data_dir / "posts.parquet")
     for batch in posts_file.iter_batches(columns=["id", "text", "split"], batch_size=BATCH * 4):
@@ -292,5 +382,5 @@ def run_stage(settings, run_dir: str | Path) -> dict[str, Any]:
     return tokenize_corpus(run_dir / "data", run_dir / "tokenizer", run_dir / "tokens", settings.tokenizer)
 
 
-__all__ = ["run_stage", "tokenize_corpus", "thread_chats", "conversation_text", "copies", "parse_chat_source",
+__all__ = ["run_stage", "tokenize_corpus", "thread_chats", "thread_chat_parts", "PieceEncoder", "copies", "parse_chat_source",
            "read_chat_jsonl"]

@@ -84,6 +84,7 @@ class ChatTokenizer:
                 stops.add(vocab[token])
         self.stop_ids: set[int] = stops
         self._jinja = None
+        self._by_parts: bool | None = None
 
     # ---- loading and saving -------------------------------------------------------------------
 
@@ -165,6 +166,19 @@ class ChatTokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """The text of `ids`. Byte-level BPE makes decode(encode(text)) == text for any UTF-8 text."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def encodes_by_parts(self) -> bool:
+        """True when a text's ids equal the concatenation of its pieces' ids wherever the pieces meet at a
+        newline or a special token and neither start nor end with whitespace. Holds for Murmur's own
+        tokenizers (ChatML, no normalizer, GPT-2 byte-level split, which never joins a newline to the text
+        around it); the tokenize stage then encodes each post once and reuses its ids in every document."""
+        if self._by_parts is None:
+            spec = json.loads(self.tokenizer.to_str())
+            pre = spec.get("pre_tokenizer") or {}
+            self._by_parts = bool(self._chatml and spec.get("normalizer") is None and pre.get("type") == "ByteLevel"
+                                  and pre.get("use_regex", True) and not pre.get("add_prefix_space", False))
+        return self._by_parts
 
     def token_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
