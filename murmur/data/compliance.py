@@ -249,15 +249,21 @@ def purge(path: str | Path, deletions_file: str | Path, min_turns: int | None = 
             rebuilt.append(conv)
             continue
         cut += 1
+        # Cut at every deleted post (as a build would have): a merged turn may be split in two.
         segments, current = [], []
         for turn in conv["turns"]:
-            remaining = [pid for pid in turn["post_ids"] if pid not in gone]
-            if not remaining:
-                segments.append(current)
-                current = []
-                continue
-            current.append({"speaker": turn["speaker"], "post_ids": remaining,
-                            "text": MERGE_SEPARATOR.join(text_of[pid] for pid in remaining)})
+            kept_ids: list[str] = []
+            for pid in turn["post_ids"] + [None]:
+                if pid is not None and pid not in gone:
+                    kept_ids.append(pid)
+                    continue
+                if kept_ids:
+                    current.append({"speaker": turn["speaker"], "post_ids": kept_ids,
+                                    "text": MERGE_SEPARATOR.join(text_of[k] for k in kept_ids)})
+                    kept_ids = []
+                if pid is not None:
+                    segments.append(current)
+                    current = []
         segments.append(current)
         for turns in segments:
             if len(turns) >= min_turns:

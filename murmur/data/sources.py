@@ -28,6 +28,7 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 # Generic formats: Post field -> columns tried in order when no explicit mapping names one.
 DEFAULT_COLUMNS = {
+    # An explicit mapping (settings.data.columns) is tried first, then these.
     "id": ["id", "id_str", "post_id"],
     "text": ["text", "full_text", "body", "content"],
     "author_id": ["author_id", "user_id", "author", "user"],
@@ -345,7 +346,7 @@ class FileReader:
         values = {}
         for name, candidates in DEFAULT_COLUMNS.items():
             explicit = self.settings.columns.get(name)
-            for column in ([explicit] if explicit else candidates):
+            for column in ([explicit, *candidates] if explicit else candidates):
                 if column in row and row[column] not in (None, ""):
                     values[name] = row[column]
                     break
