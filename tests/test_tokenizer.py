@@ -62,7 +62,9 @@ def test_round_trip_demo_corpus(tok):
     ccc = pytest.importorskip("chitchat_dataset")
     convs = list(ccc.Dataset().values())[::10]
     texts = [m["text"] for conv in convs for turn in conv["messages"] for m in turn]
-    assert len(texts) > 10_000 and any(ord(c) > 0x7F for t in texts for c in t)
+    assert len(texts) > 10_000
+    # The demo corpus is plain ASCII, so emoji and other scripts are added by hand.
+    texts += ["emoji 😀🎉🧑‍🤝‍🧑 🇫🇷", "中文 日本語 한국어 ไทย हिन्दी עברית", "Привет, мир! مرحبا"]
     decoded = tok.tokenizer.decode_batch([e.ids for e in tok.tokenizer.encode_batch(texts, add_special_tokens=False)],
                                          skip_special_tokens=False)
     mismatches = [t for t, d in zip(texts, decoded) if t != d]
