@@ -196,8 +196,10 @@ function send(event) {
   if (!text || state.controller) return;
   const chat = currentChat() || newChat();
   chat.messages.push({ role: "user", content: text });
+  if (!chat.title) chat.title = text.slice(0, 40);
   $("input").value = "";
-  renderMessages();
+  save();
+  renderAll();
   streamReply(chat);
 }
 
