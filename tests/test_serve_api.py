@@ -143,6 +143,7 @@ def test_errors_in_openai_shape(live, client):
     (b'{"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": true}}',
      "stream_options"),
     (b'[1, 2, 3]', None),
+    (b'{"messages": [{"role": "user", "content": 5}]}', "messages.0.content.str"),
 ])
 def test_bad_input_gets_400_naming_the_param(live, body, param):
     r = httpx.post(f"{live.url}/v1/chat/completions", content=body,
@@ -150,6 +151,12 @@ def test_bad_input_gets_400_naming_the_param(live, body, param):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"] and error["param"] == param
+
+
+def test_a_body_without_json_content_type_is_read_as_json(live):
+    r = httpx.post(f"{live.url}/v1/chat/completions", headers={**auth(), "Content-Type":
+                   "application/x-www-form-urlencoded"}, content=b'{"messages": [{"role": "user", "content": "hi"}]}')
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
 
 
 def test_oversized_body_is_413_and_the_server_keeps_serving(live, client):

@@ -1,4 +1,4 @@
-"""ASGI middleware of the server: refuse oversized bodies (413) and count every request for /metrics.
+"""ASGI middleware of the server: refuse oversized bodies (413), read /v1 bodies as JSON, count requests.
 
 Written as plain ASGI rather than Starlette's BaseHTTPMiddleware, which would buffer streamed
 responses and hide client disconnects from the handlers.
@@ -24,6 +24,12 @@ def route_label(path: str) -> str:
     return "other"
 
 
+def json_content_type(scope):
+    """The API's bodies are JSON whatever the client declared (`curl -d` sends a form content type)."""
+    headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
+    return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+
+
 class ServerMiddleware:
     """Body-size limit and request metrics around the whole app."""
 
@@ -44,6 +50,8 @@ class ServerMiddleware:
                 status["code"] = message["status"]
             await send(message)
 
+        if scope.get("method") == "POST" and scope.get("path", "").startswith("/v1/"):
+            scope = json_content_type(scope)
         try:
             receive = await self._limited_body(scope, receive)
             if receive is None:
