@@ -25,6 +25,7 @@ import os
 import pickle
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,13 @@ META_FILE = "murmur.json"
 STATE_FILE = "train_state.json"
 PARTIAL_PREFIX = ".partial_"
 
-# One process without a process group is a normal way to train; DCP warns about it on every save.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+@contextmanager
+def _quiet():
+    """DCP warns on every save and load in one process without a process group: a normal way to train."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def step_name(step: int) -> str:
@@ -109,7 +115,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 def _dcp_load(state: dict, path: Path) -> None:
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
+        with _quiet():
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
     except MurmurError:
         raise
     except Exception as err:  # DCP wraps per-rank failures in CheckpointException
@@ -310,7 +317,8 @@ class Checkpointer:
             future = dcp.async_save(state, checkpoint_id=str(partial))
             self._pending = (future, finalize)
         else:
-            dcp.save(state, checkpoint_id=str(partial))
+            with _quiet():
+                dcp.save(state, checkpoint_id=str(partial))
             finalize()
         return final
 

@@ -318,8 +318,8 @@ class Trainer:
                       "float32": torch.float32, "bfloat16": torch.bfloat16}[ts.dtype]
         torch.manual_seed(ts.seed)
         self.mesh = build_mesh(plan.layout, rt.device.type)
-        sharded = plan.layout.strategy not in ("single", "ddp")
-        meta_init = sharded and count_params(model_settings) > META_INIT_PARAMS
+        sharded = plan.layout.strategy.split("+")[0] in ("fsdp", "hsdp")  # FSDP2 owns the parameters
+        meta_init = (sharded or plan.layout.tp > 1) and count_params(model_settings) > META_INIT_PARAMS
         with torch.device("meta" if meta_init else rt.device):
             model = Transformer(model_settings)
         self.fsdp = sharded
@@ -408,7 +408,9 @@ class Trainer:
         count = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
         global_count = count
         if self.plan.layout.dp_size > 1:
-            global_count = int(_all_reduce(torch.tensor([count], dtype=torch.int64, device=self._comm_device))[0])
+            # Summed over every process, of which each tensor-parallel group holds the same batches.
+            total = _all_reduce(torch.tensor([count], dtype=torch.int64, device=self._comm_device))
+            global_count = int(total[0]) // self.plan.layout.tp
         scale = self.plan.layout.dp_size / max(global_count, 1)
         device = self.rt.device
         total = torch.zeros((), device=device)
@@ -427,26 +429,30 @@ class Trainer:
         return self.rt.device
 
     def _clip_gradients(self) -> Tensor:
-        """Total gradient norm over every parameter (clipped to train.grad_clip when set)."""
+        """Total gradient norm over every parameter (clipped to grad_clip when set)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.ts.grad_clip or float("inf")
-        if self.mesh is None or self.plan.layout.strategy == "ddp":
-            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        # Sharded parameters live on different meshes (dp only, or dp × tp): sum squares per mesh.
         from torch.distributed.tensor import DTensor
 
-        by_mesh: dict[Any, list[Tensor]] = {}
+        meshes = {p.grad.device_mesh if isinstance(p.grad, DTensor) else None for p in params}
+        if len(meshes) == 1:  # one process, DDP, or FSDP without TP: torch handles it in one go
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+            return norm.full_tensor() if isinstance(norm, DTensor) else norm
+        # With TP some parameters live on the dp × tp mesh, others on dp only (or nowhere):
+        # sum the squares per mesh, then scale each group (one host sync; only in this layout).
+        groups: dict[Any, list[Tensor]] = {}
         for p in params:
-            key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
-            by_mesh.setdefault(key, []).append(p.grad)
+            groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p.grad)
         total_sq = torch.zeros((), device=self.rt.device)
-        for grads in by_mesh.values():
-            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-            if isinstance(norm, DTensor):
-                norm = norm.full_tensor()
-            total_sq += norm.float() ** 2
+        for grads in groups.values():
+            norm = torch.nn.utils.get_total_norm(grads, foreach=False)
+            total_sq += (norm.full_tensor() if isinstance(norm, DTensor) else norm).float() ** 2
         total = total_sq.sqrt()
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+        coef = min(1.0, max_norm / (float(total) + 1e-6))
+        if coef < 1.0:
+            for grads in groups.values():
+                for g in grads:
+                    g.mul_(coef)
         return total
 
     def _optimizer_step(self) -> None:
@@ -561,7 +567,7 @@ class Trainer:
                 last = self.step == ts.steps
                 if self.step % ts.log_interval == 0 or last:
                     # interval_count is already global (train_step counts over all processes).
-                    loss_total = _all_reduce(interval_loss.clone()).item()
+                    loss_total = _all_reduce(interval_loss.clone()).item() / plan.layout.tp
                     loss = loss_total / interval_count if interval_count else float("nan")
                     if not math.isfinite(loss) and not check_every_step and ts.nan_policy == "stop":
                         self._stop_for_nan(self.step)
