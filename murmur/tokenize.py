@@ -16,6 +16,7 @@ record batches, so memory stays bounded by the batch and one shard per output.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -119,7 +120,7 @@ class PieceEncoder:
         doc_ids: list[list[int] | None] = []
         whole_docs = []
         for parts in docs:
-            if parts and all(_clean(p) for p in parts):
+            if parts and all(p in pieces for p in parts):
                 doc_ids.append(join(parts))
             else:
                 doc_ids.append(None)
@@ -131,7 +132,7 @@ class PieceEncoder:
         whole_chats = []
         im_end = self.tok.im_end_id
         for chat in chats:
-            if not all(m["role"] in self.heads and m["parts"] and all(_clean(p) for p in m["parts"]) for m in chat):
+            if not all(m["role"] in self.heads and m["parts"] and all(p in pieces for p in m["parts"]) for m in chat):
                 chat_out.append(None)
                 whole_chats.append(len(chat_out) - 1)
                 continue
@@ -266,6 +267,9 @@ def tokenize_corpus(data_dir: str | Path, tokenizer_dir: str | Path, out_dir: st
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    # Millions of short id lists and no reference cycles: the cyclic collector would only rescan them.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
     try:
         summary = _write_all(data_dir, tokenizer, tmp, cfg, chat_sources)
         manifest = new_manifest(tokenizer.vocab_size, tokenizer.vocab_hash(), tokenizer.eos_id)
@@ -280,6 +284,9 @@ def tokenize_corpus(data_dir: str | Path, tokenizer_dir: str | Path, out_dir: st
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     return {"tokens_dir": str(out_dir), **summary}
 
 
