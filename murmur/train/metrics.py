@@ -10,7 +10,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -88,10 +87,6 @@ class MetricsLogger:
         self.stream = stream or sys.stdout
         self._jsonl = None
         self._tb = None
-        self._losses: list[tuple[int, float]] = []
-        self._val: list[tuple[int, float]] = []
-        self._start = time.perf_counter()
-        self._start_step: int | None = None
         if enabled:
             self.stage_dir.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(self.stage_dir / "metrics.jsonl", "a", encoding="utf-8")
@@ -115,18 +110,12 @@ class MetricsLogger:
         if not self.enabled:
             return
         step = record["step"]
-        if self._start_step is None:
-            self._start_step = step - 1
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
                     self._tb.add_scalar(key, value, step)
-        if "loss" in record:
-            self._losses.append((step, record["loss"]))
-        if "val_loss" in record:
-            self._val.append((step, record["val_loss"]))
         print(self._console_line(record), file=self.stream, flush=True)
 
     def _console_line(self, record: dict[str, Any]) -> str:
@@ -147,10 +136,10 @@ class MetricsLogger:
             parts.append(f"{record['gflops_per_sec']:.1f} GFLOP/s")
         if record.get("memory_gb"):
             parts.append(f"mem {record['memory_gb']:.1f}GB")
-        done = step - (self._start_step or 0)
-        elapsed = time.perf_counter() - self._start
-        if done > 0:
-            parts.append(f"ETA {_human(elapsed / done * (self.total_steps - step))}")
+        # At the current rate, not counting evaluations and checkpoints still to come.
+        if record["tokens_per_sec"] > 0 and step > 0:
+            tokens_per_step = record["tokens"] / step
+            parts.append(f"ETA {_human((self.total_steps - step) * tokens_per_step / record['tokens_per_sec'])}")
         return " | ".join(parts)
 
     def close(self) -> None:

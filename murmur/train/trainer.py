@@ -545,6 +545,11 @@ class Trainer:
         t0 = time.perf_counter()
         start_step = self.step
         grad_norm = torch.zeros(())
+        if self.step == 0:  # where the stage starts from: for SFT, the pretrained model's loss
+            last_val = self.evaluate()
+            if last_val["val_loss"] is not None:
+                logger.log({"step": 0, "tokens": 0, **last_val})
+            t0 = time.perf_counter()
         try:
             while self.step < ts.steps:
                 set_learning_rate(self.optimizers, lr_multiplier(self.step, ts))
