@@ -126,3 +126,30 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no posts in the 'test' split" in err and "Traceback" not in err
     shutil.rmtree(run)
+
+
+def test_all_checkpoints_get_bits_per_byte(tmp_path):
+    from eval_fixtures import tokenizer_dir, write_conversations
+    from murmur.train.checkpoint import Checkpointer
+
+    run = tmp_path / "run"
+    shutil.copytree(tokenizer_dir(), run / "tokenizer")
+    write_posts(run / "data", {"train": 5, "validation": 6, "test": 6})
+    write_conversations(run / "data", {"test": 25})
+    tok = tokenizer()
+    checkpointer = Checkpointer(run / "pretrain", keep=5)
+    for step, seed in ((10, 0), (20, 1)):
+        model = tiny_model(tok.vocab_size, seed=seed)
+        meta = {"format": 1, "stage": "pretrain", "step": step, "tokens": step * 100,
+                "model": model.settings.model_dump(mode="json"), "tokenizer_dir": "tokenizer"}
+        checkpointer.save(step, model, [], meta, {})
+    assert main(["eval", str(run), "--checkpoints", "all", *FAST, "--set", "eval.ranking_examples=0"]) == 0
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert results["model"]["step"] == 20 and results["model"]["stage"] == "pretrain"
+    rows = results["checkpoints"]
+    assert [(r["name"], r["tokens"]) for r in rows] == [("pretrain/step_00000010", 1000),
+                                                         ("pretrain/step_00000020", 2000)]
+    assert rows[0]["bpb_validation"] != pytest.approx(rows[1]["bpb_validation"])
+    assert rows[1]["bpb_validation"] == pytest.approx(results["bpb"]["validation"]["bpb"])  # same posts, model
+    page = (run / "report" / "report.md").read_text()
+    assert "| pretrain/step_00000010 | 10 | 1,000 |" in page and "ranking" not in page.split("## Privacy")[0]
