@@ -90,3 +90,20 @@ def test_split_is_deterministic_and_proportional():
     splits = [split_of(f"root{i}", 0.1, 0.1) for i in range(5000)]
     assert splits == [split_of(f"root{i}", 0.1, 0.1) for i in range(5000)]
     assert 350 < splits.count("validation") < 650 and 350 < splits.count("test") < 650
+
+
+def test_language_filter_combines_payload_and_detector():
+    from murmur.data.clean import Cleaned
+    from murmur.data.filters import PostFilter
+
+    check = PostFilter(DataSettings())
+
+    def reason(text, lang=None):
+        return check.reason(Post(id="1", author_id="a", text=text, source="t", lang=lang), Cleaned(text, 0, 0))
+
+    assert reason("Ceci est un message en français pour tester le filtre") == "language"
+    assert reason("Esto no me gusta nada, es una frase en español para la prueba") == "language"
+    assert reason("I think that is what you meant by the plan for today") is None
+    assert reason("Ceci est un message en français pour tester le filtre", lang="en") is None  # payload wins
+    assert reason("I think that is what you meant by the plan for today", lang="fr") == "language"
+    assert reason("merci beaucoup") is None  # too short to judge

@@ -28,8 +28,17 @@ SURVIVOR_SCHEMA = pa.schema([
     ("in_reply_to_id", pa.string()), ("quoted_id", pa.string()), ("source", pa.string()), ("line", pa.int64()),
     # Hashes for the global step.
     ("id_hash", pa.uint64()), ("parent_hash", pa.uint64()), ("author_hash", pa.uint64()), ("exact", pa.uint64()),
-    ("dedupable", pa.bool_()), ("time", pa.int64()), ("bands", pa.list_(pa.uint64())),
+    ("dedupable", pa.bool_()), ("time", pa.int64()),
 ])
+
+
+def band_column(band: int) -> str:
+    """LSH band keys are one column each, so the global step can read them a few bands at a time."""
+    return f"band_{band:02d}"
+
+
+def survivor_schema(bands: int) -> pa.Schema:
+    return pa.schema(list(SURVIVOR_SCHEMA) + [(band_column(b), pa.uint64()) for b in range(bands)])
 
 
 @dataclass
@@ -72,7 +81,8 @@ class BatchProcessor:
     def process(self, index: int, items: list[Post | Quarantined]) -> BatchResult:
         """Clean, filter and fingerprint one batch."""
         s = self.settings
-        result = BatchResult(index=index, n_in=len(items), table=SURVIVOR_SCHEMA.empty_table())
+        schema = survivor_schema(s.minhash_bands)
+        result = BatchResult(index=index, n_in=len(items), table=schema.empty_table())
         kept: list[Post] = []
         texts: list[str] = []
         for item in items:
@@ -109,11 +119,9 @@ class BatchProcessor:
             "dedupable": dedupable,
             "time": [int(p.created_at.timestamp() * 1_000_000) if p.created_at else NO_TIME for p in kept],
         }
-        arrays = [pa.array(columns[f.name], type=f.type) for f in SURVIVOR_SCHEMA if f.name != "bands"]
-        flat = pa.array(bands.reshape(-1), type=pa.uint64())
-        offsets = pa.array(np.arange(0, len(flat) + 1, s.minhash_bands, dtype=np.int32))
-        arrays.append(pa.ListArray.from_arrays(offsets, flat))
-        result.table = pa.Table.from_arrays(arrays, schema=SURVIVOR_SCHEMA)
+        arrays = [pa.array(columns[f.name], type=f.type) for f in SURVIVOR_SCHEMA]
+        arrays += [pa.array(bands[:, b], type=pa.uint64()) for b in range(s.minhash_bands)]
+        result.table = pa.Table.from_arrays(arrays, schema=schema)
         return result
 
 

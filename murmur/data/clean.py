@@ -29,6 +29,7 @@ PHONE_RE = re.compile(
     r"|(?<!\w)\(\d{2,4}\)\s?\d{3,4}[-. ]\d{3,4}(?!\w)"
     r"|(?<![\w.-])\d{3}[-.]\d{3,4}[-.]\d{4}(?![\w.-])"
     r"|(?<![\w+])\d{10,11}(?!\w)")
+DIGIT_RE = re.compile(r"\d")
 CONTROL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
 SPACES_RE = re.compile(r"[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
 BLANK_LINES_RE = re.compile(r"\s*\n\s*")
@@ -84,18 +85,27 @@ class Cleaner:
     def clean(self, post: Post) -> Cleaned:
         """The cleaned text of a post, with counts of links and personal data found."""
         text, links = self._apply_entities(post)
-        text = html.unescape(text)
-        text = unicodedata.normalize("NFC", text)
-        text = CONTROL_RE.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+        # Cheap membership tests first: most short posts have no entity, URL, address or digit at all.
+        if "&" in text:
+            text = html.unescape(text)
+        if not text.isascii():
+            text = unicodedata.normalize("NFC", text)
+            text = CONTROL_RE.sub("", text)
+        elif not text.isprintable():
+            text = CONTROL_RE.sub("", text)
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
 
         def on_url(match: re.Match) -> str:
             nonlocal links
             links += 1
             return self.url_replacement(match.group(0).rstrip(".,;:!?)")) + _trailing(match.group(0))
 
-        text = URL_RE.sub(on_url, text)
+        lowered = text.lower()
+        if "http" in lowered or "www." in lowered:
+            text = URL_RE.sub(on_url, text)
         text, scrubbed = self._scrub(text)
-        if self.settings.mentions != "keep":
+        if self.settings.mentions != "keep" and "@" in text:
             text = MENTION_RE.sub(lambda m: self.mention_replacement(m.group(1)), text)
         if self.settings.strip_reply_mentions and post.in_reply_to_id:
             text = LEADING_MENTIONS_RE.sub("", text)
@@ -139,13 +149,14 @@ class Cleaner:
                 return placeholder
             return on_match
 
-        if "email" in self.scrub:
+        if "email" in self.scrub and "@" in text:
             text = EMAIL_RE.sub(replace("<email>"), text)
-        if "card" in self.scrub:
+        digits = DIGIT_RE.search(text) is not None
+        if "card" in self.scrub and digits:
             text = CARD_RE.sub(replace("<card>", lambda s: luhn_valid(re.sub(r"\D", "", s))), text)
-        if "ip" in self.scrub:
+        if "ip" in self.scrub and digits:
             text = IPV6_RE.sub(replace("<ip>"), IPV4_RE.sub(replace("<ip>"), text))
-        if "phone" in self.scrub:
+        if "phone" in self.scrub and digits:
             text = PHONE_RE.sub(replace("<phone>", lambda s: 8 <= sum(c.isdigit() for c in s) <= 15), text)
         for pattern, placeholder in self.extra:
             text = pattern.sub(replace(placeholder), text)

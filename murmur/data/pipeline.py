@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 import murmur
 from murmur.data import canaries as canary_module
-from murmur.data.batch import BatchResult
+from murmur.data.batch import SURVIVOR_SCHEMA, BatchResult, band_column
 from murmur.data.compliance import (Deletions, add_tombstones, load_deletions, read_deletion_text,
                                     record_deletions, write_table_atomic, write_text_atomic)
 from murmur.data.dedup import first_occurrence
@@ -74,7 +74,7 @@ def run(settings: DataSettings, out: str | Path, progress: bool | None = None) -
 
     show = sys.stderr.isatty() if progress is None else progress
     n_batches = _run_batches(settings, sources, work, show)
-    stats = _global_step(settings, work, n_batches, deletions, out)
+    stats = _global_step(settings, work, n_batches, deletions)
     stats.update({"fingerprint": full_fp, "executor": settings.executor, "sources": [s.label for s in sources],
                   "dedup_min_chars": settings.dedup_min_chars, "min_turns": settings.min_turns})
     elapsed = time.perf_counter() - started
@@ -180,10 +180,12 @@ def _spill(work: Path, result: BatchResult) -> None:
 
 # -- global step ---------------------------------------------------------------------------------------------
 
-META_COLUMNS = ["id", "author_id", "id_hash", "parent_hash", "author_hash", "exact", "dedupable", "time", "bands"]
+# What the global step holds per post (about 90 bytes plus the id); LSH bands are read a few at a time.
+META_COLUMNS = ["id", "id_hash", "parent_hash", "author_hash", "exact", "dedupable", "time"]
+BANDS_PER_READ = 4
 
 
-def _global_step(settings: DataSettings, work: Path, n_batches: int, deletions: Deletions, out: Path) -> dict:
+def _global_step(settings: DataSettings, work: Path, n_batches: int, deletions: Deletions) -> dict:
     stats_in, dropped, dropped_authors, in_by_source = 0, Counter(), Counter(), Counter()
     quarantine: list[dict] = []
     metas, sizes = [], []
@@ -239,17 +241,19 @@ def _global_step(settings: DataSettings, work: Path, n_batches: int, deletions: 
         drop(duplicate, "duplicate")
         if settings.near_dedup:
             order = order[(reason == 0)[order]]
-            bands = meta.column("bands").combine_chunks().flatten().to_numpy().reshape(n, settings.minhash_bands)
             near = np.zeros(n, dtype=bool)
-            for band in range(settings.minhash_bands):
-                near[order[~first_occurrence(bands[order, band])]] = True
+            for first_band in range(0, settings.minhash_bands, BANDS_PER_READ):
+                names = [band_column(b) for b in range(first_band, min(settings.minhash_bands,
+                                                                        first_band + BANDS_PER_READ))]
+                bands = pa.concat_tables([pq.read_table(work / f"batch-{i:06d}.parquet", columns=names)
+                                          for i in range(n_batches)])
+                for name in names:
+                    near[order[~first_occurrence(bands.column(name).to_numpy()[order])]] = True
+                del bands
             drop(near, "near_duplicate")
         for code in np.unique(reason[reason > 0]):
             name = REASONS[code]
             dropped["deleted" if name == "deleted_copy" else name] += int((reason == code).sum())
-        authors = meta.column("author_id")
-        for author, count in Counter(authors.take(pa.array(np.flatnonzero(reason > 0))).to_pylist()).items():
-            dropped_authors[author] += count
     keep = reason == 0
     roots = _roots(meta, keep) if n else np.zeros(0, dtype=np.int64)
 
@@ -259,7 +263,8 @@ def _global_step(settings: DataSettings, work: Path, n_batches: int, deletions: 
         dropped["deleted"] += len(quarantine) - len(kept_quarantine)
     quarantine = kept_quarantine
 
-    split_counts, conversation_stats = _write_outputs(settings, work, sizes, keep, roots, meta, deletions, out)
+    split_counts, conversation_stats = _write_outputs(settings, work, sizes, keep, roots, meta, deletions,
+                                                      dropped_authors)
     canary_list = canary_module.make_canaries(settings.canaries, settings.canary_repeats, settings.seed)
     planted = sum(c.repeats for c in canary_list)
     write_table_atomic(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA), work / "quarantine.parquet")
@@ -307,7 +312,7 @@ def _roots(meta: pa.Table, keep: np.ndarray) -> np.ndarray:
 
 
 def _write_outputs(settings: DataSettings, work: Path, sizes: list[int], keep: np.ndarray, roots: np.ndarray,
-                   meta: pa.Table | None, deletions: Deletions, out: Path) -> tuple[dict, dict]:
+                   meta: pa.Table | None, deletions: Deletions, dropped_authors: Counter) -> tuple[dict, dict]:
     """Stream the kept posts into posts.parquet and thread buckets, then build conversations per bucket."""
     ids = meta.column("id") if meta is not None else pa.array([], pa.string())
     kept_total = int(keep.sum())
@@ -325,8 +330,11 @@ def _write_outputs(settings: DataSettings, work: Path, sizes: list[int], keep: n
         start = 0
         for i, size in enumerate(sizes):
             mask = keep[start:start + size]
+            if size:
+                table = pq.read_table(work / f"batch-{i:06d}.parquet", columns=list(SURVIVOR_SCHEMA.names))
+                dropped_authors.update(table.column("author_id").filter(pa.array(~mask)).to_pylist())
+                table = table.filter(pa.array(mask))
             if mask.any():
-                table = pq.read_table(work / f"batch-{i:06d}.parquet").filter(pa.array(mask))
                 global_index = np.flatnonzero(mask) + start
                 root_index = roots[global_index]
                 root_ids = ids.take(pa.array(root_index)).to_pylist()

@@ -47,26 +47,27 @@ def tree_conversations(root_id: str, posts: list[ThreadPost], split: str, min_tu
     conversations: list[Conversation] = []
     seen: set[tuple[str, ...]] = set()
     # Depth-first, iteratively (threads can be thousands deep); a visited set guards against reply cycles.
-    stack: list[tuple[ThreadPost, list[ThreadPost]]] = [(by_id[root_id], [])]
+    # Each stack entry carries the path so far and its number of turns, so turns are merged once per emit.
+    stack: list[tuple[ThreadPost, list[ThreadPost], int]] = [(by_id[root_id], [], 0)]
     visited: set[str] = set()
     while stack and len(conversations) < max_paths:
-        post, path = stack.pop()
+        post, path, n_turns = stack.pop()
         if post.id in visited:
             continue
         visited.add(post.id)
-        path = path + [post]
-        turns = _turns(path, max_turns)
-        if len(turns) > max_turns:
+        if not path or path[-1].author_id != post.author_id:
+            n_turns += 1
+        if n_turns > max_turns:
             # A long thread becomes several conversations of at most max_turns turns.
-            _emit(conversations, seen, _conversation(turns[:max_turns], root_id, split), min_turns)
-            path = [post]
-            turns = _turns(path, max_turns)
+            _emit(conversations, seen, _conversation(_turns(path), root_id, split), min_turns)
+            path, n_turns = [], 1
+        path = path + [post]
         kids = [c for c in children.get(post.id, []) if c.id not in visited]
         if not kids:
-            _emit(conversations, seen, _conversation(turns, root_id, split), min_turns)
+            _emit(conversations, seen, _conversation(_turns(path), root_id, split), min_turns)
             continue
         for kid in reversed(kids):
-            stack.append((kid, path))
+            stack.append((kid, path, n_turns))
     return conversations
 
 
@@ -77,15 +78,13 @@ def _emit(conversations: list[Conversation], seen: set, conversation: Conversati
         conversations.append(conversation)
 
 
-def _turns(path: list[ThreadPost], max_turns: int) -> list[tuple[str, list[ThreadPost]]]:
-    """Merge consecutive posts by one author; stop one turn past the cap so the caller knows it was cut."""
+def _turns(path: list[ThreadPost]) -> list[tuple[str, list[ThreadPost]]]:
+    """Merge consecutive posts by one author into turns."""
     turns: list[tuple[str, list[ThreadPost]]] = []
     for post in path:
         if turns and turns[-1][0] == post.author_id:
             turns[-1][1].append(post)
         else:
-            if len(turns) > max_turns:
-                break
             turns.append((post.author_id, [post]))
     return turns
 
