@@ -186,6 +186,9 @@ def make_plan(req: PlanRequest) -> Plan:
         result = _layout_search(facts, gpu, req, gpus_per_node, facts.flops_per_token * guess)
         if tokens is None:
             tokens = result.best.tokens_per_second * seconds * reliability.goodput
+            # The batch size follows the compute actually spent: search once more with it.
+            result = _layout_search(facts, gpu, req, gpus_per_node, facts.flops_per_token * tokens)
+            tokens = result.best.tokens_per_second * seconds * reliability.goodput
     else:
         if req.budget_flops:
             budget, goal = req.budget_flops, "largest compute-optimal model for the FLOP budget"
