@@ -110,3 +110,26 @@ def test_purge_after_build_removes_new_deletions(corpus, capsys):
     assert sorted(c["post_ids"] for c in conversations) == [[ROOT, CAROL], [BOB_2, ALICE_2]]
     result = purge(out, late)  # purging again changes nothing
     assert result["posts_removed"] == 0
+
+
+def test_audit_and_purge_reach_the_token_shards(corpus, monkeypatch):
+    from murmur import shards
+
+    run_dir = corpus / "run"
+    run(corpus, run_dir / "data")
+    (run_dir / "tokens").mkdir()
+    (run_dir / "tokens" / "manifest.json").write_text("{}")
+    calls = []
+    monkeypatch.setattr(shards, "audit_deletions",
+                        lambda tokens, ids, texts: calls.append(("audit", set(ids), list(texts))) or [])
+    monkeypatch.setattr(shards, "purge_documents",
+                        lambda tokens, ids: calls.append(("purge", set(ids))) or {"documents_removed": 1})
+    late = corpus / "late.txt"
+    late.write_text("account:dave\n")
+    summary = purge(run_dir, late)
+    assert summary["tokens"] == {"documents_removed": 1}
+    assert ("purge", {"7002"}) in calls
+    assert ("audit", {"7002"}, ["A completely separate note about the library's new opening hours"]) in calls
+    calls.clear()
+    assert audit(run_dir) == []
+    assert calls == [("audit", {"7002"}, [])]  # the account's post ids were recorded by the purge

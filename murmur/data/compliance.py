@@ -23,6 +23,7 @@ from murmur.errors import MurmurError
 
 DELETIONS_FILE = "deletions.txt"
 TOMBSTONES_FILE = "tombstones.txt"
+DELETED_POSTS_FILE = "deleted_posts.txt"  # ids removed because their account or text was deleted
 MERGE_SEPARATOR = "\n"
 
 
@@ -99,6 +100,17 @@ def recorded_deletions(data_dir: Path) -> Deletions:
         else Deletions()
 
 
+def deleted_post_ids(data_dir: Path) -> set[str]:
+    """Ids the run removed for a deleted account or a copied deleted text (later stages must drop them too)."""
+    path = data_dir / DELETED_POSTS_FILE
+    return set(path.read_text(encoding="utf-8").split()) if path.is_file() else set()
+
+
+def add_deleted_post_ids(data_dir: Path, ids) -> None:
+    merged = deleted_post_ids(data_dir) | set(ids)
+    write_text_atomic(data_dir / DELETED_POSTS_FILE, "".join(f"{i}\n" for i in sorted(merged)))
+
+
 def tombstone_hashes(data_dir: Path) -> set[int]:
     path = data_dir / TOMBSTONES_FILE
     if not path.is_file():
@@ -166,7 +178,7 @@ def audit(path: str | Path, deletions: Deletions | None = None) -> list[str]:
         if _text_is_tombstoned(row["text"], tombstones, min_chars):
             problems.append(f"posts.parquet: post {row['id']} has the text of a deleted post")
     deleted_by_account = {row["id"] for row in posts if row["author_id"] in deletions.accounts}
-    gone = deletions.posts | deleted_by_account
+    gone = deletions.posts | deleted_by_account | deleted_post_ids(data_dir)
     text_of = {row["id"]: row["text"] for row in posts}
     for row in pq.read_table(data_dir / "conversations.parquet").to_pylist():
         leaked = gone.intersection(row["post_ids"]) | ({row["root_id"]} & gone)
@@ -280,6 +292,7 @@ def purge(path: str | Path, deletions_file: str | Path, min_turns: int | None = 
     write_table_atomic(pa.Table.from_pylist(rebuilt, schema=CONVERSATION_SCHEMA), data_dir / "conversations.parquet")
     write_table_atomic(pa.Table.from_pylist(quarantine_kept, schema=QUARANTINE_SCHEMA), quarantine_path)
     add_tombstones(data_dir, new_tombstones)
+    add_deleted_post_ids(data_dir, removed_ids)
     record_deletions(data_dir, text)
     canary_removed = sum(1 for i in removed if str(ids[i]).startswith("canary-"))
     stats["kept"] -= len(removed) - canary_removed

@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 import murmur
 from murmur.data import canaries as canary_module
 from murmur.data.batch import SURVIVOR_SCHEMA, BatchResult, band_column
-from murmur.data.compliance import (Deletions, add_tombstones, load_deletions, read_deletion_text,
+from murmur.data.compliance import (Deletions, add_deleted_post_ids, add_tombstones, load_deletions,
+                                    read_deletion_text,
                                     record_deletions, write_table_atomic, write_text_atomic)
 from murmur.data.dedup import first_occurrence
 from murmur.data.executors import make_executor
@@ -92,9 +93,11 @@ def run(settings: DataSettings, out: str | Path, progress: bool | None = None) -
             (out / name).unlink()
     (out / "deletions.txt").unlink(missing_ok=True)
     (out / "tombstones.txt").unlink(missing_ok=True)
+    (out / "deleted_posts.txt").unlink(missing_ok=True)
     if deletion_text:
         record_deletions(out, deletion_text)
     add_tombstones(out, stats.pop("_tombstones"))
+    add_deleted_post_ids(out, stats.pop("_deleted_ids"))
     write_text_atomic(out / "stats.json", json.dumps(stats, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     return stats
@@ -204,6 +207,7 @@ def _global_step(settings: DataSettings, work: Path, n_batches: int, deletions: 
     reason = np.zeros(n, dtype=np.int8)  # 0 = kept, else an index into REASONS
     REASONS = ["", "duplicate_id", "deleted", "deleted_copy", "author_repeat", "duplicate", "near_duplicate"]
     tombstones: set[int] = set()
+    deleted_ids: list[str] = []
     if n:
         ids = meta.column("id")
         id_hashes = meta.column("id_hash").to_numpy()
@@ -251,6 +255,8 @@ def _global_step(settings: DataSettings, work: Path, n_batches: int, deletions: 
                     near[order[~first_occurrence(bands.column(name).to_numpy()[order])]] = True
                 del bands
             drop(near, "near_duplicate")
+        removed = np.flatnonzero((reason == REASONS.index("deleted")) | (reason == REASONS.index("deleted_copy")))
+        deleted_ids = [pid for pid in ids.take(pa.array(removed)).to_pylist() if pid not in deletions.posts]
         for code in np.unique(reason[reason > 0]):
             name = REASONS[code]
             dropped["deleted" if name == "deleted_copy" else name] += int((reason == code).sum())
@@ -282,7 +288,7 @@ def _global_step(settings: DataSettings, work: Path, n_batches: int, deletions: 
         "splits": split_counts, **conversation_stats, "canaries_planted": planted,
         "in_by_source": dict(sorted(in_by_source.items())),
         "top_dropped_authors": dropped_authors.most_common(10),
-        "_tombstones": tombstones,
+        "_tombstones": tombstones, "_deleted_ids": deleted_ids,
     }
 
 
