@@ -1,9 +1,10 @@
 """Benchmark: Murmur's tokenize stage against raw `tokenizers` encode_batch, on the demo corpus.
 
-    .venv/bin/python bench/tokenize.py [--repeats 5] [--vocab-size 4096]
+    .venv/bin/python bench/tokenize.py [--repeats 5] [--vocab-size 4096] [--data runs/demo/data]
 
-Builds a data folder from the chitchat demo corpus (each message a post, each conversation a thread), trains
-a tokenizer on its train split, then times, side by side in one run:
+Uses a data folder (`--data`, e.g. written by `murmur data --source chitchat:`) or builds one from the chitchat
+demo corpus (each message a post, each conversation a thread), trains a tokenizer on its train split, then
+times, side by side in one run:
   murmur     `tokenize_corpus` end to end: Parquet in, shards + index + manifest out (tokens written / s)
   reference  `Tokenizer.encode_batch` on exactly the texts those shards hold (the pretraining documents and
              the rendered chats), ids only, nothing written (tokens / s)
@@ -44,13 +45,12 @@ def split_of(key: str) -> str:
     return "validation" if bucket < 5 else "test" if bucket < 10 else "train"
 
 
-def build_demo_data(out: Path) -> list[list[dict]]:
+def build_demo_data(out: Path) -> None:
     """posts.parquet and conversations.parquet in the data stage's schema, from chitchat_dataset."""
     import chitchat_dataset as ccc
 
     posts = {"id": [], "author_id": [], "text": [], "split": [], "conversation_id": [], "source": []}
     convs = {"id": [], "root_id": [], "split": [], "turns": [], "post_ids": []}
-    all_turns = []
     for conv_id, conv in ccc.Dataset().items():
         split = split_of(conv_id)
         speakers: dict[str, str] = {}
@@ -75,19 +75,25 @@ def build_demo_data(out: Path) -> list[list[dict]]:
             convs["split"].append(split)
             convs["turns"].append(turns)
             convs["post_ids"].append(ids)
-            all_turns.append(turns)
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(posts), out / "posts.parquet")
     pq.write_table(pa.table({"id": convs["id"], "root_id": convs["root_id"], "split": convs["split"],
                              "turns": pa.array(convs["turns"], TURNS),
                              "post_ids": pa.array(convs["post_ids"], pa.list_(pa.string()))}),
                    out / "conversations.parquet")
-    return all_turns
 
 
-def shard_texts(all_turns: list[list[dict]], tok: ChatTokenizer, roles: str) -> list[str]:
-    """The texts the tokenize stage encodes: each thread as text, and each of its chat renderings."""
-    texts = ["\n".join(t["text"] for t in turns) for turns in all_turns]
+def read_corpus(data_dir: Path) -> tuple[list[list[dict]], list[str]]:
+    """(turns of every conversation, texts of the posts in no conversation), all splits."""
+    convs = pq.read_table(data_dir / "conversations.parquet", columns=["turns", "post_ids"]).to_pylist()
+    in_threads = {p for c in convs for p in c["post_ids"]}
+    posts = pq.read_table(data_dir / "posts.parquet", columns=["id", "text"]).to_pylist()
+    return [c["turns"] for c in convs], [p["text"] for p in posts if p["id"] not in in_threads and p["text"]]
+
+
+def shard_texts(all_turns: list[list[dict]], loose: list[str], tok: ChatTokenizer, roles: str) -> list[str]:
+    """The texts the tokenize stage encodes: each thread as text, each loose post, each chat rendering."""
+    texts = ["\n".join(t["text"] for t in turns) for turns in all_turns] + loose
     texts += [tok.render_chat_text(chat)[0] for turns in all_turns for chat in thread_chats(turns, roles)]
     return texts
 
@@ -108,23 +114,30 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--data", type=Path, default=None,
+                        help="an existing data folder (e.g. from `murmur data --source chitchat:`); default: "
+                        "build one from the chitchat corpus, one post per message")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        all_turns = build_demo_data(root / "data")
+        data_dir = args.data
+        if data_dir is None:
+            data_dir = root / "data"
+            build_demo_data(data_dir)
+        all_turns, loose = read_corpus(data_dir)
         t0 = time.perf_counter()
-        texts_in = training_texts(root / "data")
+        texts_in = training_texts(data_dir)
         train_tokenizer(texts_in, args.vocab_size, root / "tokenizer")
         train_s = time.perf_counter() - t0
         tok = ChatTokenizer.load(root / "tokenizer")
         cfg = TokenizerSettings(vocab_size=args.vocab_size)
 
         murmur_s, ref_s = [], []
-        texts = shard_texts(all_turns, tok, cfg.sft_roles)
+        texts = shard_texts(all_turns, loose, tok, cfg.sft_roles)
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            tokenize_corpus(root / "data", root / "tokenizer", root / "tokens", cfg, force=True)
+            tokenize_corpus(data_dir, root / "tokenizer", root / "tokens", cfg, force=True)
             murmur_s.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             ref_tokens = sum(len(e.ids) for e in tok.tokenizer.encode_batch(texts, add_special_tokens=False))
@@ -135,14 +148,15 @@ def main() -> int:
 
         train = splits["pretrain"]["train"]
         bytes_per_token = train["bytes"] / (train["tokens"] - train["documents"])
-        messages = [t["text"] for turns in all_turns for t in turns]
+        messages = [t["text"] for turns in all_turns for t in turns] + loose
         decoded = tok.tokenizer.decode_batch([e.ids for e in tok.tokenizer.encode_batch(messages,
                                                                                         add_special_tokens=False)])
         round_trip_failures = sum(a != b for a, b in zip(messages, decoded))
 
         m_med, r_med = statistics.median(murmur_s), statistics.median(ref_s)
         m_rate, r_rate = murmur_tokens / m_med, ref_tokens / r_med
-        print(f"demo corpus: {len(all_turns)} conversations, {len(messages)} posts, "
+        print(f"corpus {args.data or 'chitchat, one post per message'}: {len(all_turns)} conversations, "
+              f"{len(messages)} turns and loose posts, "
               f"{sum(len(m.encode()) for m in messages) / 1e6:.1f} MB of text; tokenizer trained in {train_s:.1f} s "
               f"(vocab {tok.vocab_size})")
         print(f"tokens written (boundaries excluded): murmur {murmur_tokens}, reference {ref_tokens}")
@@ -150,7 +164,7 @@ def main() -> int:
         print(f"raw encode_batch      : median {r_med:.2f} s over {args.repeats} -> {r_rate / 1e6:.2f} M tokens/s")
         print(f"ratio murmur / reference tokens per second: {m_rate / r_rate:.2f} (target >= 0.9)")
         print(f"bytes per token (pretrain/train): {bytes_per_token:.2f}")
-        print(f"round trip decode(encode(text)) == text: {len(messages) - round_trip_failures}/{len(messages)}")
+        print(f"round trip decode(encode(text)) == text: {len(messages) - round_trip_failures}/{len(messages)} texts")
         for roles in ("second", "both"):
             trained, total = turns_trained(all_turns, roles)
             sft_tokens = sum(len(e.ids) for e in tok.tokenizer.encode_batch(

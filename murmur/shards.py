@@ -141,18 +141,25 @@ class ShardWriter:
     def add(self, ids: Sequence[int] | np.ndarray, mask: Sequence[int] | np.ndarray | None = None,
             post_ids: Sequence[str] = (), nbytes: int = 0, source: str = "") -> None:
         """Append one document (its ids already include any boundary token)."""
-        arr = np.asarray(ids)
-        if arr.size == 0:
+        if len(ids) == 0:
             return
-        if arr.min() < 0 or arr.max() > self.limit:
-            raise MurmurError(f"token id out of range for {self.dtype} shards (ids must lie in 0..{self.limit})")
+        try:
+            if isinstance(ids, np.ndarray):
+                if ids.min() < 0 or ids.max() > self.limit:
+                    raise OverflowError
+                arr = ids.astype(self.dtype, copy=False)
+            else:  # numpy refuses Python ints that do not fit the dtype
+                arr = np.array(ids, dtype=self.dtype)
+        except OverflowError:
+            raise MurmurError(f"token id out of range for {self.dtype} shards (ids must lie in 0..{self.limit})") \
+                from None
         if self.with_mask:
             if mask is None or len(mask) != len(arr):
                 raise MurmurError("sft documents need a loss mask of the same length as their ids")
             m = np.asarray(mask, dtype=np.uint8)
             self._masks.append(m)
             self.target_tokens += int(m.sum())
-        self._ids.append(arr.astype(self.dtype, copy=False))
+        self._ids.append(arr)
         rows = self.rows
         rows["doc"].append(self.documents)
         rows["shard"].append(len(self.shards))
