@@ -17,8 +17,6 @@ from murmur.plan.shapes import shape_for_params
 from murmur.settings.model import ModelSettings
 
 H100 = get_gpu("h100-sxm")
-# torchtitan's published H100 runs used the 96 GB part of Meta's Grand Teton hosts.
-H100_96GB = H100.__class__(**{**H100.__dict__, "name": "h100-96gb", "memory_bytes": 96e9})
 
 
 def _allocator_gib(mem) -> float:

@@ -214,7 +214,8 @@ def make_plan(req: PlanRequest) -> Plan:
             delivered = new
         if not budget:
             tokens = result.best.tokens_per_second * seconds * reliability.goodput
-        notes.append(f"model sized by Chinchilla's rule (N = sqrt(C / 120)) for C = {delivered:.3g} FLOPs (6ND)")
+        notes.append(f"model sized by Chinchilla's rule (D = 20 N, C = 6 N D): C = {6 * facts.params * tokens:.3g} "
+                     f"FLOPs ({facts.flops_per_token * tokens:.3g} counting attention)")
 
     best = result.best
     schedule = sched.Schedule(tokens, facts.flops_per_token * tokens, best.tokens_per_second, req.gpus, reliability,

@@ -92,7 +92,7 @@ def pipeline_degrees(facts: ModelFacts, world: int, tp: int, gpus_per_node: int)
     rest = world // tp
     per_node = gpus_per_node // tp
     return [p for p in divisors(rest) if p <= min(MAX_PIPELINE, facts.settings.n_layers)
-            and (p == 1 or (rest // p) % per_node == 0 or rest // p >= per_node)]
+            and (p == 1 or (rest // p) % per_node == 0)]
 
 
 class CostModel:
