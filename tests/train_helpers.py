@@ -34,12 +34,15 @@ def write_pretrain_tokens(tokens_dir: Path, n_train: int = 200, validation_token
     write_shards(tokens_dir, val, vocab_size=VOCAB, split="validation")
 
 
+REPLIES = ([10, 11, 12, 13], [20, 21, 22], [30, 31])
+
+
 def _conversations(rng, n: int) -> tuple[list[list[int]], list[list[int]]]:
-    """user: 1 + random ids + 2; assistant: the same ids each plus one, then 2. Masked on the reply."""
+    """user: 1 + random ids + 2; assistant: one of three canned replies, then 2. Masked on the reply."""
     docs, masks = [], []
     for _ in range(n):
         prompt = [int(x) for x in rng.integers(3, VOCAB - 1, size=rng.integers(3, 7))]
-        reply = [p + 1 for p in prompt]
+        reply = REPLIES[int(rng.integers(len(REPLIES)))]
         ids = [1] + prompt + [2] + reply + [2]
         mask = [0] * (len(prompt) + 2) + [1] * (len(reply) + 1)
         docs.append(ids)
@@ -58,8 +61,8 @@ def recipe(run_dir: Path, **train) -> dict:
     """A recipe dict for a tiny model; `train` keys go to both [train] and [sft] unless prefixed sft_."""
     base = dict(seq_len=SEQ, micro_batch_size=4, steps=8, log_interval=1, eval_interval=4, eval_batches=4,
                 checkpoint_interval=4, warmup_steps=2, lr=3e-3)
-    sft = {**base, **{k[4:]: v for k, v in train.items() if k.startswith("sft_")}}
     base.update({k: v for k, v in train.items() if not k.startswith("sft_")})
+    sft = {**base, **{k[4:]: v for k, v in train.items() if k.startswith("sft_")}}
     return {"run": {"dir": str(run_dir)},
             "model": dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32),
             "train": base, "sft": sft}

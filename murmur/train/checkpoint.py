@@ -114,6 +114,9 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 
 def _dcp_load(state: dict, path: Path) -> None:
+    if not (Path(path) / ".metadata").is_file():
+        raise MurmurError(f"{path} has no DCP index (.metadata); the checkpoint is incomplete")
+    SafeFileSystemReader(str(path)).read_metadata()  # refuse a hostile index here, with a plain message
     try:
         with _quiet():
             dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())

@@ -126,7 +126,7 @@ class MetricsLogger:
             if record.get("val_bpb") is not None:
                 parts.append(f"val_bpb {record['val_bpb']:.4f}")
             return " | ".join(parts)
-        parts.append(f"loss {record['loss']:.4f}")
+        parts.append(f"loss {record['loss']:.4f}" if record["loss"] is not None else "loss n/a")
         parts.append(f"lr {record['lr']:.2e}")
         parts.append(f"gnorm {record['grad_norm']:.3f}")
         parts.append(f"{record['tokens_per_sec'] / 1e3:.1f}k tok/s")

@@ -21,9 +21,9 @@ _NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalize(matrix: Tensor, steps: int = 5) -> Tensor:
-    """An approximation of U V^T for matrix = U S V^T, by Newton-Schulz iterations in bfloat16."""
+    """An approximation of U V^T for matrix = U S V^T, by Newton-Schulz iterations (bfloat16 on GPU)."""
     a, b, c = _NS_COEFFS
-    x = matrix.to(torch.bfloat16)
+    x = matrix.to(torch.bfloat16 if matrix.is_cuda else torch.float32)  # CPUs have no fast bf16 matmul
     transposed = x.shape[0] > x.shape[1]
     if transposed:
         x = x.T

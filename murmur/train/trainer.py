@@ -276,11 +276,11 @@ class Trainer:
 
     def _model_settings(self, init: tuple[str, Path] | None) -> ModelSettings:
         """Pretraining uses [model]; SFT the shape of whatever it starts (or resumes) from."""
+        if init is None:
+            return self.settings.model
         own = ckpt.latest_step_dir(self.stage_dir / ckpt.CHECKPOINTS) if self.stage_dir.is_dir() else None
         if own is not None and not self.overwrite:
             return ModelSettings.model_validate(ckpt.read_meta(own)["model"])
-        if init is None:
-            return self.settings.model
         kind, path = init
         if kind == "hf":
             from murmur import hf
@@ -573,8 +573,8 @@ class Trainer:
                 if self.step % ts.log_interval == 0 or last:
                     # interval_count is already global (train_step counts over all processes).
                     loss_total = _all_reduce(interval_loss.clone()).item() / plan.layout.tp
-                    loss = loss_total / interval_count if interval_count else float("nan")
-                    if not math.isfinite(loss) and not check_every_step and ts.nan_policy == "stop":
+                    loss = loss_total / interval_count if interval_count else None  # every step skipped
+                    if loss is not None and not math.isfinite(loss) and not check_every_step:
                         self._stop_for_nan(self.step)
                     elapsed = time.perf_counter() - t0
                     record = {"step": self.step, "tokens": self.tokens, "loss": loss,
