@@ -186,6 +186,8 @@ def _spill(work: Path, result: BatchResult) -> None:
 # What the global step holds per post (about 90 bytes plus the id); LSH bands are read a few at a time.
 META_COLUMNS = ["id", "id_hash", "parent_hash", "author_hash", "exact", "dedupable", "time"]
 BANDS_PER_READ = 4
+# Drop reasons of the global step, in the order they are applied (deleted_copy is reported as deleted).
+GLOBAL_REASONS = ["", "duplicate_id", "deleted", "deleted_copy", "author_repeat", "duplicate", "near_duplicate"]
 
 
 def _global_step(settings: DataSettings, work: Path, n_batches: int, deletions: Deletions) -> dict:
@@ -204,8 +206,7 @@ def _global_step(settings: DataSettings, work: Path, n_batches: int, deletions: 
         sizes.append(table.num_rows)
     meta = pa.concat_tables(metas) if metas else None
     n = meta.num_rows if meta is not None else 0
-    reason = np.zeros(n, dtype=np.int8)  # 0 = kept, else an index into REASONS
-    REASONS = ["", "duplicate_id", "deleted", "deleted_copy", "author_repeat", "duplicate", "near_duplicate"]
+    reason = np.zeros(n, dtype=np.int8)  # 0 = kept, else an index into GLOBAL_REASONS
     tombstones: set[int] = set()
     deleted_ids: list[str] = []
     if n:
@@ -217,7 +218,7 @@ def _global_step(settings: DataSettings, work: Path, n_batches: int, deletions: 
         times = meta.column("time").to_numpy()
 
         def drop(mask: np.ndarray, name: str) -> None:
-            reason[(reason == 0) & mask] = REASONS.index(name)
+            reason[(reason == 0) & mask] = GLOBAL_REASONS.index(name)
 
         drop(~first_occurrence(id_hashes), "duplicate_id")
         if deletions:
@@ -255,10 +256,11 @@ def _global_step(settings: DataSettings, work: Path, n_batches: int, deletions: 
                     near[order[~first_occurrence(bands.column(name).to_numpy()[order])]] = True
                 del bands
             drop(near, "near_duplicate")
-        removed = np.flatnonzero((reason == REASONS.index("deleted")) | (reason == REASONS.index("deleted_copy")))
+        removed = np.flatnonzero(np.isin(reason, [GLOBAL_REASONS.index("deleted"),
+                                                  GLOBAL_REASONS.index("deleted_copy")]))
         deleted_ids = [pid for pid in ids.take(pa.array(removed)).to_pylist() if pid not in deletions.posts]
         for code in np.unique(reason[reason > 0]):
-            name = REASONS[code]
+            name = GLOBAL_REASONS[code]
             dropped["deleted" if name == "deleted_copy" else name] += int((reason == code).sum())
     keep = reason == 0
     roots = _roots(meta, keep) if n else np.zeros(0, dtype=np.int64)

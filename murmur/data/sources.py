@@ -307,7 +307,6 @@ class FileReader:
         try:
             items = json.loads(text[start:]) if start >= 0 else None
         except json.JSONDecodeError as err:
-            items = None
             yield self._bad(1, f"malformed_json: {err.msg}", text)
             return
         if not isinstance(items, list):
