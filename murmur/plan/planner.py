@@ -218,6 +218,12 @@ def make_plan(req: PlanRequest) -> Plan:
                      f"FLOPs ({facts.flops_per_token * tokens:.3g} counting attention)")
 
     best = result.best
+    optimal_batch = sched.optimal_batch_tokens(6 * facts.params * tokens)
+    if best.global_batch_tokens > 2 * optimal_batch:
+        notes.append(f"the global batch ({best.global_batch_tokens / 1e6:.0f}M tokens, at least one sequence per "
+                     f"data-parallel rank) is {best.global_batch_tokens / optimal_batch:.0f}x the loss-optimal batch "
+                     f"for this compute (DeepSeek LLM's fit: {optimal_batch / 1e6:.1f}M); so wide a data-parallel "
+                     "run spends more tokens for the same loss: fewer GPUs, or a larger model, use them better")
     schedule = sched.Schedule(tokens, facts.flops_per_token * tokens, best.tokens_per_second, req.gpus, reliability,
                               req.price_per_gpu_hour)
     runnable = result.best_without_pipeline()
