@@ -172,3 +172,20 @@ def test_cli_runs_the_stage_and_explains_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["data", "--executor", "spark"])
     assert exit_info.value.code == 2
+
+
+def test_parquet_and_envelope_lines(tmp_path):
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"id": [1790000000000000001, 1790000000000000002],
+                             "text": ["A parquet post about the harbour at dawn", None],
+                             "author_id": ["p1", "p2"]}), tmp_path / "posts.parquet")
+    envelopes = [{"data": [{"id": "11", "text": "First page post about cheese", "author_id": "e1"}]},
+                 {"data": {"id": "12", "text": "Second page post about bread", "author_id": "e2"}}]
+    (tmp_path / "pages.jsonl").write_text("\n".join(json.dumps(e) for e in envelopes) + "\n")
+    stats = pipeline.run(DataSettings(sources=[f"parquet:{tmp_path / 'posts.parquet'}",
+                                               f"x-api:{tmp_path / 'pages.jsonl'}"], workers=1),
+                         tmp_path / "out", progress=False)
+    assert (stats["in"], stats["kept"], stats["quarantined"]) == (4, 3, 1)
+    ids = pq.read_table(tmp_path / "out" / "posts.parquet").column("id").to_pylist()
+    assert ids == ["1790000000000000001", "11", "12"]  # 64-bit ids stay exact strings

@@ -27,7 +27,7 @@ def register(subparsers) -> None:
                    help="override a setting, e.g. --set data.languages='[\"en\",\"fr\"]'")
     p.add_argument("--quiet", action="store_true", help="no progress bar or funnel")
     p.set_defaults(func=run, data_action=None)
-    actions = p.add_subparsers(dest="data_action", metavar="ACTION")
+    actions = p.add_subparsers(dest="data_action", metavar="{audit,purge}")
     audit = actions.add_parser("audit", help="prove deleted posts and accounts are gone from a run's outputs")
     audit.add_argument("dir", help="a run folder or its data folder")
     audit.add_argument("--deletions", metavar="FILE", help="deletion list to check (default: every list the run applied)")
