@@ -50,8 +50,11 @@ POSTS_PER_BUCKET = 250_000  # thread building groups posts by root in buckets of
 
 
 def run_stage(settings, run_dir: str | Path) -> dict:
-    """The build runner's entry point: curate `settings.data.sources` into RUN_DIR/data."""
-    return run(settings.data, Path(run_dir) / "data")
+    """The build runner's entry point: curate `settings.data.sources` into RUN_DIR/data; the funnel's key figures."""
+    stats = run(settings.data, Path(run_dir) / "data")
+    return {key: stats[key] for key in ("in", "kept", "quarantined", "duplicates", "deleted", "conversations",
+                                        "splits", "canaries_planted", "elapsed_s") if key in stats} | \
+        {"dropped": sum(stats["dropped"].values()), "up_to_date": bool(stats.get("up_to_date"))}
 
 
 def run(settings: DataSettings, out: str | Path, progress: bool | None = None) -> dict:
