@@ -354,6 +354,37 @@ def _memmap(path: Path, dtype, count: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a fast, well-mixed 64-bit hash."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def shuffled_index(i: int, n: int, key: int) -> int:
+    """Position i of a pseudo-random permutation of range(n) chosen by `key`, in O(1) memory.
+
+    A 4-round Feistel network is a bijection on 2^(2h) >= n values; walking the cycle until the value falls
+    below n restricts it to a bijection of range(n) (under 4 steps on average). Unlike a stored permutation
+    this costs nothing per window, so a loader over 10^12 tokens needs no gigabytes of indices."""
+    if n <= 1:
+        return 0
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    low = (1 << half) - 1
+    x = i
+    while True:
+        left, right = x >> half, x & low
+        for round_ in range(4):
+            left, right = right, left ^ (_mix64(right ^ _mix64(key * 4 + round_)) & low)
+        x = (left << half) | right
+        if x < n:
+            return x
+
+
 class TokenLoader:
     """Fixed-length windows over the concatenated token stream of one kind/split, for one rank.
 
@@ -361,8 +392,8 @@ class TokenLoader:
     ids, targets the last seq_len, so every token after the first is a target exactly once per epoch.
     For sft, targets are -100 where the mask is 0 (everything but assistant content and its <|im_end|>).
 
-    Order: with loop=True, the global sequence of windows is a seeded permutation per epoch, repeated
-    forever; each step the world consumes batch_size * world_size windows and rank r takes the r-th slice.
+    Order: with loop=True, the global sequence of windows is a permutation per epoch chosen by (seed, epoch),
+    repeated forever; each step the world consumes batch_size * world_size windows and rank r takes the r-th slice.
     The state is the global position in that sequence, so it resumes exactly at the next batch under any
     world size or batch size. With loop=False windows come in stream order, once each; the last window is
     padded (targets -100) so every token is predicted once: sum the loss over all targets != -100 and
@@ -394,8 +425,6 @@ class TokenLoader:
                 raise MurmurError(f"{kind}/{split} is empty ({n} tokens); check the data split or rerun "
                                   "`murmur tokenize`")
         self.position = 0
-        self._perm_epoch = -1
-        self._perm: np.ndarray | None = None
 
     @property
     def tokens(self) -> int:
@@ -420,10 +449,7 @@ class TokenLoader:
         if not self.loop:
             return g
         epoch, j = divmod(g, self.num_windows)
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-            self._perm_epoch = epoch
-        return int(self._perm[j])
+        return shuffled_index(j, self.num_windows, (self.seed << 32) ^ epoch)
 
     def _batch(self, globals_: range) -> dict[str, Any]:
         import torch

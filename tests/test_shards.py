@@ -238,3 +238,13 @@ def test_purge_after_tokenize(tmp_path):
                                                   .tolist()]
     assert seen == [t for doc, posts in docs_before if deleted_id not in posts for t in doc]
     assert purge_documents(tokens, [deleted_id])["documents_removed"] == 0
+
+
+def test_shuffled_index_is_a_permutation():
+    from murmur.shards import shuffled_index
+
+    for n in (1, 2, 3, 10, 257, 1000):
+        for key in (0, 1, 12345):
+            assert sorted(shuffled_index(i, n, key) for i in range(n)) == list(range(n))
+    orders = {tuple(shuffled_index(i, 50, key) for i in range(50)) for key in range(5)}
+    assert len(orders) == 5 and tuple(range(50)) not in orders
