@@ -181,7 +181,8 @@ def test_shape_for_params_uses_llama_proportions():
 def test_gpu_table_and_unknown_names():
     for name in ("a100-40gb", "a100-80gb", "h100-sxm", "h100-pcie", "h200", "b200"):
         gpu = GPUS[name]
-        assert gpu.memory_bytes > 0 and gpu.peak_bf16_flops > 1e14 and gpu.inter_node_bandwidth < gpu.intra_node_bandwidth
+        assert gpu.memory_bytes > 0 and gpu.peak_bf16_flops > 1e14
+        assert gpu.inter_node_bandwidth < gpu.intra_node_bandwidth
     assert get_gpu("H100").name == "h100-sxm"
     with pytest.raises(MurmurError, match="known GPUs: a100-40gb, a100-80gb, h100-sxm"):
         get_gpu("tpu-v5")

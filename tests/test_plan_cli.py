@@ -64,7 +64,8 @@ def test_written_recipe_and_scripts_are_accepted(tmp_path, capsys, monkeypatch):
         assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
         assert "-m murmur train" in path.read_text()
     torchrun = (out_dir / "launch_torchrun.sh").read_text()
-    assert "--nnodes=2" in torchrun and "--nproc-per-node=8" in torchrun and os.access(out_dir / "launch_torchrun.sh", os.X_OK)
+    assert "--nnodes=2" in torchrun and "--nproc-per-node=8" in torchrun
+    assert os.access(out_dir / "launch_torchrun.sh", os.X_OK)
     sbatch = (out_dir / "launch.sbatch").read_text()
     assert re.search(r"^#SBATCH --nodes=2$", sbatch, re.M) and re.search(r"^#SBATCH --gpus-per-node=8$", sbatch, re.M)
     assert re.search(r"^#SBATCH --time=\d+-\d\d:\d\d:00$", sbatch, re.M)
@@ -122,3 +123,23 @@ def test_explained_failures(capsys):
 
     code, _, err = _run(capsys, "--gpu", "h100", "--gpus", "1024", "--preset", "8b", "--global-batch-tokens", "8192")
     assert code == 1 and "no layout of 1024 GPUs divides a global batch" in err
+
+
+def test_shape_flags_recipe_and_pipeline_only_plans(tmp_path, capsys):
+    from murmur.plan.launch import write_launch_files
+    from murmur.plan.planner import PlanRequest, make_plan
+    from murmur.plan.search import SearchResult
+    from murmur.errors import MurmurError
+
+    code, _, _ = _run(capsys, "--gpu", "a100-80gb", "--gpus", "8", "--dim", "1024", "--n-layers", "8", "--n-heads",
+                      "8", "--n-kv-heads", "4", "--vocab-size", "32000", "--seq-len", "2048", "--write", str(tmp_path))
+    assert code == 0
+    model = load_settings(tmp_path / "recipe.toml").model
+    assert (model.dim, model.n_layers, model.kv_heads, model.vocab_size, model.max_seq_len) == (1024, 8, 4, 32000, 2048)
+
+    # When only pipeline layouts fit, no recipe is written and the message says why.
+    plan = make_plan(PlanRequest(gpu="h100", gpus=128, model=load_settings(None, ["model.preset=70b"]).model))
+    plan.result = SearchResult([c for c in plan.result.candidates if c.layout.pp > 1], plan.result.tried)
+    with pytest.raises(MurmurError, match="pipeline parallelism"):
+        write_launch_files(plan, tmp_path / "pp")
+    assert not (tmp_path / "pp" / "recipe.toml").exists()

@@ -152,9 +152,9 @@ def _write_atomic(path: Path, text: str, executable: bool = False) -> None:
 
 def write_launch_files(plan, out_dir: str | Path, run_name: str = "planned") -> dict[str, Path]:
     """Write the recipe and both launch scripts into `out_dir`; returns their paths by kind."""
+    recipe = recipe_dict(plan, run_name)  # refuses first, before any folder is made
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    recipe = recipe_dict(plan, run_name)
     cand = plan.runnable
     lay = cand.layout
     header = (f"Written by `murmur plan` for {plan.request.gpus} x {plan.gpu.label} "

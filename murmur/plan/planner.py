@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,7 +180,8 @@ def make_plan(req: PlanRequest) -> Plan:
         elif seconds:
             tokens, goal = None, f"tokens trainable in {req.days:g} days"
         else:
-            tokens, goal = sched.chinchilla_tokens(facts.params), "compute-optimal tokens (Chinchilla, 20 per parameter)"
+            tokens = sched.chinchilla_tokens(facts.params)
+            goal = "compute-optimal tokens (Chinchilla, 20 per parameter)"
         guess = tokens if tokens else sched.chinchilla_tokens(facts.params)
         result = _layout_search(facts, gpu, req, gpus_per_node, facts.flops_per_token * guess)
         if tokens is None:
@@ -235,6 +235,4 @@ def make_plan(req: PlanRequest) -> Plan:
             notes.append(f"the fastest layout uses pipeline parallelism (pp={best.layout.pp}), which Murmur's "
                          f"trainer does not implement; the recipe uses the fastest layout without it "
                          f"({runnable.tokens_per_second / best.tokens_per_second:.0%} of the best throughput)")
-    if best.layout.pp == 1 and math.isclose(best.mfu, 0):
-        notes.append("throughput is zero: check the efficiency")
     return Plan(req, gpu, gpus_per_node, facts, result, schedule, goal, notes)

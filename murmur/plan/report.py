@@ -20,9 +20,10 @@ def _duration(days: float) -> str:
 def render(plan, top: int = 8) -> str:
     """The plan as text for a terminal."""
     f, s, sch, req = plan.facts, plan.facts.settings, plan.schedule, plan.request
-    name = f"preset {s.preset}" if s.preset else "Llama-style shape"
+    name = f"preset {s.preset}" if s.preset else "Llama-style shape" if req.model is None else "shape"
+    nodes = req.gpus // plan.gpus_per_node
     lines = [
-        f"fleet     {req.gpus:,} x {plan.gpu.label} ({req.gpus // plan.gpus_per_node:,} nodes of "
+        f"fleet     {req.gpus:,} x {plan.gpu.label} ({nodes:,} node{'s' if nodes > 1 else ''} of "
         f"{plan.gpus_per_node}), {plan.gpu.memory_bytes / GiB:.0f} GiB and {plan.gpu.peak_bf16_flops / 1e12:,.0f} "
         f"bf16 TFLOP/s each",
         f"model     {si(f.params)} parameters ({name}: dim {s.dim}, {s.n_layers} layers, {s.n_heads} heads / "
@@ -46,8 +47,9 @@ def render(plan, top: int = 8) -> str:
         lines.append(
             f"{index:>2}{mark}{lay.dp_replicate:>6} {lay.dp_shard:>8} {lay.tp:>2} "
             f"{lay.pp if lay.virtual_stages == 1 else f'{lay.pp}v{lay.virtual_stages}':>3} "
-            f"{lay.micro_batch_size:>3} {lay.activation_checkpointing:>4} {'yes' if lay.reshard_after_forward else 'no':>7} "
-            f"{c.microbatches:>5} {si(c.global_batch_tokens):>6} {c.memory.total / GiB:>7.1f} {c.headroom(plan.gpu):>5.0%} "
+            f"{lay.micro_batch_size:>3} {lay.activation_checkpointing:>4} "
+            f"{'yes' if lay.reshard_after_forward else 'no':>7} {c.microbatches:>5} {si(c.global_batch_tokens):>6} "
+            f"{c.memory.total / GiB:>7.1f} {c.headroom(plan.gpu):>5.0%} "
             f"{c.step_seconds:>7.2f} {si(c.tokens_per_second):>8} {c.mfu:>5.1%}")
     lines.append("   * the layout the recipe uses (Murmur's trainer runs pp = 1)" if runnable else
                  "   no layout without pipeline parallelism fits: no recipe can be written")

@@ -8,8 +8,8 @@ The cost model, per micro-batch on one GPU (everything else is assumed to overla
   activations forward and as many backward (again on recomputation), (tp-1)/tp x tokens x dim x 2 bytes
   each, over NVLink, never hidden;
 - FSDP: every micro-batch all-gathers the stage's bf16 parameters twice (forward, and backward after
-  resharding; once when train.parallel.reshard_after_forward is off) and reduce-scatters fp32 gradients once, (n-1)/n x the stage's bytes / tp over NVLink when
-  the shard group fits in a node, else over the NICs; prefetching hides it behind compute, so only the
+  resharding; once when train.parallel.reshard_after_forward is off) and reduce-scatters fp32 gradients
+  once, (n-1)/n x the stage's bytes / tp, over NVLink when the shard group fits in a node, else over the NICs; prefetching hides it behind compute, so only the
   excess over compute counts;
 - HSDP: once per step the replicas all-reduce their gradient shards (2 (r-1)/r x bytes), hidden behind
   the last micro-batch's backward when it is shorter;
