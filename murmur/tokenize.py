@@ -28,7 +28,7 @@ from typing import Any
 
 from murmur.errors import MurmurError
 from murmur.shards import ShardWriter, dtype_for_vocab, new_manifest, read_manifest, write_manifest
-from murmur.tokenizer import ChatTokenizer, _replace_dir
+from murmur.tokenizer import ChatTokenizer, replace_dir
 
 BATCH = 2048
 SPLITS = ("train", "validation", "test")
@@ -280,7 +280,7 @@ def tokenize_corpus(data_dir: str | Path, tokenizer_dir: str | Path, out_dir: st
                                "chat_sources": [{"path": p, "weight": w} for p, w in chat_sources]}
         shutil.copyfile(Path(tokenizer_dir) / "tokenizer.json", tmp / "tokenizer.json")
         write_manifest(tmp, manifest)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -140,7 +140,7 @@ class ChatTokenizer:
             # Generation stops at the end of an assistant turn as well as at a document boundary.
             _write_json(tmp / "generation_config.json", {
                 "eos_token_id": sorted(self.stop_ids), "pad_token_id": self.eos_id})
-            _replace_dir(tmp, out_dir)
+            replace_dir(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -361,7 +361,7 @@ def copy_tokenizer_dir(src: str | Path, out_dir: str | Path) -> Path:
                      "generation_config.json"):
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -415,7 +415,7 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
+def replace_dir(tmp: Path, final: Path) -> None:
     """Move the finished directory `tmp` to `final`, replacing an existing one (old copy removed after)."""
     old = None
     if final.exists():

@@ -178,3 +178,22 @@ def test_cli_tokenize(run, tmp_path):
     bad = subprocess.run(murmur + ["--data", str(run / "data"), "--tokenizer", str(tmp_path / "none"), "--out",
                                    str(tmp_path / "u")], capture_output=True, text=True)
     assert bad.returncode == 1 and "run `murmur tokenizer` first" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_stage_with_a_foreign_chat_template(run, tmp_path):
+    """An imported model's tokenizer (its own template, eos as boundary) goes through the general path."""
+    import shutil
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(run / "tokenizer", foreign)
+    (foreign / "chat_template.jinja").write_text(
+        "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}"
+        "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}### assistant: {% endif %}")
+    tok = ChatTokenizer.load(foreign)
+    assert not tok.encodes_by_parts
+    tokenize_corpus(run / "data", foreign, tmp_path / "tokens", TokenizerSettings())
+    entry = read_manifest(tmp_path / "tokens")["splits"]["sft"]["train"]
+    ids = np.fromfile(tmp_path / "tokens" / entry["shards"][0]["file"], dtype=np.uint16)
+    mask = np.fromfile(tmp_path / "tokens" / entry["shards"][0]["mask_file"], dtype=np.uint8)
+    trained = tok.decode(ids[mask == 1].tolist())
+    assert "### " not in trained and trained.count("<|endoftext|>") == int((ids[mask == 1] == tok.eos_id).sum()) > 0
