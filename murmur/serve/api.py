@@ -356,7 +356,7 @@ def create_app(settings: ServeSettings | None = None, engine: Engine | None = No
         max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = check_lengths(engine, len(ids), body.max_completion_tokens or body.max_tokens,
                                    "messages", max_param)
-        default_max = _default_max(engine, len(ids))
+        default_max = _default_max(engine, len(ids), state.settings.default_max_tokens)
         params = [sampling_params(body, max_tokens, default_max, i, body.logprobs, body.top_logprobs or 0)
                   for i in range(body.n)]
         generation = Generation(engine)
@@ -405,9 +405,10 @@ def create_app(settings: ServeSettings | None = None, engine: Engine | None = No
         for ids in encoded:
             max_tokens = check_lengths(engine, len(ids), body.max_tokens, "prompt", "max_tokens")
             want = body.logprobs is not None
+            default_max = _default_max(engine, len(ids), state.settings.default_max_tokens)
             for i in range(body.n):
-                requested.append(((ids, 0), sampling_params(body, max_tokens, _default_max(engine, len(ids)), i,
-                                                            want, body.logprobs or 0)))
+                requested.append(((ids, 0), sampling_params(body, max_tokens, default_max, i, want,
+                                                            body.logprobs or 0)))
         generation = Generation(engine)
         generation.submit([r[0] for r in requested], [r[1] for r in requested])
         prompt_tokens = sum(len(ids) for ids in encoded)
@@ -489,8 +490,10 @@ def create_app(settings: ServeSettings | None = None, engine: Engine | None = No
     return app
 
 
-def _default_max(engine: Engine, prompt_len: int) -> int:
-    return engine.max_seq_len - prompt_len
+def _default_max(engine: Engine, prompt_len: int, configured: int | None) -> int:
+    """Reply length for a request that gives none: the configured default, capped by the room left."""
+    room = engine.max_seq_len - prompt_len
+    return min(configured, room) if configured else room
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
