@@ -263,7 +263,7 @@ def tokenize_corpus(data_dir: str | Path, tokenizer_dir: str | Path, out_dir: st
         except MurmurError:
             old = {}
         if old.get("fingerprint") == fingerprint:
-            return {"tokens_dir": str(out_dir), "skipped": True, **old.get("summary", {})}
+            return {**old.get("summary", {}), "tokens_dir": str(out_dir), "skipped": True}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -287,7 +287,7 @@ def tokenize_corpus(data_dir: str | Path, tokenizer_dir: str | Path, out_dir: st
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {"tokens_dir": str(out_dir), **summary}
+    return {**summary, "tokens_dir": str(out_dir)}
 
 
 def _write_all(data_dir: Path, tokenizer: ChatTokenizer, out: Path, cfg,
@@ -380,7 +380,10 @@ def _write_all(data_dir: Path, tokenizer: ChatTokenizer, out: Path, cfg,
                           "conversations.parquet is empty; check the data stage's split settings")
     totals = {f"{kind}/{split}": {"documents": e["documents"], "tokens": e["tokens"]}
               for kind, by in splits.items() for split, e in by.items()}
-    return {"splits": splits, "counts": totals, "unused": unused}
+    return {"pretrain_train_tokens": splits["pretrain"]["train"]["tokens"],
+            "sft_train_tokens": splits["sft"]["train"]["tokens"],
+            "documents": sum(e["documents"] for by in splits.values() for e in by.values()),
+            "splits": splits, "counts": totals, "unused": unused}
 
 
 def run_stage(settings, run_dir: str | Path) -> dict[str, Any]:
