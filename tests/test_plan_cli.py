@@ -121,6 +121,9 @@ def test_explained_failures(capsys):
     code, _, err = _run(capsys, "--gpu", "h100", "--gpus", "8")
     assert code == 1 and "give a model" in err
 
+    code, _, err = _run(capsys, "--gpu", "h100", "--gpus", "8", "--preset", "8b", "--global-batch-tokens", "10000")
+    assert code == 1 and "not a multiple of the sequence length 8192" in err
+
     code, _, err = _run(capsys, "--gpu", "h100", "--gpus", "1024", "--preset", "8b", "--global-batch-tokens", "8192")
     assert code == 1 and "no layout of 1024 GPUs divides a global batch" in err
 

@@ -128,6 +128,9 @@ def calibrated_efficiency(metrics_path: str | Path) -> float:
 
 
 def _layout_search(facts: ModelFacts, gpu: GPU, req: PlanRequest, gpus_per_node: int, flops: float) -> SearchResult:
+    if req.global_batch_tokens and req.global_batch_tokens % facts.seq_len:
+        raise MurmurError(f"--global-batch-tokens {req.global_batch_tokens} is not a multiple of the sequence "
+                          f"length {facts.seq_len}; use a multiple, or set --seq-len")
     target = max(facts.seq_len, int(sched.optimal_batch_tokens(flops)))
     result = search(facts, gpu, req.gpus, gpus_per_node, req.efficiency, req.global_batch_tokens, target,
                     req.optimizer)
@@ -162,9 +165,6 @@ def make_plan(req: PlanRequest) -> Plan:
     if req.gpus % gpus_per_node:
         raise MurmurError(f"--gpus {req.gpus} is not a whole number of {gpus_per_node}-GPU nodes; "
                           f"use a multiple of {gpus_per_node} or set --gpus-per-node")
-    if req.seq_len is not None and req.global_batch_tokens and req.global_batch_tokens % req.seq_len:
-        raise MurmurError(f"--global-batch-tokens {req.global_batch_tokens} is not a multiple of --seq-len "
-                          f"{req.seq_len}")
     reliability = sched.Reliability(req.failures_per_gpu_hour, req.checkpoint_seconds, req.restart_seconds,
                                     req.gpus)
     seconds = req.days * 86400 if req.days else None
