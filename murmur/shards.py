@@ -580,8 +580,8 @@ def purge_documents(tokens_dir: str | Path, deleted_post_ids: Iterable[str]) -> 
     manifest = read_manifest(tokens_dir)
     dtype = np.dtype(manifest["dtype"])
     superseded: list[str] = []
-    for kind, splits in manifest.get("splits", {}).items():
-        for split, entry in splits.items():
+    for splits in manifest.get("splits", {}).values():
+        for entry in splits.values():
             index = _read_index(tokens_dir, entry)
             rows = set(_affected_rows(index, deleted))
             if not rows:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import itertools
 import json
 import math
 import shutil
@@ -28,7 +29,7 @@ from typing import Any
 
 from murmur.errors import MurmurError
 from murmur.shards import ShardWriter, dtype_for_vocab, new_manifest, read_manifest, write_manifest
-from murmur.tokenizer import ChatTokenizer, replace_dir
+from murmur.tokenizer import ChatTokenizer, open_parquet, replace_dir
 
 BATCH = 2048
 SPLITS = ("train", "validation", "test")
@@ -45,7 +46,7 @@ def thread_chat_parts(turns: list[dict[str, Any]], roles: str = "both") -> list[
     if len(turns) < 2:
         return []
     repliers = []
-    for prev, turn in zip(turns, turns[1:]):
+    for prev, turn in itertools.pairwise(turns):
         if turn["speaker"] != prev["speaker"] and turn["speaker"] not in repliers:
             repliers.append(turn["speaker"])
     if roles == "second":
@@ -292,7 +293,6 @@ def tokenize_corpus(data_dir: str | Path, tokenizer_dir: str | Path, out_dir: st
 
 def _write_all(data_dir: Path, tokenizer: ChatTokenizer, out: Path, cfg,
                chat_sources: list[tuple[str, float]]) -> dict[str, Any]:
-    import pyarrow.parquet as pq
 
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     eos = tokenizer.eos_id
@@ -315,7 +315,7 @@ def _write_all(data_dir: Path, tokenizer: ChatTokenizer, out: Path, cfg,
             writers["sft", split].add([eos] + ids, [0] + mask, posts, trained, source)
 
     in_threads: set[str] = set()
-    threads = pq.ParquetFile(data_dir / "conversations.parquet")
+    threads = open_parquet(data_dir / "conversations.parquet", ["id", "split", "turns", "post_ids"])
     for batch in threads.iter_batches(columns=["id", "split", "turns", "post_ids"], batch_size=BATCH):
         cols = batch.to_pydict()
         by_split: dict[str, tuple[list, list, list, list]] = {}
@@ -339,7 +339,7 @@ def _write_all(data_dir: Path, tokenizer: ChatTokenizer, out: Path, cfg,
             add_pretrain(split, ["\n".join(d) for d in docs], doc_posts, "thread", doc_ids)
             add_sft(split, [_joined(c) for c in chats], chat_posts, "thread", rendered)
 
-    posts_file = pq.ParquetFile(data_dir / "posts.parquet")
+    posts_file = open_parquet(data_dir / "posts.parquet", ["id", "text", "split"])
     for batch in posts_file.iter_batches(columns=["id", "text", "split"], batch_size=BATCH * 4):
         cols = batch.to_pydict()
         by_split_posts: dict[str, tuple[list, list]] = {}
@@ -391,6 +391,3 @@ def run_stage(settings, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     return tokenize_corpus(run_dir / "data", run_dir / "tokenizer", run_dir / "tokens", settings.tokenizer)
 
-
-__all__ = ["run_stage", "tokenize_corpus", "thread_chats", "thread_chat_parts", "PieceEncoder", "copies", "parse_chat_source",
-           "read_chat_jsonl"]

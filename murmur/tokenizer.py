@@ -331,7 +331,7 @@ def run_stage(settings, run_dir: str | Path) -> dict[str, Any]:
     return {"tokenizer": str(out_dir), "vocab_size": tok.vocab_size, "texts": texts.count}
 
 
-class training_texts:  # noqa: N801 - used like a generator function, but remembers how many texts it gave
+class training_texts:  # a lower-case name: used like a generator function, but counts what it gave
     """The training-split post texts of a data folder, streamed from Parquet in batches."""
 
     def __init__(self, data_dir: str | Path):
@@ -341,14 +341,29 @@ class training_texts:  # noqa: N801 - used like a generator function, but rememb
         self.count = 0
 
     def __iter__(self) -> Iterator[str]:
-        import pyarrow.parquet as pq
-
-        for batch in pq.ParquetFile(self.path).iter_batches(columns=["text", "split"], batch_size=8192):
+        for batch in open_parquet(self.path, ["text", "split"]).iter_batches(columns=["text", "split"],
+                                                                            batch_size=8192):
             cols = batch.to_pydict()
             for text, split in zip(cols["text"], cols["split"]):
                 if split == "train" and text:
                     self.count += 1
                     yield text
+
+
+def open_parquet(path: Path, columns: list[str]):
+    """A `pyarrow.parquet.ParquetFile` that holds `columns`, or an error naming the file and what is missing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        file = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise MurmurError(f"{path} is not a readable Parquet file ({err}); rerun `murmur data`") from None
+    missing = [c for c in columns if c not in file.schema_arrow.names]
+    if missing:
+        raise MurmurError(f"{path} lacks the column(s) {', '.join(missing)} (see docs/CONTRACTS.md); rerun "
+                          "`murmur data`")
+    return file
 
 
 def copy_tokenizer_dir(src: str | Path, out_dir: str | Path) -> Path:

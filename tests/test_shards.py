@@ -18,7 +18,7 @@ from murmur.shards import (TokenLoader, audit_deletions, dtype_for_vocab, purge_
                            write_shards)
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tokenizer_fixtures import write_data_dir  # noqa: E402
+from tokenizer_fixtures import write_data_dir
 
 VOCAB = 97
 

@@ -15,7 +15,7 @@ from murmur.errors import MurmurError
 from murmur.tokenizer import IM_END, ChatTokenizer, train_tokenizer, training_texts
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tokenizer_fixtures import sentence, write_data_dir  # noqa: E402
+from tokenizer_fixtures import sentence, write_data_dir
 
 CONVERSATION = [
     {"role": "system", "content": "You are a friendly regular of the café."},

@@ -19,7 +19,7 @@ from murmur.tokenize import PieceEncoder, copies, parse_chat_source, thread_chat
 from murmur.tokenizer import ChatTokenizer, train_tokenizer, training_texts
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tokenizer_fixtures import write_data_dir  # noqa: E402
+from tokenizer_fixtures import write_data_dir
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +197,16 @@ def test_stage_with_a_foreign_chat_template(run, tmp_path):
     mask = np.fromfile(tmp_path / "tokens" / entry["shards"][0]["mask_file"], dtype=np.uint8)
     trained = tok.decode(ids[mask == 1].tolist())
     assert "### " not in trained and trained.count("<|endoftext|>") == int((ids[mask == 1] == tok.eos_id).sum()) > 0
+
+
+def test_data_files_of_the_wrong_shape(run, tmp_path):
+    import pyarrow as pa
+
+    data = tmp_path / "data"
+    data.mkdir()
+    pq.write_table(pa.table({"id": ["1"], "text": ["hello"]}), data / "posts.parquet")
+    (data / "conversations.parquet").write_text("not parquet")
+    with pytest.raises(MurmurError, match="lacks the column.*split"):
+        list(training_texts(data))
+    with pytest.raises(MurmurError, match="not a readable Parquet file"):
+        tokenize_corpus(data, run / "tokenizer", tmp_path / "t", TokenizerSettings())
