@@ -78,7 +78,8 @@ class RayExecutor:
 
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
-        self.window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+        # Batches per Ray Data execution: enough to keep every CPU busy, few enough to bound memory.
+        self.window = max(4, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
     def map(self, tasks: Iterator[Task]) -> Iterator[BatchResult]:
         window: list[dict] = []
