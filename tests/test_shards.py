@@ -248,3 +248,12 @@ def test_shuffled_index_is_a_permutation():
             assert sorted(shuffled_index(i, n, key) for i in range(n)) == list(range(n))
     orders = {tuple(shuffled_index(i, 50, key) for i in range(50)) for key in range(5)}
     assert len(orders) == 5 and tuple(range(50)) not in orders
+
+
+def test_large_vocabulary_uses_uint32(tmp_path):
+    docs = [[70_000 + i, 5, 100_000 - i] for i in range(20)]
+    write_shards(tmp_path, docs, vocab_size=128_256, boundary_id=128_000)
+    assert read_manifest(tmp_path)["dtype"] == "uint32"
+    (batch,) = list(TokenLoader(tmp_path, seq_len=100, batch_size=1, loop=False))
+    stream = [t for d in docs for t in [128_000] + d]
+    assert batch["inputs"][0, :79].tolist() == stream[:79]
