@@ -137,9 +137,14 @@ class FileReader:
         self.source = source
         self.settings = settings
         self._raw: CountingFile | None = None
+        self._document: tuple[int, int] | None = None  # (records yielded, records) of a one-document file
 
     @property
     def bytes_read(self) -> int:
+        """How far through the file the reader is, in bytes (estimated from records for one-document files)."""
+        if self._document is not None:
+            done, total = self._document
+            return self.source.size() * done // max(1, total)
         return self._raw.bytes_read if self._raw else 0
 
     def records(self) -> Iterator[Record]:
@@ -314,6 +319,7 @@ class FileReader:
             return
         author = self.settings.archive_author_id or _archive_owner(self.source.path)
         for index, item in enumerate(items, start=1):
+            self._document = (index, len(items))
             tweet = item.get("tweet", item) if isinstance(item, dict) else None
             if not isinstance(tweet, dict):
                 yield self._bad(index, "not_a_json_object", json.dumps(item)[:1000])
@@ -437,7 +443,8 @@ class FileReader:
             return
         del whole
         number = 0
-        for conversation_id, conversation in corpus.items():
+        for position, (conversation_id, conversation) in enumerate(corpus.items(), start=1):
+            self._document = (position, len(corpus))
             previous = None
             for turn_index, turn in enumerate(conversation.get("messages") or []):
                 number += 1
