@@ -24,6 +24,7 @@ import math
 import shutil
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from murmur.errors import MurmurError
 from murmur.shards import ShardWriter, dtype_for_vocab, new_manifest, read_manifest, write_manifest
 from murmur.tokenizer import ChatTokenizer, open_parquet, replace_dir
 
-BATCH = 2048
+BATCH = 1024
 SPLITS = ("train", "validation", "test")
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -314,30 +315,52 @@ def _write_all(data_dir: Path, tokenizer: ChatTokenizer, out: Path, cfg,
             trained = sum(len(m["content"].encode("utf-8")) for m in chat if m["role"] == "assistant")
             writers["sft", split].add([eos] + ids, [0] + mask, posts, trained, source)
 
-    in_threads: set[str] = set()
-    threads = open_parquet(data_dir / "conversations.parquet", ["id", "split", "turns", "post_ids"])
-    for batch in threads.iter_batches(columns=["id", "split", "turns", "post_ids"], batch_size=BATCH):
+    def thread_batch(batch) -> tuple[list, list, list, list, list, list]:
+        """Pretraining pieces and chats of one record batch of threads, each tagged with its split."""
         cols = batch.to_pydict()
-        by_split: dict[str, tuple[list, list, list, list]] = {}
+        docs, doc_meta, chats, chat_meta = [], [], [], []
         for conv_id, split, turns, posts in zip(cols["id"], cols["split"], cols["turns"], cols["post_ids"]):
             posts = posts or []
             in_threads.update(posts)
             if split not in SPLITS:
                 unused["unknown_split"] = unused.get("unknown_split", 0) + 1
                 continue
-            docs, doc_posts, chats, chat_posts = by_split.setdefault(split, ([], [], [], []))
             parts = [t["text"] for t in turns or [] if t.get("text")]
             if parts:
                 docs.append(parts)
-                doc_posts.append(posts)
+                doc_meta.append((split, posts))
             for k, chat in enumerate(thread_chat_parts(turns or [], cfg.sft_roles)):
                 for _ in range(copies(cfg.thread_weight, f"{conv_id}:{k}", cfg.seed)):
                     chats.append(chat)
-                    chat_posts.append(posts)
-        for split, (docs, doc_posts, chats, chat_posts) in by_split.items():
-            doc_ids, rendered = pieces.encode(docs, chats)
-            add_pretrain(split, ["\n".join(d) for d in docs], doc_posts, "thread", doc_ids)
-            add_sft(split, [_joined(c) for c in chats], chat_posts, "thread", rendered)
+                    chat_meta.append((split, posts))
+        return docs, doc_meta, chats, chat_meta
+
+    def write_threads(prepared, encoded) -> None:
+        docs, doc_meta, chats, chat_meta = prepared
+        doc_ids, rendered = encoded.result()
+        for parts, ids, (split, posts) in zip(docs, doc_ids, doc_meta):
+            text = "\n".join(parts)
+            if ids:
+                writers["pretrain", split].add([eos] + ids, None, posts, len(text.encode("utf-8")), "thread")
+        for chat, (ids, mask), (split, posts) in zip(chats, rendered, chat_meta):
+            # UTF-8 bytes of the assistant contents: their parts plus the newlines joining them.
+            trained = sum(sum(len(p.encode("utf-8")) for p in m["parts"]) + len(m["parts"]) - 1
+                          for m in chat if m["role"] == "assistant")
+            writers["sft", split].add([eos] + ids, [0] + mask, posts, trained, "thread")
+
+    # Encoding batch i+1 (Rust, without the GIL) overlaps with writing batch i.
+    in_threads: set[str] = set()
+    threads = open_parquet(data_dir / "conversations.parquet", ["id", "split", "turns", "post_ids"])
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for batch in threads.iter_batches(columns=["id", "split", "turns", "post_ids"], batch_size=BATCH):
+            prepared = thread_batch(batch)
+            encoded = pool.submit(pieces.encode, prepared[0], prepared[2])
+            if pending is not None:
+                write_threads(*pending)
+            pending = (prepared, encoded)
+        if pending is not None:
+            write_threads(*pending)
 
     posts_file = open_parquet(data_dir / "posts.parquet", ["id", "text", "split"])
     for batch in posts_file.iter_batches(columns=["id", "text", "split"], batch_size=BATCH * 4):
