@@ -189,3 +189,14 @@ def test_parquet_and_envelope_lines(tmp_path):
     assert (stats["in"], stats["kept"], stats["quarantined"]) == (4, 3, 1)
     ids = pq.read_table(tmp_path / "out" / "posts.parquet").column("id").to_pylist()
     assert ids == ["1790000000000000001", "11", "12"]  # 64-bit ids stay exact strings
+
+
+def test_thread_buckets_do_not_change_conversations(built, tmp_path, monkeypatch):
+    paths, out, _ = built
+    monkeypatch.setattr(pipeline, "POSTS_PER_BUCKET", 3)  # many buckets for a tiny corpus
+    pipeline.run(settings_for(paths, canaries=3, canary_repeats=[4, 1, 0]), tmp_path / "bucketed", progress=False)
+
+    def rows(folder):
+        return sorted(map(str, pq.read_table(folder / "conversations.parquet").to_pylist()))
+    assert rows(tmp_path / "bucketed") == rows(out)
+    assert pq.read_table(tmp_path / "bucketed" / "posts.parquet").equals(pq.read_table(out / "posts.parquet"))

@@ -46,7 +46,7 @@ EXECUTION_ONLY = {"executor", "address", "workers"}
 # Settings the per-batch step does not read: changing them reuses spilled batches.
 GLOBAL_ONLY = {"deletions", "max_author_repeats", "min_turns", "max_turns", "max_paths_per_tree",
                "validation_fraction", "test_fraction", "canaries", "canary_repeats"}
-POSTS_PER_BUCKET = 250_000  # thread building groups posts by root in buckets of about this many
+POSTS_PER_BUCKET = 50_000  # thread building holds one bucket of posts (grouped by root) at a time
 
 
 def run_stage(settings, run_dir: str | Path) -> dict:
@@ -333,7 +333,6 @@ def _write_outputs(settings: DataSettings, work: Path, sizes: list[int], keep: n
     bucket_writers = [pq.ParquetWriter(work / f"threads-{b:04d}.parquet", bucket_schema) for b in range(n_buckets)]
     posts_tmp = work / ".posts.parquet.partial"
     split_counts = Counter()
-    split_cache: dict[str, str] = {}
     times = meta.column("time").to_numpy() if meta is not None else np.zeros(0, np.int64)
     rank = np.empty(times.size, dtype=np.int64)
     rank[np.lexsort((np.arange(times.size), times))] = np.arange(times.size)
@@ -349,12 +348,8 @@ def _write_outputs(settings: DataSettings, work: Path, sizes: list[int], keep: n
                 global_index = np.flatnonzero(mask) + start
                 root_index = roots[global_index]
                 root_ids = ids.take(pa.array(root_index)).to_pylist()
-                splits = []
-                for root in root_ids:
-                    if root not in split_cache:
-                        split_cache[root] = split_of(root, settings.validation_fraction, settings.test_fraction,
-                                                     settings.seed)
-                    splits.append(split_cache[root])
+                splits = [split_of(root, settings.validation_fraction, settings.test_fraction, settings.seed)
+                          for root in root_ids]
                 split_counts.update(splits)
                 post_ids = table.column("id").to_pylist()
                 parents = table.column("in_reply_to_id").to_pylist()
@@ -400,8 +395,7 @@ def _write_outputs(settings: DataSettings, work: Path, sizes: list[int], keep: n
             for root, posts in _group_by_root(table):
                 if len(posts) < settings.min_turns:
                     continue
-                split = split_cache.get(root) or split_of(root, settings.validation_fraction,
-                                                          settings.test_fraction, settings.seed)
+                split = split_of(root, settings.validation_fraction, settings.test_fraction, settings.seed)
                 for conversation in tree_conversations(root, posts, split, settings.min_turns, settings.max_turns,
                                                        settings.max_paths_per_tree):
                     rows.append(conversation.row())
