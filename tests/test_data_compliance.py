@@ -133,3 +133,16 @@ def test_audit_and_purge_reach_the_token_shards(corpus, monkeypatch):
     calls.clear()
     assert audit(run_dir) == []
     assert calls == [("audit", {"7002"}, [])]  # the account's post ids were recorded by the purge
+
+
+def test_purging_a_thread_root_leaves_no_reference_to_it(corpus):
+    out = corpus / "out"
+    run(corpus, out)
+    late = corpus / "late.txt"
+    late.write_text(f"post:{ROOT}\n")
+    purge(out, late)
+    assert audit(out) == []
+    posts = {p["id"]: p for p in pq.read_table(out / "posts.parquet").to_pylist()}
+    assert posts[ALICE_2]["root_id"] == BOB_1 and posts[CAROL]["root_id"] == CAROL
+    conversations = pq.read_table(out / "conversations.parquet").to_pylist()
+    assert [(c["root_id"], c["post_ids"]) for c in conversations] == [(BOB_1, [BOB_1, BOB_2, ALICE_2])]

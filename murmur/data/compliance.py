@@ -211,6 +211,30 @@ def audit(path: str | Path, deletions: Deletions | None = None) -> list[str]:
     return problems
 
 
+def _roots_after_cut(posts, gone: set[str]) -> dict[str, str]:
+    """New thread roots for posts whose root was deleted: the earliest ancestor still present.
+
+    Parents are followed as the build does (in_reply_to, else conversation_id); the split is not changed, so a
+    cut thread stays in the split it was in."""
+    ids = posts.column("id").to_pylist()
+    present = set(ids)
+    parent_of = {}
+    for pid, reply, conv in zip(ids, posts.column("in_reply_to_id").to_pylist(),
+                                posts.column("conversation_id").to_pylist()):
+        parent = reply or (conv if conv != pid else None)
+        if parent in present and parent not in gone:
+            parent_of[pid] = parent
+    result = {}
+    for pid, root in zip(ids, posts.column("root_id").to_pylist()):
+        if root in gone:
+            node, seen = pid, {pid}
+            while node in parent_of and parent_of[node] not in seen:
+                node = parent_of[node]
+                seen.add(node)
+            result[pid] = node
+    return result
+
+
 def purge(path: str | Path, deletions_file: str | Path, min_turns: int | None = None) -> dict:
     """Remove newly deleted posts and accounts from an existing run's outputs without redoing the run.
 
@@ -245,11 +269,15 @@ def purge(path: str | Path, deletions_file: str | Path, min_turns: int | None = 
     gone = deletions.posts | removed_ids
     keep = pa.array([i not in removed for i in range(len(ids))])
     kept_posts = posts.filter(keep)
+    new_root = _roots_after_cut(kept_posts, gone)
     columns = {}
     for name in kept_posts.column_names:
         column = kept_posts.column(name)
         if name in ("in_reply_to_id", "quoted_id", "conversation_id"):
             column = pa.array([None if v in gone else v for v in column.to_pylist()], type=pa.string())
+        elif name == "root_id":
+            column = pa.array([new_root.get(pid, root) for pid, root in
+                               zip(kept_posts.column("id").to_pylist(), column.to_pylist())], type=pa.string())
         columns[name] = column
     kept_posts = pa.table(columns, schema=posts.schema if posts.schema.equals(POST_SCHEMA) else None)
     text_of = dict(zip(ids, texts))
@@ -280,7 +308,8 @@ def purge(path: str | Path, deletions_file: str | Path, min_turns: int | None = 
         for turns in segments:
             if len(turns) >= min_turns:
                 post_ids = [pid for t in turns for pid in t["post_ids"]]
-                rebuilt.append({"id": conversation_id(post_ids), "root_id": conv["root_id"], "split": conv["split"],
+                root = conv["root_id"] if conv["root_id"] not in gone else new_root.get(post_ids[0], post_ids[0])
+                rebuilt.append({"id": conversation_id(post_ids), "root_id": root, "split": conv["split"],
                                 "turns": turns, "post_ids": post_ids})
     quarantine_path = data_dir / "quarantine.parquet"
     quarantine = pq.read_table(quarantine_path).to_pylist() if quarantine_path.is_file() else []
