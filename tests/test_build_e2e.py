@@ -136,3 +136,37 @@ def test_build_end_to_end_then_skip_then_rerun_from_training(tmp_path):
     assert rerun == {"pretrain", "sft", "export", "eval"}
     record = load_record(run)
     assert record["stages"]["pretrain"]["settings"]["train"]["lr"] == 1e-3
+
+
+def _base_model(tmp_path, texts):
+    """A tiny 'open model': a Hugging Face directory with its own tokenizer, as a hub download would be."""
+    import torch
+
+    from murmur.hf import save_hf_model, special_token_ids
+    from murmur.model import Transformer
+    from murmur.settings.model import ModelSettings
+    from murmur.tokenizer import train_tokenizer
+
+    tok_dir = tmp_path / "base-tokenizer"
+    tok = train_tokenizer(texts, 320, tok_dir)
+    torch.manual_seed(0)
+    model = Transformer(ModelSettings(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                                      ffn_dim=64, max_seq_len=128))
+    model.init_weights()
+    return save_hf_model(model, tmp_path / "base", tokenizer_dir=tok_dir,
+                         special_tokens=special_token_ids(tok_dir))
+
+
+def test_finetune_open_model_skips_pretraining_and_keeps_its_tokenizer(tmp_path):
+    recipe = _recipe(tmp_path)
+    texts = [json.loads(line)["text"] for line in (tmp_path / "posts.jsonl").read_text().splitlines()]
+    base = _base_model(tmp_path, texts)
+    out = _build(recipe, "--set", f"model.base={base}", "--set", "sft.steps=4", "--set", "eval.ranking_examples=0")
+    run = tmp_path / "run"
+    record = load_record(run)
+    assert "pretrain" not in record["stages"] and not (run / "pretrain").exists()
+    assert "not needed" in out
+    assert (run / "tokenizer" / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+    config = json.loads((run / "model" / "config.json").read_text())
+    assert config["hidden_size"] == 32 and config["num_hidden_layers"] == 1  # the base model's shape
+    assert json.loads((run / "eval" / "results.json").read_text())["model"]["stage"] == "sft"
