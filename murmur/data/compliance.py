@@ -169,16 +169,16 @@ def audit(path: str | Path, deletions: Deletions | None = None) -> list[str]:
     min_chars = json.loads((data_dir / "stats.json").read_text()).get("dedup_min_chars", 20)
     problems: list[str] = []
     posts = pq.read_table(data_dir / "posts.parquet").to_pylist()
+    deleted_by_account = {row["id"] for row in posts if row["author_id"] in deletions.accounts}
+    gone = deletions.posts | deleted_by_account | deleted_post_ids(data_dir)
     for row in posts:
         for column in ("id", "in_reply_to_id", "quoted_id", "conversation_id", "root_id"):
-            if row.get(column) in deletions.posts:
+            if row.get(column) in gone:
                 problems.append(f"posts.parquet: deleted post {row[column]} found in column {column}")
         if row["author_id"] in deletions.accounts:
             problems.append(f"posts.parquet: post {row['id']} of deleted account {row['author_id']}")
         if _text_is_tombstoned(row["text"], tombstones, min_chars):
             problems.append(f"posts.parquet: post {row['id']} has the text of a deleted post")
-    deleted_by_account = {row["id"] for row in posts if row["author_id"] in deletions.accounts}
-    gone = deletions.posts | deleted_by_account | deleted_post_ids(data_dir)
     text_of = {row["id"]: row["text"] for row in posts}
     for row in pq.read_table(data_dir / "conversations.parquet").to_pylist():
         leaked = gone.intersection(row["post_ids"]) | ({row["root_id"]} & gone)

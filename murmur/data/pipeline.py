@@ -274,7 +274,8 @@ def _global_step(settings: DataSettings, work: Path, n_batches: int, deletions: 
         dropped["deleted"] += len(quarantine) - len(kept_quarantine)
     quarantine = kept_quarantine
 
-    split_counts, conversation_stats = _write_outputs(settings, work, sizes, keep, roots, meta, deletions,
+    gone = deletions.posts | set(deleted_ids)  # references to these are blanked
+    split_counts, conversation_stats = _write_outputs(settings, work, sizes, keep, roots, meta, gone,
                                                       dropped_authors)
     canary_list = canary_module.make_canaries(settings.canaries, settings.canary_repeats, settings.seed)
     planted = sum(c.repeats for c in canary_list)
@@ -323,7 +324,7 @@ def _roots(meta: pa.Table, keep: np.ndarray) -> np.ndarray:
 
 
 def _write_outputs(settings: DataSettings, work: Path, sizes: list[int], keep: np.ndarray, roots: np.ndarray,
-                   meta: pa.Table | None, deletions: Deletions, dropped_authors: Counter) -> tuple[dict, dict]:
+                   meta: pa.Table | None, gone: set[str], dropped_authors: Counter) -> tuple[dict, dict]:
     """Stream the kept posts into posts.parquet and thread buckets, then build conversations per bucket."""
     ids = meta.column("id") if meta is not None else pa.array([], pa.string())
     kept_total = int(keep.sum())
@@ -359,11 +360,11 @@ def _write_outputs(settings: DataSettings, work: Path, sizes: list[int], keep: n
                 columns = {
                     "id": table.column("id"), "author_id": table.column("author_id"), "text": table.column("text"),
                     "created_at": table.column("created_at"), "lang": table.column("lang"),
-                    "conversation_id": _without(table.column("conversation_id"), deletions.posts),
-                    "in_reply_to_id": _without(table.column("in_reply_to_id"), deletions.posts),
+                    "conversation_id": _without(table.column("conversation_id"), gone),
+                    "in_reply_to_id": _without(table.column("in_reply_to_id"), gone),
                     "split": pa.array(splits, pa.string()), "source": table.column("source"),
                     "root_id": pa.array(root_ids, pa.string()),
-                    "quoted_id": _without(table.column("quoted_id"), deletions.posts),
+                    "quoted_id": _without(table.column("quoted_id"), gone),
                 }
                 writer.write_table(pa.table(columns, schema=POST_SCHEMA))
                 buckets = np.array([_bucket(r, n_buckets) for r in root_ids])
