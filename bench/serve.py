@@ -18,6 +18,7 @@ Medians over --repeats runs; Murmur and the reference alternate so machine load 
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import statistics
 import string
@@ -32,7 +33,7 @@ import torch
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def build_model_dir(preset: str, root: Path) -> Path:
@@ -64,8 +65,8 @@ def single_stream(engine, hf_model, prompt: list[int], new_tokens: int, repeats:
 
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     ids = torch.tensor([prompt])
-    hf_kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                     attention_mask=torch.ones_like(ids), pad_token_id=0)
+    hf_kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
+                 "attention_mask": torch.ones_like(ids), "pad_token_id": 0}
     with torch.inference_mode():
         ours = engine.generate([prompt], params)[0].token_ids
         theirs = hf_model.generate(ids, **hf_kwargs)[0, len(prompt):].tolist()
@@ -130,7 +131,7 @@ def http_latency(engine, streams: int, new_tokens: int, rounds: int) -> dict:
                         times.append(time.perf_counter())
         with lock:
             ttft.append(times[0] - start)
-            gaps.extend(b - a for a, b in zip(times, times[1:]))
+            gaps.extend(b - a for a, b in itertools.pairwise(times))
 
     for r in range(rounds):
         threads = [threading.Thread(target=client, args=(r * streams + i,)) for i in range(streams)]
@@ -153,7 +154,10 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads for both sides (1 is steadiest on a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     import transformers
 

@@ -66,7 +66,7 @@ class LiveServer:
                                                     timeout_graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> LiveServer:
+    def __enter__(self):
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -91,3 +91,11 @@ def naive_greedy(model: Transformer, prompt: list[int], steps: int, stop_ids=())
                 break
             ids.append(token)
     return out
+
+
+def single_thread():
+    """Fixture body: one torch thread while a test module runs (steadier and faster on a shared machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

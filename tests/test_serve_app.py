@@ -8,6 +8,7 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
+from serve_fixtures import SlowTransformer, make_model, make_tokenizer, single_thread
 
 from murmur.cli import main as cli_main
 from murmur.commands.serve import settings_from_args
@@ -17,10 +18,14 @@ from murmur.infer.sampling import SamplingParams
 from murmur.serve.api import create_app
 from murmur.serve.launch import report_dir_of, served_name
 from murmur.settings.serve import ServeSettings
-from serve_fixtures import SlowTransformer, make_model, make_tokenizer
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 LONG = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from single_thread()
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +54,9 @@ def test_full_queue_gives_429(model, tokenizer):
     with TestClient(create_app(engine=engine)) as http:
         ids = tokenizer.encode("hello")
         first = engine.submit(ids, LONG, lambda out: gate.wait(5))  # holds the engine thread in its sink
+        deadline = time.monotonic() + 10
+        while engine.num_waiting and time.monotonic() < deadline:
+            time.sleep(0.01)
         second = engine.submit(ids, LONG, lambda out: None)
         response = http.post("/v1/chat/completions", json=CHAT)
         gate.set()

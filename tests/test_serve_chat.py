@@ -5,12 +5,17 @@ from __future__ import annotations
 import io
 
 import pytest
+from serve_fixtures import make_model, make_tokenizer, single_thread
 
 from murmur.commands.chat import chat_loop
 from murmur.hf import save_hf_model
 from murmur.infer.engine import Engine
 from murmur.infer.sampling import SamplingParams
-from serve_fixtures import make_model, make_tokenizer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from single_thread()
 
 
 @pytest.fixture(scope="module")

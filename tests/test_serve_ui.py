@@ -9,11 +9,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from serve_fixtures import LiveServer, make_model, make_tokenizer, single_thread
 
 from murmur.infer.engine import Engine
 from murmur.serve.api import create_app
 from murmur.settings.serve import ServeSettings
-from serve_fixtures import LiveServer, make_model, make_tokenizer
 
 CHROMIUM = Path("/usr/bin/chromium")
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
@@ -21,6 +21,11 @@ MODEL = "ui-test-model"
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from single_thread()
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +52,7 @@ def browser():
 
 def aborted(live) -> int:
     text = httpx.get(f"{live.url}/metrics").text
-    return int(float(re.search(r"^murmur_engine_requests_aborted_total (\S+)$", text, re.M).group(1)))
+    return int(float(re.search(r"^murmur_engine_requests_aborted_total (\S+)$", text, re.MULTILINE).group(1)))
 
 
 def test_type_stream_stop_and_new_chat(live, browser):

@@ -308,7 +308,7 @@ class Engine:
                 if self._running:
                     self._decode()
             self.counters["steps"] += 1
-        except Exception as err:  # noqa: BLE001 - a failed step must not kill the serving loop
+        except Exception as err:
             log.exception("engine step failed")
             self.counters["errors"] += 1
             for request in list(self._running.values()):

@@ -1,9 +1,9 @@
 """Choosing the next token: per-request sampling parameters applied to a batch of logits at once.
 
 Every row of a decode batch may belong to a different request with its own temperature, top-k,
-top-p, min-p, repetition penalty and seed. The filters are vectorised over the batch; only the
-final random draw is per row, through the request's own generator, so a seeded request draws the
-same numbers whether it runs alone or beside fifteen others.
+top-p, min-p, repetition penalty and seed. Everything is vectorised over the batch; only the uniform
+number behind each draw comes from the request's own generator, so a seeded request draws the same
+numbers whether it runs alone or beside fifteen others.
 """
 
 from __future__ import annotations
@@ -87,32 +87,52 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> T
     return torch.where(seen, penalised, logits)
 
 
-def filter_logits(logits: Tensor, params: list[SamplingParams]) -> Tensor:
+def _filter_sorted(logits: Tensor, params: list[SamplingParams]) -> tuple[Tensor, Tensor | None]:
     """Temperature, top-k, top-p and min-p for each row; filtered-out entries become -inf.
 
-    Rows that are greedy are returned unscaled (their caller takes the argmax).
+    When top-k or top-p is in use the rows come back sorted in descending order, with `order` mapping
+    sorted positions to token ids (sampling then needs no scatter back); otherwise order is None.
     """
     device = logits.device
-    temps = _param_column([p.temperature if p.temperature > 0 else 1.0 for p in params], device)
-    logits = logits / temps
+    logits = logits / _param_column([p.temperature if p.temperature > 0 else 1.0 for p in params], device)
+    order = None
     if any(p.top_k > 0 or p.top_p < 1 for p in params):
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        logits, order = logits.sort(dim=-1, descending=True)
         vocab = logits.shape[-1]
         ks = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)[:, None]
-        ranks = torch.arange(vocab, device=device)[None]
-        drop = ranks >= ks
-        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+        drop = torch.arange(vocab, device=device)[None] >= ks
+        probs = logits.masked_fill(drop, float("-inf")).softmax(-1)
         # Keep the smallest set whose mass reaches top_p: drop a token when the mass before it already does.
-        mass_before = probs.cumsum(-1) - probs
-        drop |= mass_before >= _param_column([p.top_p for p in params], device)
+        drop |= probs.cumsum(-1) - probs >= _param_column([p.top_p for p in params], device)
         drop[:, 0] = False
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        logits = logits.masked_fill(drop, float("-inf"))
     if any(p.min_p > 0 for p in params):
         probs = logits.softmax(-1)
         floor = probs.max(-1, keepdim=True).values * _param_column([p.min_p for p in params], device)
         logits = logits.masked_fill(probs < floor, float("-inf"))
-    return logits
+    return logits, order
+
+
+def filter_logits(logits: Tensor, params: list[SamplingParams]) -> Tensor:
+    """`_filter_sorted` with the rows back in token order (for inspection and tests)."""
+    filtered, order = _filter_sorted(logits, params)
+    if order is None:
+        return filtered
+    return torch.full_like(filtered, float("-inf")).scatter(-1, order, filtered)
+
+
+def draw(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> Tensor:
+    """One sampled token id per row, by inverse CDF with one uniform from each row's own generator.
+
+    Vectorised over the batch; each request consumes exactly one number of its generator per token,
+    so a seeded request draws the same tokens alone or in any batch.
+    """
+    filtered, order = _filter_sorted(logits, params)
+    probs = filtered.softmax(-1)
+    cdf = probs.cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generators])[:, None]
+    index = (cdf < u * cdf[:, -1:]).sum(-1, keepdim=True).clamp_max(logits.shape[-1] - 1)
+    return (index if order is None else order.gather(-1, index))[:, 0]
 
 
 def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
@@ -128,14 +148,15 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
     if seen is not None and any(p.repetition_penalty != 1 for p in params):
         logits = apply_repetition_penalty(logits, seen, _param_column([p.repetition_penalty for p in params],
                                                                       logits.device))
-    greedy_tokens = logits.argmax(-1)
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
-    chosen = greedy_tokens.clone()
-    if sampled_rows:
-        rows = torch.tensor(sampled_rows, device=logits.device)
-        probs = filter_logits(logits[rows], [params[i] for i in sampled_rows]).softmax(-1)
-        for j, i in enumerate(sampled_rows):
-            chosen[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+    if len(sampled_rows) == len(params):
+        chosen = draw(logits, params, generators)
+    else:
+        chosen = logits.argmax(-1)
+        if sampled_rows:
+            rows = torch.tensor(sampled_rows, device=logits.device)
+            chosen[rows] = draw(logits[rows], [params[i] for i in sampled_rows],
+                                [generators[i] for i in sampled_rows])
     tokens = chosen.tolist()
     out = []
     for i, token in enumerate(tokens):

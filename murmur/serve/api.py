@@ -24,7 +24,13 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -33,7 +39,11 @@ from murmur.infer.engine import Engine, EngineBusy, EngineClosed, StepOutput
 from murmur.infer.sampling import SamplingParams
 from murmur.serve.metrics import Metrics
 from murmur.serve.middleware import ServerMiddleware
-from murmur.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from murmur.serve.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+)
 from murmur.settings.serve import ServeSettings
 
 UI_DIR = Path(__file__).parent / "ui"

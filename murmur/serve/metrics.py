@@ -6,6 +6,7 @@ lock. Queue depth and running batch size are read from the engine when `/metrics
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import defaultdict
 
@@ -64,7 +65,7 @@ class Metrics:
             return
         with self.lock:
             self.time_to_first_token.observe(times[0] - request.arrival)
-            for before, after in zip(times, times[1:]):
+            for before, after in itertools.pairwise(times):
                 self.inter_token_latency.observe(after - before)
 
     def render(self, engine=None) -> str:
@@ -89,8 +90,8 @@ class Metrics:
                     ("murmur_generation_tokens_total", "counter", "Tokens generated.", counters["generation_tokens"]),
                     ("murmur_engine_requests_finished_total", "counter", "Engine requests that ended normally.",
                      counters["finished"]),
-                    ("murmur_engine_requests_aborted_total", "counter", "Engine requests cancelled (client gone, "
-                     "stop pressed, shutdown).", counters["aborted"]),
+                    ("murmur_engine_requests_aborted_total", "counter",
+                     "Engine requests cancelled (client gone, stop pressed, shutdown).", counters["aborted"]),
                     ("murmur_engine_step_errors_total", "counter", "Engine steps that failed.", counters["errors"]),
                     ("murmur_queue_depth", "gauge", "Requests waiting for a slot.", engine.num_waiting),
                     ("murmur_running_batch_size", "gauge", "Requests in the running batch.", engine.num_running),
