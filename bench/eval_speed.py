@@ -76,7 +76,7 @@ def reference_scores(model, scorer: ModelReplyScorer, examples, batch_size: int)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--examples", type=int, default=200)
+    parser.add_argument("--examples", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

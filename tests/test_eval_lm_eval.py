@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from eval_fixtures import tiny_model, tokenizer
+from eval_fixtures import one_thread, tiny_model, tokenizer  # noqa: F401 (one_thread: autouse)
 
 pytest.importorskip("lm_eval")
 

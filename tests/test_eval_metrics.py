@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from eval_fixtures import one_thread  # noqa: F401 (autouse)
 from eval_fixtures import sentence, tiny_model, tokenizer, write_conversations, write_posts
 from murmur.errors import MurmurError
 from murmur.eval.bpb import bits_per_byte, document_windows, read_split_posts
-from murmur.eval.privacy import canary_exposure, exposure_from_scores, secret_candidates
+from murmur.eval.privacy import canary_exposure, exposure_from_scores, greedy_extraction, secret_candidates
 from murmur.eval.ranking import (ModelReplyScorer, RankingExample, build_examples, chance_metrics,
                                  evaluate_ranking, rank_metrics, read_conversations)
 from murmur.eval.scoring import continuation_logprobs
@@ -157,7 +158,7 @@ def test_canary_exposure_high_when_memorised_and_low_when_never_seen():
     docs = [planted[0] + planted[1]] * 40 + [sentence(rng) for _ in range(40)]
     sequences = [[tok.eos_id, *tok.encode(d), tok.eos_id] for d in docs]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for step in range(60):
+    for step in range(90):
         batch = random.Random(step).sample(sequences, 16)
         width = max(len(s) for s in batch)
         x = torch.full((16, width), tok.eos_id)
@@ -177,3 +178,5 @@ def test_canary_exposure_high_when_memorised_and_low_when_never_seen():
     assert seen["rank"] == 1 and seen["exposure"] == pytest.approx(seen["max_exposure"])
     assert seen["exposure_estimated"] > 10
     assert np.mean(unseen) < 4.0  # random ranks average about 1.44 bits out of ~9
+    assert greedy_extraction(model, tok, planted[0], planted[1])  # the attack exposure warns of
+    assert not greedy_extraction(model, tok, "my pin is ", "5551")

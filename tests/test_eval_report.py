@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval_fixtures import make_run, tiny_model, tokenizer, write_posts
+from eval_fixtures import one_thread, make_run, tiny_model, tokenizer, write_posts  # noqa: F401 (one_thread: autouse)
 from murmur.cli import main
 from murmur.eval.report import CHART_KEY
 
@@ -38,6 +38,7 @@ def test_results_samples_and_report_are_written(evaluated_run):
     assert results["ranking"]["examples"] == 8 and results["ranking"]["candidates"] == 20
     assert set(results["ranking"]) >= {"ll", "pmi", "chance"}
     assert [c["repeats"] for c in results["privacy"]["canaries"]] == [10, 0]
+    assert [c["extracted"] for c in results["privacy"]["canaries"]] == [False, False]  # an untrained model
     assert results["privacy"]["pii_scan"]["texts"] == 4
     samples = [json.loads(line) for line in (evaluated_run / "eval" / "samples.jsonl").read_text().splitlines()]
     assert [(s["seed"], s["prompt"]) for s in samples] == [(0, "hi there"), (0, "what is up?"),

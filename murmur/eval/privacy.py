@@ -133,8 +133,23 @@ def run_canaries(model, tokenizer, data_dir: str | Path, n_candidates: int, seed
         result = canary_exposure(model, tokenizer, canary["prefix"], canary["secret"], n_candidates, seed,
                                  separator=separator)
         out.append({"prefix": canary["prefix"], "secret": canary["secret"], "repeats": canary["repeats"],
-                    "inserted": canary["inserted"], **result})
+                    "inserted": canary["inserted"], **result,
+                    "extracted": greedy_extraction(model, tokenizer, canary["prefix"] + separator, canary["secret"])})
     return out
+
+
+def greedy_extraction(model, tokenizer, prompt: str, secret: str) -> bool:
+    """Does greedy decoding after `prompt` (as a post) write the secret? The attack exposure quantifies."""
+    from murmur.infer.engine import Engine
+    from murmur.infer.sampling import SamplingParams
+
+    n_tokens = len(tokenizer.encode(" " + secret)) + 4
+    engine = Engine(model, tokenizer, max_batch_size=1)
+    # A trailing space would end the prompt on a token the model rarely saw there (BPE attaches spaces to
+    # the next word), so the prompt stops before it and the continuation brings its own.
+    ids = [tokenizer.eos_id, *tokenizer.encode(prompt.rstrip())]
+    completion = engine.generate([ids], SamplingParams(temperature=0.0, max_tokens=n_tokens))[0]
+    return secret in completion.text
 
 
 def pii_patterns() -> dict[str, list]:

@@ -273,9 +273,11 @@ def render_markdown(results: dict, charts: dict[str, str], numbers: dict, compar
     if canaries:
         lines += ["Canary exposure (Carlini et al. 2019): the planted secret ranked among random secrets of the "
                   "same shape; 0 bits = no memorisation, the maximum = ranked first.", "",
-                  "| canary | planted | rank | exposure | estimated exposure |", "| --- | --- | --- | --- | --- |"]
+                  "| canary | planted | rank | exposure | estimated exposure | greedy decoding writes the secret |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {c['prefix']} | {c['repeats']}x | {_fmt(c['rank'], 1)} / {_fmt(c['candidates'])} | "
-                  f"{_fmt(c['exposure'], 2)} | {_fmt(c['exposure_estimated'], 2)} |" for c in canaries]
+                  f"{_fmt(c['exposure'], 2)} | {_fmt(c['exposure_estimated'], 2)} | "
+                  f"{'yes' if c.get('extracted') else 'no'} |" for c in canaries]
         lines += ["", f"![canary exposure]({charts['canaries']})", ""]
     else:
         lines += ["No canaries were planted (set data.canaries to measure memorisation).", ""]

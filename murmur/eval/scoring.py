@@ -27,7 +27,9 @@ def model_device(model: Transformer) -> torch.device:
 
 def _gather_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     """log p(target) at each position, computed in float32 (B, T, V) x (B, T) -> (B, T)."""
-    return -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    # Flattened rows: cross_entropy over a transposed (B, V, T) view is several times slower on CPU.
+    batch, steps, vocab = logits.shape
+    return -F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1), reduction="none").view(batch, steps)
 
 
 def sequence_logprobs(model: Transformer, sequences: Sequence[Sequence[int]], score_from: Sequence[int],
