@@ -24,7 +24,6 @@ import math
 import shutil
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from murmur.errors import MurmurError
 from murmur.shards import ShardWriter, dtype_for_vocab, new_manifest, read_manifest, write_manifest
 from murmur.tokenizer import ChatTokenizer, open_parquet, replace_dir
 
-BATCH = 1024
+BATCH = 2048
 SPLITS = ("train", "validation", "test")
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -337,7 +336,7 @@ def _write_all(data_dir: Path, tokenizer: ChatTokenizer, out: Path, cfg,
 
     def write_threads(prepared, encoded) -> None:
         docs, doc_meta, chats, chat_meta = prepared
-        doc_ids, rendered = encoded.result()
+        doc_ids, rendered = encoded
         for parts, ids, (split, posts) in zip(docs, doc_ids, doc_meta):
             text = "\n".join(parts)
             if ids:
@@ -348,19 +347,11 @@ def _write_all(data_dir: Path, tokenizer: ChatTokenizer, out: Path, cfg,
                           for m in chat if m["role"] == "assistant")
             writers["sft", split].add([eos] + ids, [0] + mask, posts, trained, "thread")
 
-    # Encoding batch i+1 (Rust, without the GIL) overlaps with writing batch i.
     in_threads: set[str] = set()
     threads = open_parquet(data_dir / "conversations.parquet", ["id", "split", "turns", "post_ids"])
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
-        for batch in threads.iter_batches(columns=["id", "split", "turns", "post_ids"], batch_size=BATCH):
-            prepared = thread_batch(batch)
-            encoded = pool.submit(pieces.encode, prepared[0], prepared[2])
-            if pending is not None:
-                write_threads(*pending)
-            pending = (prepared, encoded)
-        if pending is not None:
-            write_threads(*pending)
+    for batch in threads.iter_batches(columns=["id", "split", "turns", "post_ids"], batch_size=BATCH):
+        prepared = thread_batch(batch)
+        write_threads(prepared, pieces.encode(prepared[0], prepared[2]))
 
     posts_file = open_parquet(data_dir / "posts.parquet", ["id", "text", "split"])
     for batch in posts_file.iter_batches(columns=["id", "text", "split"], batch_size=BATCH * 4):
