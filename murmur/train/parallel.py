@@ -50,7 +50,7 @@ class Layout:
 
     def describe(self) -> str:
         return (f"{self.strategy}: dp_replicate {self.dp_replicate} × dp_shard {self.dp_shard} × tp {self.tp} "
-                f"= {self.world_size} processes")
+                f"= {self.world_size} process{'es' if self.world_size > 1 else ''}")
 
 
 def resolve_layout(parallel: ParallelSettings, world_size: int) -> Layout:
