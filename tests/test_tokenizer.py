@@ -186,3 +186,19 @@ def test_cli_tokenizer_trains_and_explains_errors(tmp_path):
     assert bad.returncode == 1 and "lower --vocab-size" in bad.stderr and "Traceback" not in bad.stderr
     usage = subprocess.run(murmur + ["tokenizer", "--out", "x"], capture_output=True, text=True)
     assert usage.returncode == 2
+
+
+def test_run_stage_trains_or_takes_a_pretrained_tokenizer(tok_dir, tmp_path):
+    from murmur.config import Settings
+    from murmur.tokenizer import run_stage
+
+    write_data_dir(tmp_path / "run" / "data", conversations=40, loose_posts=20)
+    settings = Settings()
+    settings.tokenizer.vocab_size = 330
+    summary = run_stage(settings, tmp_path / "run")
+    assert summary["vocab_size"] == 330 and summary["texts"] > 0
+    assert ChatTokenizer.load(tmp_path / "run" / "tokenizer").vocab_size == 330
+    settings.tokenizer.pretrained = str(tok_dir)
+    summary = run_stage(settings, tmp_path / "run")
+    assert summary["vocab_size"] == 420
+    assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").read_bytes() == (tok_dir / "tokenizer.json").read_bytes()
