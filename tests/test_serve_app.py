@@ -166,3 +166,29 @@ def test_serve_command_line(tmp_path, capsys, monkeypatch):
     args.set = ["train.lr=1"]
     with pytest.raises(MurmurError, match="serve"):
         settings_from_args(args)
+
+
+class FailingTransformer(SlowTransformer):
+    """A model whose decode steps raise: a generation that fails after the stream has begun."""
+
+    def forward(self, tokens, *args, **kwargs):
+        if tokens.shape[1] == 1:
+            raise RuntimeError("simulated device failure")
+        return super().forward(tokens, *args, **kwargs)
+
+
+def test_a_failure_after_streaming_began_is_an_error_event(model, tokenizer):
+    failing = FailingTransformer(model.settings).eval()
+    failing.load_state_dict(model.state_dict())
+    engine = Engine(failing, tokenizer)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "ignore_eos": True}
+    with TestClient(create_app(engine=engine)) as http:
+        with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            events = [e for e in r.read().decode().split("\n\n") if e]
+        assert events[0].startswith('data: {"id"') and events[-1] == "data: [DONE]"
+        error = events[-2]
+        assert error.startswith('data: {"error"') and "simulated device failure" in error
+        plain = http.post("/v1/chat/completions", json=body)
+        assert plain.status_code == 500 and plain.json()["error"]["type"] == "server_error"
+        assert engine.num_running == 0 and engine.counters["errors"] == 2
