@@ -133,6 +133,8 @@ class ChatTokenizer:
                 "additional_special_tokens": [IM_START, IM_END],
                 "clean_up_tokenization_spaces": False,
                 "model_max_length": MAX_MODEL_LENGTH,
+                # Also here for transformers releases that predate chat_template.jinja.
+                "chat_template": template,
             }
             _write_json(tmp / "tokenizer_config.json", config)
             _write_json(tmp / "special_tokens_map.json", {
