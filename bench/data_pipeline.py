@@ -129,9 +129,12 @@ def child_reference(folder: Path, out: Path) -> int:
             pid = parent[pid]
         return pid
 
+    def split(root_id: str) -> str:
+        u = int.from_bytes(hashlib.blake2b(root_id.encode(), digest_size=8).digest(), "little") / 2**64
+        return "validation" if u < 0.05 else "test" if u < 0.1 else "train"
+
     df["root_id"] = df["id"].map(root)
-    df["split"] = df["root_id"].map(lambda r: (lambda u: "validation" if u < 0.05 else "test" if u < 0.1 else "train")(
-        int.from_bytes(hashlib.blake2b(r.encode(), digest_size=8).digest(), "little") / 2**64))
+    df["split"] = df["root_id"].map(split)
     conversations = []
     for root_id, group in df.groupby("root_id", sort=False):
         turns = []

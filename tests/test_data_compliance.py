@@ -8,12 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from data_corpus import thread_tweets, tweet  # noqa: E402
+from data_corpus import thread_tweets, tweet
 
-from murmur.cli import main  # noqa: E402
-from murmur.data import pipeline  # noqa: E402
-from murmur.data.compliance import audit, load_deletions, purge  # noqa: E402
-from murmur.settings.data import DataSettings  # noqa: E402
+from murmur.cli import main
+from murmur.data import pipeline
+from murmur.data.compliance import audit, load_deletions, purge
+from murmur.settings.data import DataSettings
 
 ROOT, BOB_1, BOB_2, ALICE_2, CAROL = (str(1_000_000_000_000_000_000 + i) for i in range(1, 6))
 

@@ -1,5 +1,6 @@
 """The data stage end to end on a tiny corpus with every kind of record, good and bad."""
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -8,12 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from data_corpus import source_specs, write_corpus  # noqa: E402
+from data_corpus import source_specs, write_corpus
 
-from murmur.cli import main  # noqa: E402
-from murmur.data import pipeline  # noqa: E402
-from murmur.errors import MurmurError  # noqa: E402
-from murmur.settings.data import DataSettings  # noqa: E402
+from murmur.cli import main
+from murmur.data import pipeline
+from murmur.errors import MurmurError
+from murmur.settings.data import DataSettings
 
 COLUMNS = {"id": "post", "text": "body", "author_id": "user", "created_at": "when"}
 
@@ -90,7 +91,7 @@ def test_conversations_and_split_by_root(built):
     for c in conversations:
         assert all(posts[pid]["split"] == c["split"] and posts[pid]["root_id"] == c["root_id"] for pid in c["post_ids"])
         speakers = [t["speaker"] for t in c["turns"]]
-        assert all(a != b for a, b in zip(speakers, speakers[1:]))
+        assert all(a != b for a, b in itertools.pairwise(speakers))
     assert posts["5002"]["root_id"] == "5001"
     assert sum(stats["splits"].values()) == stats["kept"]  # canaries are not counted as kept input
 

@@ -7,10 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from data_corpus import source_specs, write_corpus  # noqa: E402
+from data_corpus import source_specs, write_corpus
 
-from murmur.data import pipeline  # noqa: E402
-from murmur.settings.data import DataSettings  # noqa: E402
+from murmur.data import pipeline
+from murmur.settings.data import DataSettings
 
 pytest.importorskip("ray")
 
@@ -19,7 +19,7 @@ pytest.importorskip("ray")
 def test_ray_and_local_outputs_are_identical(tmp_path):
     paths = write_corpus(tmp_path / "in")
     columns = {"id": "post", "text": "body", "author_id": "user", "created_at": "when"}
-    common = dict(sources=source_specs(paths), columns=columns, batch_size=16, canaries=2)
+    common = {"sources": source_specs(paths), "columns": columns, "batch_size": 16, "canaries": 2}
     local = pipeline.run(DataSettings(**common, workers=1), tmp_path / "local", progress=False)
     remote = pipeline.run(DataSettings(**common, workers=1, executor="ray"), tmp_path / "ray", progress=False)
     assert local["in"] > 16 * 3  # several batches went through Ray

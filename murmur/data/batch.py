@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -64,7 +65,7 @@ def id_hash(value: str | None) -> int:
 class BatchProcessor:
     """Holds the compiled cleaner, filters and MinHash permutations; one per process."""
 
-    _cache: dict[str, "BatchProcessor"] = {}
+    _cache: ClassVar[dict[str, BatchProcessor]] = {}
 
     def __init__(self, settings: DataSettings):
         self.settings = settings
@@ -73,7 +74,7 @@ class BatchProcessor:
         self.hasher = MinHasher(settings.shingle_chars, settings.minhash_bands, settings.minhash_rows, settings.seed)
 
     @classmethod
-    def for_settings(cls, settings_json: str) -> "BatchProcessor":
+    def for_settings(cls, settings_json: str) -> BatchProcessor:
         if settings_json not in cls._cache:
             cls._cache[settings_json] = cls(DataSettings.model_validate_json(settings_json))
         return cls._cache[settings_json]

@@ -15,7 +15,7 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from murmur.data.dedup import exact_hash, normalised
@@ -89,7 +89,7 @@ def record_deletions(data_dir: Path, text: str) -> None:
     """Append an applied deletion list to the run's record (rewritten atomically)."""
     target = data_dir / DELETIONS_FILE
     previous = target.read_text(encoding="utf-8") if target.is_file() else ""
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
     write_text_atomic(target, previous + f"# applied {stamp}\n" + text.rstrip("\n") + "\n")
 
 
@@ -341,7 +341,7 @@ def purge(path: str | Path, deletions_file: str | Path, min_turns: int | None = 
             summary["tokens"] = shards.purge_documents(tokens, gone)
         if hasattr(shards, "audit_deletions"):
             summary["token_problems"] = shards.audit_deletions(tokens, gone, deleted_texts)
-    stats.setdefault("purges", []).append({"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    stats.setdefault("purges", []).append({"at": datetime.now(UTC).isoformat(timespec="seconds"),
                                            **{k: v for k, v in summary.items() if k != "token_problems"}})
     write_text_atomic(data_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
     return summary

@@ -18,9 +18,7 @@ NON_CONTENT_RE = re.compile(r"<url>|@\w+|#\w+|(?:[a-z0-9-]+\.)+[a-z]{2,}(?:/\S*)
 # English without asking the detector (4x faster on chat text; words shared with other languages, such as
 # 'a', 'no', 'me', 'in', 'was', 'die', are left out so that French, Spanish or German never take this path).
 ENGLISH_WORDS = frozenset(
-    "the and or but you he she it we they my your his her its our their is are were been do does did have "
-    "had not yes to of on at for with from by about that this what which who how why when where there here "
-    "if just like can would could should im i'm dont don't thats that's you're youre".split())
+    ["the", "and", "or", "but", "you", "he", "she", "it", "we", "they", "my", "your", "his", "her", "its", "our", "their", "is", "are", "were", "been", "do", "does", "did", "have", "had", "not", "yes", "to", "of", "on", "at", "for", "with", "from", "by", "about", "that", "this", "what", "which", "who", "how", "why", "when", "where", "there", "here", "if", "just", "like", "can", "would", "could", "should", "im", "i'm", "dont", "don't", "thats", "that's", "you're", "youre"])
 WORD_RE = re.compile(r"[a-z']+")
 # Payload languages that mean "no language": undetermined, media only, emoji only.
 NO_LANGUAGE = {"und", "zxx", "qme", "qst", "qam", "art"}
@@ -47,7 +45,7 @@ class PostFilter:
     def __init__(self, settings: DataSettings):
         self.settings = settings
         self.languages = {lang.lower() for lang in settings.languages}
-        self.char_run = re.compile(r"(.)\1{%d,}" % (settings.max_char_run - 1), re.DOTALL)
+        self.char_run = re.compile(rf"(.)\1{{{settings.max_char_run - 1},}}", re.DOTALL)
 
     def reason(self, post: Post, cleaned: Cleaned) -> str | None:
         """Why the post is dropped, or None to keep it. Sets `post.lang` from the detector when unknown."""

@@ -28,12 +28,24 @@ import pyarrow.parquet as pq
 import murmur
 from murmur.data import canaries as canary_module
 from murmur.data.batch import SURVIVOR_SCHEMA, BatchResult, band_column
-from murmur.data.compliance import (Deletions, add_deleted_post_ids, add_tombstones, load_deletions,
-                                    read_deletion_text,
-                                    record_deletions, write_table_atomic, write_text_atomic)
+from murmur.data.compliance import (
+    Deletions,
+    add_deleted_post_ids,
+    add_tombstones,
+    load_deletions,
+    read_deletion_text,
+    record_deletions,
+    write_table_atomic,
+    write_text_atomic,
+)
 from murmur.data.dedup import first_occurrence
 from murmur.data.executors import make_executor
-from murmur.data.records import CONVERSATION_SCHEMA, POST_SCHEMA, QUARANTINE_SCHEMA, SPLITS
+from murmur.data.records import (
+    CONVERSATION_SCHEMA,
+    POST_SCHEMA,
+    QUARANTINE_SCHEMA,
+    SPLITS,
+)
 from murmur.data.sources import FileReader, SourceFile, resolve_sources
 from murmur.data.split import split_of
 from murmur.data.threads import ThreadPost, tree_conversations

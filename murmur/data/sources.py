@@ -15,9 +15,11 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+
+import zstandard
 
 from murmur.data.records import Post, Quarantined
 from murmur.errors import MurmurError
@@ -39,6 +41,8 @@ DEFAULT_COLUMNS = {
 }
 
 Record = Post | Quarantined
+# What reading a damaged compressed file raises (zstandard's error is not an OSError).
+STREAM_ERRORS = (EOFError, OSError, ValueError, zstandard.ZstdError)
 
 
 def chitchat_path() -> Path:
@@ -98,7 +102,7 @@ class CountingFile(io.RawIOBase):
     """A read-only file that remembers how many (compressed) bytes were read, for the progress bar."""
 
     def __init__(self, path: Path):
-        self._file = open(path, "rb")
+        self._file = open(path, "rb")  # noqa: SIM115 - closed by close(), which the decompressor calls
         self.bytes_read = 0
 
     def readable(self) -> bool:
@@ -123,8 +127,6 @@ def open_binary(path: Path) -> tuple[io.BufferedIOBase, CountingFile]:
     if head.startswith(GZIP_MAGIC):
         return gzip.GzipFile(fileobj=buffered, mode="rb"), raw
     if head.startswith(ZSTD_MAGIC):
-        import zstandard
-
         reader = zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)
         return io.BufferedReader(reader, 1 << 20), raw
     return buffered, raw
@@ -167,10 +169,7 @@ class FileReader:
             while True:
                 try:
                     line = stream.readline()
-                except (EOFError, OSError, ValueError) as err:  # truncated gzip/zstd, corrupt stream
-                    yield number + 1, self._bad(number + 1, "truncated_or_corrupt_file", str(err))
-                    return
-                except Exception as err:  # zstandard.ZstdError is not an OSError
+                except STREAM_ERRORS as err:  # a truncated or corrupt gzip/zstd stream
                     yield number + 1, self._bad(number + 1, "truncated_or_corrupt_file", str(err))
                     return
                 if not line:
@@ -402,11 +401,12 @@ class FileReader:
             text.close()
 
     def _parquet(self) -> Iterator[Record]:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
             parquet = pq.ParquetFile(self.source.path)
-        except Exception as err:  # pyarrow raises ArrowInvalid/OSError for a damaged file
+        except (pa.ArrowException, OSError) as err:  # a damaged or non-Parquet file
             yield self._bad(None, f"unreadable_parquet: {err}")
             return
         number = 0
@@ -506,18 +506,18 @@ def _parse_time(value) -> datetime | None:
         if isinstance(value, datetime):
             moment = value
         elif isinstance(value, (int, float)):
-            moment = datetime.fromtimestamp(value / 1000 if value > 1e11 else value, tz=timezone.utc)
+            moment = datetime.fromtimestamp(value / 1000 if value > 1e11 else value, tz=UTC)
         else:
             text = str(value).strip()
             try:
-                moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+                moment = datetime.fromisoformat(text)
             except ValueError:
                 moment = parsedate_to_datetime(text) if "," in text else datetime.strptime(text, "%a %b %d %H:%M:%S %z %Y")
     except (ValueError, TypeError, OverflowError, OSError):
         return None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
 
 
 def _archive_owner(path: Path) -> str:
@@ -533,4 +533,4 @@ def _archive_owner(path: Path) -> str:
     return path.parent.name or "archive"
 
 
-__all__ = ["SourceFile", "FileReader", "resolve_sources", "open_binary", "chitchat_path", "Record"]
+__all__ = ["FileReader", "Record", "SourceFile", "chitchat_path", "open_binary", "resolve_sources"]

@@ -7,7 +7,7 @@ import hashlib
 
 def split_of(root_id: str, validation: float, test: float, seed: int = 0) -> str:
     """The split of every post and conversation under `root_id`: deterministic, independent of order."""
-    digest = hashlib.blake2b(f"{seed}:{root_id}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}:{root_id}".encode(), digest_size=8).digest()
     u = int.from_bytes(digest, "little") / 2**64
     if u < validation:
         return "validation"
