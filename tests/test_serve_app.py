@@ -123,13 +123,14 @@ def test_report_of_a_run_folder_is_served_safely(tmp_path, model, tokenizer):
     with TestClient(create_app(engine=Engine(model, tokenizer), report_dir=run / "report")) as http:
         page = http.get("/report")
         assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        assert http.head("/report").status_code == 200  # the chat page shows its link when this answers
         assert "script-src" not in page.headers["content-security-policy"]  # default-src 'self' covers scripts
         assert http.get("/report/report.md").text.startswith("# Report")
         assert http.get("/report/loss.png").headers["content-type"] == "image/png"
         assert http.get("/report/..%2Fsecret.md").status_code == 404
         assert http.get("/report/missing.png").status_code == 404
     with TestClient(create_app(engine=Engine(model, tokenizer))) as http:
-        assert http.get("/report").status_code == 404
+        assert http.get("/report").status_code == 404 and http.head("/report").status_code == 404
         assert "Murmur chat" in http.get("/").text
 
 

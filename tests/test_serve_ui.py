@@ -132,3 +132,36 @@ def test_model_output_is_shown_as_text_never_run(live, browser):
     page.wait_for_selector("#error:not([hidden])")
     assert "Rate limit reached" in page.inner_text("#error")
     page.close()
+
+
+def test_report_page_renders_markdown_and_charts_safely(tmp_path, browser):
+    import struct
+    import zlib
+
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.md").write_text("# Report card\n\n| metric | value |\n| --- | --- |\n| bpb | 1.23 |\n\n"
+                                      "![loss curve](loss.png)\n\n<script>window.__pwned = 1</script>\n")
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00")) + chunk(b"IEND", b"")
+    (report / "loss.png").write_bytes(png)
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    engine = Engine(make_model(tokenizer.vocab_size), tokenizer)
+    with LiveServer(create_app(engine=engine, model_name=MODEL, report_dir=report)) as server:
+        page = browser.new_page()
+        page.goto(server.url)
+        page.wait_for_selector("#report-link:not([hidden])")
+        page.click("#report-link")
+        page.wait_for_selector("#report table")
+        assert page.inner_text("#report h1") == "Report card"
+        assert page.get_attribute("#report img", "src") == "/report/loss.png"
+        page.wait_for_function("() => document.querySelector('#report img').naturalWidth === 1")
+        assert "<script>window.__pwned = 1</script>" in page.inner_text("#report")
+        assert page.evaluate("() => window.__pwned") is None
+        OUTPUT.mkdir(exist_ok=True)
+        page.screenshot(path=str(OUTPUT / "serve_report.png"))
+        page.close()

@@ -481,7 +481,7 @@ def create_app(settings: ServeSettings | None = None, engine: Engine | None = No
     async def chat_page():
         return FileResponse(UI_DIR / "index.html", headers=PAGE_HEADERS)
 
-    @app.get("/report", include_in_schema=False)
+    @app.api_route("/report", methods=["GET", "HEAD"], include_in_schema=False)
     async def report_page():
         if state.report_dir is None or not (state.report_dir / "report.md").is_file():
             raise APIError(404, "no report here: serve a run folder after `murmur eval` wrote report/report.md",
