@@ -45,13 +45,12 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.out:
         raise MurmurError("--out DIR is required: the folder to write posts.parquet and the other outputs into")
-    overrides = list(args.overrides)
-    for key, value in (("executor", args.executor), ("address", args.address), ("deletions", args.deletions)):
+    settings = load_settings(args.recipe, args.overrides)
+    # Flags win over the recipe and --set; assignment validates like the recipe does.
+    for key, value in (("executor", args.executor), ("address", args.address), ("deletions", args.deletions),
+                       ("sources", args.source or None)):
         if value is not None:
-            overrides.append(f'data.{key}="{value}"')
-    settings = load_settings(args.recipe, overrides)
-    if args.source:
-        settings.data.sources = args.source
+            setattr(settings.data, key, value)
     stats = run_pipeline(settings.data, args.out, progress=None if not args.quiet else False)
     if not args.quiet:
         print_funnel(stats, args.out)
