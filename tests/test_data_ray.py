@@ -1,4 +1,4 @@
-"""The Ray Data executor produces exactly the local executor's outputs (on a local Ray instance)."""
+"""The Ray Data executor produces exactly the local executor's outputs (a local Ray instance, a local pool)."""
 
 import sys
 from pathlib import Path
@@ -20,7 +20,7 @@ def test_ray_and_local_outputs_are_identical(tmp_path):
     paths = write_corpus(tmp_path / "in")
     columns = {"id": "post", "text": "body", "author_id": "user", "created_at": "when"}
     common = {"sources": source_specs(paths), "columns": columns, "batch_size": 16, "canaries": 2}
-    local = pipeline.run(DataSettings(**common, workers=1), tmp_path / "local", progress=False)
+    local = pipeline.run(DataSettings(**common, workers=2), tmp_path / "local", progress=False)  # a process pool
     remote = pipeline.run(DataSettings(**common, workers=1, executor="ray"), tmp_path / "ray", progress=False)
     assert local["in"] > 16 * 3  # several batches went through Ray
     for key in ("in", "kept", "dropped", "quarantined", "splits", "conversations"):
