@@ -46,7 +46,12 @@ class MurmurLM(LM):
         if model is None:
             if pretrained is None:
                 raise MurmurError("the murmur lm-eval model needs pretrained=RUN_OR_MODEL_DIR")
-            model, tokenizer = load_model_and_tokenizer(pretrained, device=device or "cpu")
+            import torch
+
+            # lm-eval's command line asks for "cuda" unless told otherwise; a CPU-only machine still runs.
+            if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+                device = "cpu"
+            model, tokenizer = load_model_and_tokenizer(pretrained, device=device)
         if tokenizer is None:
             raise MurmurError("the murmur lm-eval model needs a tokenizer")
         self.model, self.tokenizer = model.eval(), tokenizer

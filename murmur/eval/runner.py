@@ -174,7 +174,11 @@ def evaluate(src: str | Path, settings: EvalSettings, data_dir: str | Path | Non
     timings["privacy"] = time.perf_counter() - mark
 
     if lm_eval_tasks:
-        from murmur.eval.lm_eval_adapter import MurmurLM, run_lm_eval
+        try:
+            from murmur.eval.lm_eval_adapter import MurmurLM, run_lm_eval
+        except ImportError as err:
+            raise MurmurError(f"--lm-eval needs EleutherAI's lm-eval ({err}); install it with "
+                              "`pip install 'murmur[eval]'`") from None
 
         mark = time.perf_counter()
         lm = MurmurLM(model=model, tokenizer=tokenizer, batch_size=settings.batch_size)
