@@ -201,3 +201,21 @@ def test_thread_buckets_do_not_change_conversations(built, tmp_path, monkeypatch
         return sorted(map(str, pq.read_table(folder / "conversations.parquet").to_pylist()))
     assert rows(tmp_path / "bucketed") == rows(out)
     assert pq.read_table(tmp_path / "bucketed" / "posts.parquet").equals(pq.read_table(out / "posts.parquet"))
+
+
+def test_truncated_zstd_is_quarantined_not_silently_empty(tmp_path):
+    import zstandard
+
+    lines = "".join(json.dumps({"id": str(i), "text": f"post {i} {'abcdefghij'[i % 10] * 5}", "author_id": "z"}) + "\n"
+                    for i in range(3000)).encode()
+    frames = zstandard.ZstdCompressor().compress(lines[:40_000]) + zstandard.ZstdCompressor().compress(lines[40_000:])
+    (tmp_path / "whole.jsonl.zst").write_bytes(frames)
+    (tmp_path / "cut.jsonl.zst").write_bytes(frames[: len(frames) - 50])
+    settings = {"workers": 1, "near_dedup": False, "languages": [], "dedup_min_chars": 1000}
+    whole = pipeline.run(DataSettings(sources=[f"jsonl:{tmp_path / 'whole.jsonl.zst'}"], **settings),
+                         tmp_path / "whole", progress=False)
+    assert (whole["in"], whole["quarantined"]) == (3000, 0)  # both frames read
+    cut = pipeline.run(DataSettings(sources=[f"jsonl:{tmp_path / 'cut.jsonl.zst'}"], **settings),
+                       tmp_path / "cut", progress=False)
+    assert cut["quarantine_reasons"] == {"truncated_or_corrupt_file": 1}
+    assert cut["in"] == cut["kept"] + cut["quarantined"] and cut["kept"] < 3000

@@ -118,6 +118,45 @@ class CountingFile(io.RawIOBase):
         super().close()
 
 
+class ZstdFrames(io.RawIOBase):
+    """Decompresses every zstd frame of a stream, and raises EOFError when the last frame is cut short
+    (zstandard's own stream reader returns a truncated file's readable part, or nothing, without a word)."""
+
+    def __init__(self, source: io.BufferedIOBase):
+        self._source = source
+        self._decompressor = zstandard.ZstdDecompressor().decompressobj()
+        self._pending = b""
+        self._in_frame = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            chunk = self._source.read(1 << 16)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("zstd stream ended before the end of its frame")
+                return 0
+            while chunk:
+                self._in_frame = True
+                self._pending += self._decompressor.decompress(chunk)
+                if not self._decompressor.eof:
+                    break
+                # A frame ended: whatever follows is the next frame.
+                chunk = self._decompressor.unused_data
+                self._decompressor = zstandard.ZstdDecompressor().decompressobj()
+                self._in_frame = False
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._source.close()
+        super().close()
+
+
 def open_binary(path: Path) -> tuple[io.BufferedIOBase, CountingFile]:
     """The decompressed byte stream of a file (plain, gzip or zstd), and the counting raw file under it."""
     with open(path, "rb") as probe:
@@ -127,8 +166,7 @@ def open_binary(path: Path) -> tuple[io.BufferedIOBase, CountingFile]:
     if head.startswith(GZIP_MAGIC):
         return gzip.GzipFile(fileobj=buffered, mode="rb"), raw
     if head.startswith(ZSTD_MAGIC):
-        reader = zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)
-        return io.BufferedReader(reader, 1 << 20), raw
+        return io.BufferedReader(ZstdFrames(buffered), 1 << 20), raw
     return buffered, raw
 
 
@@ -385,7 +423,7 @@ class FileReader:
                     row = next(reader)
                 except StopIteration:
                     return
-                except (EOFError, OSError, csv.Error) as err:
+                except (*STREAM_ERRORS, csv.Error) as err:
                     yield self._bad(reader.line_num + 1, "truncated_or_corrupt_file", str(err))
                     return
                 number = reader.line_num
