@@ -264,3 +264,22 @@ def test_bad_layout_and_missing_chat_source_fail_in_the_plan(tmp_path, corpus):
         plan_build(_settings(tmp_path, corpus, train={"global_batch_tokens": 1000}))
     with pytest.raises(MurmurError, match="stage tokenize: tokenizer.chat_sources = .*extra.jsonl not found"):
         plan_build(_settings(tmp_path, corpus, tokenizer={"chat_sources": [{"path": str(tmp_path / "extra.jsonl")}]}))
+
+
+def test_demo_builds_the_shipped_recipe_then_serves_the_run(monkeypatch, tmp_path):
+    import murmur.build
+    import murmur.cli
+    from murmur.commands import demo
+
+    built, served = [], []
+
+    class Result:
+        run_dir = tmp_path / "runs" / "demo"
+
+    monkeypatch.setattr(murmur.build, "build", lambda settings: built.append(settings) or Result())
+    monkeypatch.setattr(murmur.cli, "main", lambda argv: served.append(argv) or 0)
+    assert demo.run(demo.argparse.Namespace(overrides=["sft.steps=3", "serve.port=9001"], host=None, port=None,
+                                            no_serve=False)) == 0
+    assert built[0].data.sources == ["chitchat:"] and built[0].model.preset == "tiny-cpu"
+    assert built[0].sft.steps == 3
+    assert served == [["serve", str(Result.run_dir), "--recipe", str(demo.demo_recipe()), "--set=serve.port=9001"]]

@@ -35,10 +35,16 @@ def run(args: argparse.Namespace) -> int:
     from murmur.cli import main as murmur_main
     from murmur.config import load_settings
 
-    settings = load_settings(demo_recipe(), args.overrides)
+    recipe = demo_recipe()
+    settings = load_settings(recipe, args.overrides)
     result = build(settings)
     if args.no_serve:
         return 0
-    host = args.host or settings.serve.host
-    port = args.port if args.port is not None else settings.serve.port
-    return murmur_main(["serve", str(result.run_dir), "--host", host, "--port", str(port)])
+    # serve reads the recipe's [serve] section itself; --set serve.* and --host/--port win over it
+    serve_args = ["serve", str(result.run_dir), "--recipe", str(recipe)]
+    serve_args += [f"--set={item}" for item in args.overrides if item.strip().startswith("serve.")]
+    if args.host:
+        serve_args += ["--host", args.host]
+    if args.port is not None:
+        serve_args += ["--port", str(args.port)]
+    return murmur_main(serve_args)
