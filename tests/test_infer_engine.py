@@ -89,6 +89,13 @@ def test_prefix_reuse_for_a_shared_system_prompt_gives_the_same_tokens(model, to
     cached = [cached_engine.generate([chat], GREEDY)[0] for chat in chats]
     assert [r.token_ids for r in cached] == [r.token_ids for r in plain]
     assert cached_engine.prefixes.hits == 2
+    # One batched prefill of prompts of different lengths, two starting after the cached prefix, one from 0.
+    mixed = [*chats[:2], [{"role": "user", "content": "a prompt without the system message, longer"}]]
+    together = cached_engine.generate(mixed, GREEDY)
+    assert cached_engine.prefixes.hits == 4
+    for chat, result in zip(mixed, together):
+        ids, _ = cached_engine.encode_prompt(chat)
+        assert result.token_ids == naive_greedy(model, ids, GREEDY.max_tokens)
 
 
 def test_stop_strings_and_tokens_end_the_output(model, tokenizer):

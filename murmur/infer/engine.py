@@ -331,36 +331,69 @@ class Engine:
                 self._finish(request, "abort")
 
     def _admit(self) -> None:
+        """Move waiting requests into free slots and prefill them, several prompts per forward pass."""
+        admitted = []
         while self._free:
             with self._cond:
                 if not self._waiting:
-                    return
+                    break
                 request = self._waiting.popleft()
             request.slot = heapq.heappop(self._free)
             self._running[request.id] = request
-            self._prefill(request)
+            admitted.append(request)
+        group: list[tuple[Request, int]] = []
+        for request in admitted:
+            start = self._reuse_prefix(request)
+            candidate = [*group, (request, start)]
+            longest = max(len(r.prompt_ids) - s for r, s in candidate)
+            # Padded prompts cost B x longest positions; keep a group within the budget and the cache.
+            if group and (len(candidate) * longest > self.PREFILL_TOKENS or
+                          max(s for _, s in candidate) + longest > self.max_seq_len):
+                self._prefill(group)
+                candidate = [(request, start)]
+            group = candidate
+        if group:
+            self._prefill(group)
 
-    def _prefill(self, request: Request) -> None:
-        ids, slot = request.prompt_ids, request.slot
-        start = 0
-        prefix = tuple(ids[:request.prefix_len]) if request.prefix_len and self.prefixes is not None else None
-        if prefix is not None:
-            entry = self.prefixes.get(prefix)
-            if entry is not None:
-                self.cache.copy_in(slot, *entry)
-                start = len(prefix)
-        positions = self.cache.bind([slot], [start], len(ids) - start)
-        tokens = torch.tensor([ids[start:]], device=self.device)
-        hidden = self.model(tokens, positions=positions, cache=self.cache, return_hidden=True)
-        logits = self.model.lm_head(hidden[:, -1])
-        if prefix is not None and start == 0:
-            self.prefixes.put(prefix, *self.cache.copy_out(slot, len(prefix)))
-        request.length = len(ids)
-        self.counters["prompt_tokens"] += len(ids)
-        self.seen[slot] = False
-        self.seen[slot, torch.tensor(ids, device=self.device)] = True
-        choice = sample(logits, [request.params], [request.generator], self.seen[slot:slot + 1])[0]
-        self._accept(request, choice)
+    PREFILL_TOKENS = 4096  # most (padded) prompt positions prefilled in one forward pass
+
+    def _reuse_prefix(self, request: Request) -> int:
+        """Copy a cached shared prefix into the request's slot; return how many positions it filled."""
+        if not request.prefix_len or self.prefixes is None:
+            return 0
+        entry = self.prefixes.get(tuple(request.prompt_ids[:request.prefix_len]))
+        if entry is None:
+            return 0
+        self.cache.copy_in(request.slot, *entry)
+        return request.prefix_len
+
+    def _prefill(self, group: list[tuple[Request, int]]) -> None:
+        """One forward pass over the prompts of `group` (each from its start), then each one's first token."""
+        requests = [r for r, _ in group]
+        starts = [s for _, s in group]
+        lengths = [len(r.prompt_ids) - s for r, s in group]
+        steps = max(lengths)
+        # Right-padding: a pad position's key is overwritten by decoding before any real query reaches it.
+        rows = [r.prompt_ids[s:] + [0] * (steps - n) for r, s, n in zip(requests, starts, lengths)]
+        slots = [r.slot for r in requests]
+        positions = self.cache.bind(slots, starts, steps)
+        hidden = self.model(torch.tensor(rows, device=self.device), positions=positions, cache=self.cache,
+                            return_hidden=True)
+        last = torch.tensor(lengths, device=self.device) - 1
+        logits = self.model.lm_head(hidden[torch.arange(len(rows), device=self.device), last])
+        for request, start in group:
+            slot, ids = request.slot, request.prompt_ids
+            if request.prefix_len and self.prefixes is not None and start == 0:
+                self.prefixes.put(tuple(ids[:request.prefix_len]), *self.cache.copy_out(slot, request.prefix_len))
+            request.length = len(ids)
+            self.counters["prompt_tokens"] += len(ids)
+            self.seen[slot] = False
+            self.seen[slot, torch.tensor(ids, device=self.device)] = True
+        slot_index = torch.tensor(slots, device=self.device)
+        choices = sample(logits, [r.params for r in requests], [r.generator for r in requests],
+                         self.seen[slot_index])
+        for request, choice in zip(requests, choices):
+            self._accept(request, choice)
 
     def _decode(self) -> None:
         batch = sorted(self._running.values(), key=lambda r: r.slot)
