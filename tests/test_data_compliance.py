@@ -146,3 +146,16 @@ def test_purging_a_thread_root_leaves_no_reference_to_it(corpus):
     assert posts[ALICE_2]["root_id"] == BOB_1 and posts[CAROL]["root_id"] == CAROL
     conversations = pq.read_table(out / "conversations.parquet").to_pylist()
     assert [(c["root_id"], c["post_ids"]) for c in conversations] == [(BOB_1, [BOB_1, BOB_2, ALICE_2])]
+
+
+def test_a_rebuild_honours_deletions_purged_earlier(corpus):
+    out = corpus / "out"
+    run(corpus, out)
+    late = corpus / "late.txt"
+    late.write_text("post:7003\n")
+    purge(out, late)
+    settings = DataSettings(sources=[f"x-api:{corpus / 'posts.jsonl'}"], workers=1, min_turns=3)  # a new setting
+    stats = pipeline.run(settings, out, progress=False)
+    assert not stats.get("up_to_date") and stats["deleted"] == 1
+    assert b"7003" not in all_output_bytes(out) and audit(out) == []
+    assert pipeline.run(settings, out, progress=False)["up_to_date"]  # and the rebuild is stable

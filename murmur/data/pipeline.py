@@ -29,10 +29,13 @@ import murmur
 from murmur.data import canaries as canary_module
 from murmur.data.batch import SURVIVOR_SCHEMA, BatchResult, band_column
 from murmur.data.compliance import (
+    DELETED_POSTS_FILE,
+    DELETIONS_FILE,
+    TOMBSTONES_FILE,
     Deletions,
     add_deleted_post_ids,
     add_tombstones,
-    load_deletions,
+    parse_deletion_lines,
     read_deletion_text,
     record_deletions,
     write_table_atomic,
@@ -74,10 +77,13 @@ def run(settings: DataSettings, out: str | Path, progress: bool | None = None) -
     started = time.perf_counter()
     out = Path(out)
     sources = resolve_sources(settings.sources)  # a missing file is an error before any work
-    deletion_text = read_deletion_text(settings.deletions) if settings.deletions else ""
-    deletions = load_deletions(settings.deletions)
+    # Deletions are for ever: a rebuild honours every list this output folder ever applied (purges included).
+    recorded = (out / DELETIONS_FILE).read_text(encoding="utf-8") if (out / DELETIONS_FILE).is_file() else ""
+    new_text = read_deletion_text(settings.deletions) if settings.deletions else ""
+    deletions = parse_deletion_lines((recorded + "\n" + new_text).splitlines(), "deletion lists")
     batch_fp = _fingerprint(settings, sources, exclude=EXECUTION_ONLY | GLOBAL_ONLY)
-    full_fp = _fingerprint(settings, sources, exclude=EXECUTION_ONLY, extra=deletion_text)
+    full_fp = _fingerprint(settings, sources, exclude=EXECUTION_ONLY | {"deletions"},
+                           extra=json.dumps([sorted(deletions.posts), sorted(deletions.accounts)]))
     previous = _read_stats(out)
     if previous and previous.get("fingerprint") == full_fp:
         return previous | {"up_to_date": True}
@@ -106,11 +112,10 @@ def run(settings: DataSettings, out: str | Path, progress: bool | None = None) -
             os.replace(staged, out / name)
         elif (out / name).exists():
             (out / name).unlink()
-    (out / "deletions.txt").unlink(missing_ok=True)
-    (out / "tombstones.txt").unlink(missing_ok=True)
-    (out / "deleted_posts.txt").unlink(missing_ok=True)
-    if deletion_text:
-        record_deletions(out, deletion_text)
+    (out / TOMBSTONES_FILE).unlink(missing_ok=True)
+    (out / DELETED_POSTS_FILE).unlink(missing_ok=True)
+    if new_text.strip() and new_text.strip() not in recorded:
+        record_deletions(out, new_text)
     add_tombstones(out, stats.pop("_tombstones"))
     add_deleted_post_ids(out, stats.pop("_deleted_ids"))
     write_text_atomic(out / "stats.json", json.dumps(stats, indent=2) + "\n")
