@@ -117,13 +117,15 @@ def http_latency(engine, streams: int, new_tokens: int, rounds: int) -> dict:
         time.sleep(0.02)
     ttft, gaps = [], []
     lock = threading.Lock()
+    # One client for all threads: building a client per request (TLS context and all) would be timed too.
+    http = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=2 * streams))
 
     def client(seed: int) -> None:
         body = {"model": "bench", "messages": [{"role": "user", "content": f"tell me a story {seed}"}],
                 "stream": True, "max_tokens": new_tokens, "seed": seed, "ignore_eos": True}
         start = time.perf_counter()
         times = []
-        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120) as r:
+        with http.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     chunk = json.loads(line[6:])
@@ -139,6 +141,7 @@ def http_latency(engine, streams: int, new_tokens: int, rounds: int) -> dict:
             t.start()
         for t in threads:
             t.join()
+    http.close()
     server.should_exit = True
     thread.join()
     return {"ttft_median_ms": 1000 * statistics.median(ttft), "ttft_p99_ms": 1000 * percentile(ttft, 99),
