@@ -103,22 +103,41 @@ def continuation_logprobs(model: Transformer, prefix: Sequence[int], continuatio
     prefix_logits = model(torch.tensor([list(prefix)], device=device), cache=dense)[0, -1].float()
     first_logp = torch.log_softmax(prefix_logits, dim=-1).double().cpu().numpy()
     shared = SharedPrefixCache(dense)
-    out: list[np.ndarray] = []
-    for start in range(0, len(continuations), batch_size):
-        chunk = continuations[start:start + batch_size]
-        width = max(len(c) for c in chunk)
+    out: list[np.ndarray] = [np.zeros(0)] * len(continuations)
+    for chunk in _length_chunks(continuations, batch_size):
+        width = max(len(continuations[i]) for i in chunk)
         if width == 0:
-            out.extend(np.zeros(0) for _ in chunk)
             continue
         batch = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, cont in enumerate(chunk):
-            batch[row, :len(cont)] = torch.tensor(list(cont), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            batch[row, :len(continuations[i])] = torch.tensor(list(continuations[i]), dtype=torch.long)
         batch = batch.to(device)
         rest = _gather_logprobs(model(batch[:, :-1], cache=shared), batch[:, 1:]).double().cpu().numpy() \
             if width > 1 else np.zeros((len(chunk), 0))
-        for row, cont in enumerate(chunk):
-            if not cont:
-                out.append(np.zeros(0))
-                continue
-            out.append(np.concatenate(([first_logp[cont[0]]], rest[row, :len(cont) - 1])))
+        for row, i in enumerate(chunk):
+            cont = continuations[i]
+            if cont:
+                out[i] = np.concatenate(([first_logp[cont[0]]], rest[row, :len(cont) - 1]))
     return out
+
+
+def _length_chunks(sequences: Sequence[Sequence[int]], batch_size: int, max_padding: float = 0.25
+                   ) -> list[list[int]]:
+    """Indices of `sequences` grouped by length into batches of at most `batch_size`, a new batch starting
+    when padding would exceed `max_padding` of the batch: candidate replies vary a lot in length, and a
+    padded token costs as much as a real one."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in order:
+        width = len(sequences[i])  # the longest so far: the order is ascending
+        if current and (len(current) >= batch_size or (len(current) + 1) * width > (1 + max_padding) * (
+                real + width) + 4):
+            chunks.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += width
+    if current:
+        chunks.append(current)
+    return chunks
