@@ -28,7 +28,7 @@ def runs(tmp_path_factory):
     work = tmp_path_factory.mktemp("dist")
     tokens = work / "tokens"
     write_pretrain_tokens(tokens, validation_tokens=SEQ + 1)
-    for name in ("single", *LAYOUTS):
+    for name in ("single", "fsdp-meta", *LAYOUTS):
         link_tokens(work / name, tokens)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("WORLD_SIZE", None)
@@ -62,6 +62,14 @@ def test_two_processes_match_one(runs, layout):
     assert sorted(got_val) == sorted(ref_val) and len(ref_val) >= 2
     for step in ref_val:
         assert got_val[step] == pytest.approx(ref_val[step], rel=TOLERANCE)
+
+
+@pytest.mark.distributed
+def test_meta_device_init_after_sharding_trains(runs):
+    losses = read_losses(runs / "fsdp-meta" / "pretrain")
+    assert sorted(losses) == list(range(1, 9))
+    assert 3.9 < losses[1] < 4.4  # a fresh init: about ln(64) = 4.16
+    assert losses[8] < losses[1] - 0.15
 
 
 @pytest.mark.distributed

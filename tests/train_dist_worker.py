@@ -10,6 +10,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from train_helpers import SEQ, settings_for
+from murmur.train import trainer
 from murmur.train.trainer import run_stage
 
 GLOBAL = SEQ * 8  # tokens per step in every layout
@@ -27,6 +28,10 @@ def main() -> None:
     for name, layout in LAYOUTS.items():
         run_stage(settings_for(work / name, global_batch_tokens=GLOBAL, **layout), work / name, "pretrain")
         dist.barrier()
+    # Large models are built on the meta device and initialised after sharding: force that path here.
+    trainer.META_INIT_PARAMS = 0
+    run_stage(settings_for(work / "fsdp-meta", global_batch_tokens=GLOBAL, **LAYOUTS["fsdp"]), work / "fsdp-meta",
+              "pretrain")
     dist.destroy_process_group()
 
 
