@@ -1,6 +1,6 @@
 """The default `murmur eval` on the demo-sized model (preset tiny-cpu, ~5.8M parameters), on CPU.
 
-    .venv/bin/python -m bench.eval_speed [--repeats 3] [--examples 200] [--threads 2]
+    .venv/bin/python -m bench.eval_speed [--repeats 3] [--examples 100] [--threads 2]
 
 Builds a run-like data folder from the chitchat-dataset package (held-out posts and conversations with
 realistic lengths), a 4096-token BPE on it, and a randomly initialised tiny-cpu model; then times:
