@@ -15,8 +15,7 @@ import torch
 from murmur.model import Transformer
 from murmur.settings.model import ModelSettings
 
-WORDS = ("the cat sat on a mat while rain fell over quiet hills and we talked about books music food "
-         "coffee trains weekends movies cooking gardens rivers friends work code bikes").split()
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "rain", "fell", "over", "quiet", "hills", "and", "we", "talked", "about", "books", "music", "food", "coffee", "trains", "weekends", "movies", "cooking", "gardens", "rivers", "friends", "work", "code", "bikes"]
 
 
 @pytest.fixture(autouse=True, scope="module")

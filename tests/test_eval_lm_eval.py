@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
-
 from eval_fixtures import one_thread, tiny_model, tokenizer  # noqa: F401 (one_thread: autouse)
 
 pytest.importorskip("lm_eval")
 
-from murmur.eval.lm_eval_adapter import MurmurLM, run_lm_eval  # noqa: E402
+from murmur.eval.lm_eval_adapter import MurmurLM, run_lm_eval
 
 QUESTIONS = [
     {"question": "the cat sat on the", "choices": [" mat", " rain", " coffee"], "answer": 0},

@@ -9,14 +9,32 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from eval_fixtures import (
+    one_thread,  # noqa: F401 (autouse)
+    sentence,
+    tiny_model,
+    tokenizer,
+    write_conversations,
+    write_posts,
+)
 
-from eval_fixtures import one_thread  # noqa: F401 (autouse)
-from eval_fixtures import sentence, tiny_model, tokenizer, write_conversations, write_posts
 from murmur.errors import MurmurError
 from murmur.eval.bpb import bits_per_byte, document_windows, read_split_posts
-from murmur.eval.privacy import canary_exposure, exposure_from_scores, greedy_extraction, secret_candidates
-from murmur.eval.ranking import (ModelReplyScorer, RankingExample, build_examples, chance_metrics,
-                                 evaluate_ranking, rank_metrics, read_conversations)
+from murmur.eval.privacy import (
+    canary_exposure,
+    exposure_from_scores,
+    greedy_extraction,
+    secret_candidates,
+)
+from murmur.eval.ranking import (
+    ModelReplyScorer,
+    RankingExample,
+    build_examples,
+    chance_metrics,
+    evaluate_ranking,
+    rank_metrics,
+    read_conversations,
+)
 from murmur.eval.scoring import continuation_logprobs
 
 
@@ -121,7 +139,7 @@ def test_model_scorer_matches_full_sequence_scoring(tmp_path):
         reply = scorer.reply_ids(example.candidates[j])
         assert reply[-1] == tok.im_end_id
         with torch.no_grad():
-            def total(prefix):
+            def total(prefix, reply=reply):
                 seq = torch.tensor([prefix + reply])
                 logp = F.log_softmax(model(seq)[0, :-1].double(), -1)
                 return sum(float(logp[len(prefix) - 1 + i, t]) for i, t in enumerate(reply))

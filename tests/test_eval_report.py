@@ -8,9 +8,9 @@ import shutil
 
 import numpy as np
 import pytest
+from eval_fixtures import make_run, one_thread, tiny_model, tokenizer, write_posts  # noqa: F401 (one_thread: autouse)
 from PIL import Image
 
-from eval_fixtures import one_thread, make_run, tiny_model, tokenizer, write_posts  # noqa: F401 (one_thread: autouse)
 from murmur.cli import main
 from murmur.eval.report import CHART_KEY
 
@@ -68,7 +68,7 @@ def test_charts_are_pngs_whose_numbers_match_the_report(evaluated_run):
     page = (report / "report.md").read_text()
     section = page.split("## Data funnel")[1].split("##")[0]
     table = {m.group(1): int(m.group(2).replace(",", "")) for m in re.finditer(r"^\| (.+?) \| ([\d,]+) \|$",
-                                                                                 section, re.M)}
+                                                                                 section, re.MULTILINE)}
     stats = json.loads((evaluated_run / "data" / "stats.json").read_text())
     assert drawn == table
     assert table["in"] == stats["records_in"] and table["kept"] == stats["kept"]
@@ -131,6 +131,7 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
 
 def test_all_checkpoints_get_bits_per_byte(tmp_path):
     from eval_fixtures import tokenizer_dir, write_conversations
+
     from murmur.train.checkpoint import Checkpointer
 
     run = tmp_path / "run"

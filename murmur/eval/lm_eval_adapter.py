@@ -117,7 +117,7 @@ class MurmurLM(LM):
 
 
 def run_lm_eval(model: str | Path | LM, tasks: list[str], include_path: str | Path | None = None,
-                limit: int | float | None = None, num_fewshot: int | None = None, batch_size: int = 16,
+                limit: float | None = None, num_fewshot: int | None = None, batch_size: int = 16,
                 device: str = "cpu", include_defaults: bool = True) -> dict:
     """Evaluate `model` (a path, or a MurmurLM) on lm-eval `tasks`; returns {task: {metric: value}}.
 

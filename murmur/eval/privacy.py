@@ -156,7 +156,7 @@ def pii_patterns() -> dict[str, list]:
     """The personal-data patterns the data stage scrubs (murmur.data.clean), by kind: [(regex, check)]."""
     from murmur.data import clean
 
-    digits = lambda text: "".join(c for c in text if c.isdigit())  # noqa: E731
+    digits = lambda text: "".join(c for c in text if c.isdigit())
     return {
         "email": [(clean.EMAIL_RE, None)],
         "phone": [(clean.PHONE_RE, None)],

@@ -258,9 +258,9 @@ def render_markdown(results: dict, charts: dict[str, str], numbers: dict, compar
     ranking = results.get("ranking")
     if ranking:
         lines += [f"## Reply ranking ({ranking['split']} split)", "",
-                  f"The true next reply among {ranking['candidates']} candidates, {ranking['examples']} contexts, "
-                  f"seed {ranking['seed']}. ll: log-likelihood given the context; pmi: minus its likelihood "
-                  "without the context.", "",
+                  (f"The true next reply among {ranking['candidates']} candidates, {ranking['examples']} contexts, "
+                   f"seed {ranking['seed']}. ll: log-likelihood given the context; pmi: minus its likelihood "
+                   "without the context."), "",
                   "| scorer | hits@1 | hits@5 | MRR |", "| --- | --- | --- | --- |"]
         for method in ("ll", "pmi", "chance"):
             m = ranking[method]
@@ -271,8 +271,8 @@ def render_markdown(results: dict, charts: dict[str, str], numbers: dict, compar
     lines += ["## Privacy", ""]
     canaries = privacy.get("canaries") or []
     if canaries:
-        lines += ["Canary exposure (Carlini et al. 2019): the planted secret ranked among random secrets of the "
-                  "same shape; 0 bits = no memorisation, the maximum = ranked first.", "",
+        lines += [("Canary exposure (Carlini et al. 2019): the planted secret ranked among random secrets of the "
+                   "same shape; 0 bits = no memorisation, the maximum = ranked first."), "",
                   "| canary | planted | rank | exposure | estimated exposure | greedy decoding writes the secret |",
                   "| --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {c['prefix']} | {c['repeats']}x | {_fmt(c['rank'], 1)} / {_fmt(c['candidates'])} | "
@@ -284,8 +284,8 @@ def render_markdown(results: dict, charts: dict[str, str], numbers: dict, compar
     pii = privacy.get("pii_scan")
     if pii:
         found = ", ".join(f"{k}: {v}" for k, v in pii["matches"].items())
-        lines += [f"Personal-data scan of {pii['texts']} generated samples: {pii['texts_with_pii']} with a match "
-                  f"({found}).", ""]
+        lines += [(f"Personal-data scan of {pii['texts']} generated samples: {pii['texts_with_pii']} with a match "
+                   f"({found})."), ""]
 
     samples = results.get("samples") or []
     if samples:

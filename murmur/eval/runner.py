@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +129,7 @@ def evaluate(src: str | Path, settings: EvalSettings, data_dir: str | Path | Non
     # Read every split first so that an empty one fails before minutes of scoring.
     texts = {split: read_split_posts(data_dir, split, settings.bpb_max_posts, settings.seed)
              for split in settings.bpb_splits}
-    results: dict[str, Any] = {"name": out_dir.resolve().name, "created_at": datetime.now(timezone.utc).isoformat(
+    results: dict[str, Any] = {"name": out_dir.resolve().name, "created_at": datetime.now(UTC).isoformat(
         timespec="seconds"), "model": info, "data": str(data_dir), "settings": settings.model_dump(mode="json")}
 
     mark = time.perf_counter()
