@@ -155,3 +155,17 @@ def test_all_checkpoints_get_bits_per_byte(tmp_path):
     assert rows[1]["bpb_validation"] == pytest.approx(results["bpb"]["validation"]["bpb"])  # same posts, model
     page = (run / "report" / "report.md").read_text()
     assert "| pretrain/step_00000010 | 10 | 1,000 |" in page and "ranking" not in page.split("## Privacy")[0]
+
+
+def test_run_stage_is_the_build_entry_point(tmp_path):
+    from murmur.config import settings_from_dict
+    from murmur.eval.runner import run_stage
+
+    run = make_run(tmp_path)
+    settings = settings_from_dict({"run": {"dir": str(run)}, "eval": {
+        "ranking_examples": 5, "prompts": ["hello"], "sample_seeds": [0], "max_new_tokens": 4}})
+    summary = run_stage(settings, run)
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert summary["bpb_validation"] == results["bpb"]["validation"]["bpb"]
+    assert summary["ranking_pmi_hits@1"] == results["ranking"]["pmi"]["hits@1"]
+    assert (run / "report" / "report.md").is_file() and summary["report"].endswith("report.md")
