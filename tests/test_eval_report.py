@@ -94,7 +94,7 @@ def test_compare_puts_two_runs_side_by_side(evaluated_run, tmp_path):
     assert main(["eval", str(evaluated_run), "--out", str(out), "--compare", str(other), *FAST]) == 0
     assert (other / "eval" / "results.json").is_file()  # the other run was evaluated too
     page = (out / "report" / "report.md").read_text()
-    assert "## Runs compared" in page
+    assert "## Runs compared" in page and "| metric | cmp | run |" in page
     row = next(line for line in page.splitlines() if line.startswith("| bpb validation |"))
     ours = json.loads((out / "eval" / "results.json").read_text())["bpb"]["validation"]["bpb"]
     theirs = json.loads((other / "eval" / "results.json").read_text())["bpb"]["validation"]["bpb"]

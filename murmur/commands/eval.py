@@ -52,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
         if other_results is None:
             other_results = evaluate(other, settings.eval)
             write_report(other, other_results)
-        compare.append((other_results.get("name", other.name), other_results))
+        name = other_results.get("name", other.name)
+        if name == results.get("name"):  # two folders of the same name: tell them apart by path
+            results["name"], name = str(out), str(other)
+        compare.append((name, other_results))
     page = write_report(out, results, compare)
     print(f"eval: results in {out / 'eval' / 'results.json'}, report card in {page}")
     return 0
