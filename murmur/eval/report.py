@@ -73,7 +73,11 @@ def chart_funnel(numbers: dict[str, int], path: Path) -> Path:
     labels = list(numbers)
     colours = ["#4c72b0", "#55a868", "#c44e52"] + ["#dd8452"] * (len(labels) - 3)
     bars = ax.barh(labels[::-1], list(numbers.values())[::-1], color=colours[::-1])
-    ax.bar_label(bars, fmt="%d", padding=3)
+    ax.bar_label(bars, labels=[f"{v:,}" for v in list(numbers.values())[::-1]], padding=3)
+    positive = [v for v in numbers.values() if v > 0]
+    if positive and max(positive) > 100 * min(positive):  # drops are often ~1% of what is kept: log scale
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(0, max(positive) * 8)
     ax.set_xlabel("records")
     ax.set_title("Data funnel")
     return _save(fig, path, numbers)
