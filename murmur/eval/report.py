@@ -170,15 +170,11 @@ def chart_canaries(canaries: list[dict], path: Path) -> Path:
 # ---- the page --------------------------------------------------------------------------------------------
 
 def checkpoint_rows(results: dict) -> list[dict]:
-    """One row per evaluated checkpoint, the final model last (without repeating it)."""
-    rows = list(results.get("checkpoints") or [])
-    final = {"name": "final", "step": results["model"].get("step"), "tokens": results["model"].get("tokens"),
-             **{f"bpb_{s}": v["bpb"] for s, v in results.get("bpb", {}).items()}}
-    if rows and rows[-1].get("path") == results["model"].get("path"):
-        rows[-1] = {**rows[-1], **{k: v for k, v in final.items() if k.startswith("bpb_")}}
-    else:
-        rows.append(final)
-    return rows
+    """One row per evaluated checkpoint (all scored on the same posts), or the final model alone."""
+    if results.get("checkpoints"):
+        return list(results["checkpoints"])
+    return [{"name": "final", "step": results["model"].get("step"), "tokens": results["model"].get("tokens"),
+             **{f"bpb_{s}": v["bpb"] for s, v in results.get("bpb", {}).items()}}]
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -253,6 +249,10 @@ def render_markdown(results: dict, charts: dict[str, str], numbers: dict, compar
               "| --- | --- | --- | " + " | ".join("---" for _ in splits) + " |"]
     lines += [f"| {r['name']} | {_fmt(r.get('step'))} | {_fmt(r.get('tokens'))} | "
               + " | ".join(_fmt(r.get(f"bpb_{s}")) for s in splits) + " |" for r in rows]
+    if results.get("checkpoints"):
+        n = results.get("settings", {}).get("bpb_checkpoint_posts")
+        lines += ["", f"Every checkpoint is scored on the same posts: the first {n} of each split's fixed sample; "
+                  "the final model's figures on the whole sample follow."]
     lines += [""] + ([f"![bits per byte]({charts['bpb']})", ""] if "bpb" in charts else [])
     for split, v in results.get("bpb", {}).items():
         lines.append(f"- {split}: {_fmt(v['posts'])} posts, {_fmt(v['tokens'])} tokens, {_fmt(v['bytes'])} bytes, "

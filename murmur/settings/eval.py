@@ -27,12 +27,13 @@ class EvalSettings(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(32, gt=0, description="sequences per forward pass when scoring")
     checkpoints: Literal["latest", "all"] = Field(
-        "latest", description="bits per byte of the final model only, or of every saved checkpoint too")
+        "all", description="bits per byte of every saved checkpoint too (on bpb_checkpoint_posts posts), or "
+                           "of the final model only")
 
     # Bits per byte on held-out posts.
     bpb_splits: list[str] = Field(default_factory=lambda: ["validation", "test"])
     bpb_max_posts: int = Field(1000, gt=0, description="posts per split scored (a fixed seeded sample)")
-    bpb_checkpoint_posts: int = Field(300, gt=0, description="posts per split for each earlier checkpoint")
+    bpb_checkpoint_posts: int = Field(200, gt=0, description="posts per split for each earlier checkpoint")
 
     # Reply ranking on held-out conversations.
     ranking_split: str = "test"
