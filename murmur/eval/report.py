@@ -251,8 +251,8 @@ def render_markdown(results: dict, charts: dict[str, str], numbers: dict, compar
               + " | ".join(_fmt(r.get(f"bpb_{s}")) for s in splits) + " |" for r in rows]
     if results.get("checkpoints"):
         n = results.get("settings", {}).get("bpb_checkpoint_posts")
-        lines += ["", f"Every checkpoint is scored on the same posts: the first {n} of each split's fixed sample; "
-                  "the final model's figures on the whole sample follow."]
+        lines += ["", (f"Every checkpoint is scored on the same posts: the first {n} of each split's fixed sample; "
+                       "the final model's figures on the whole sample follow.")]
     lines += [""] + ([f"![bits per byte]({charts['bpb']})", ""] if "bpb" in charts else [])
     for split, v in results.get("bpb", {}).items():
         lines.append(f"- {split}: {_fmt(v['posts'])} posts, {_fmt(v['tokens'])} tokens, {_fmt(v['bytes'])} bytes, "
