@@ -86,15 +86,18 @@ def chart_funnel(numbers: dict[str, int], path: Path) -> Path:
 def chart_loss(stages: dict[str, list[dict]], path: Path) -> Path:
     fig, ax = _figure()
     data = {}
+    offset = 0  # each stage counts its own tokens: SFT is drawn after pretraining, not on top of it
     for stage, records in stages.items():
-        train = [(r["tokens"], r["loss"]) for r in records if r.get("loss") is not None and "tokens" in r]
-        val = [(r["tokens"], r["val_loss"]) for r in records if r.get("val_loss") is not None and "tokens" in r]
+        train = [(offset + r["tokens"], r["loss"]) for r in records if r.get("loss") is not None and "tokens" in r]
+        val = [(offset + r["tokens"], r["val_loss"]) for r in records
+               if r.get("val_loss") is not None and "tokens" in r]
+        offset += max((r["tokens"] for r in records if "tokens" in r), default=0)
         if train:
             ax.plot(*zip(*train), label=f"{stage} train")
         if val:
             ax.plot(*zip(*val), "o-", label=f"{stage} validation")
         data[stage] = {"train": train, "validation": val}
-    ax.set_xlabel("tokens seen")
+    ax.set_xlabel("tokens seen (pretraining, then SFT)")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("Training and validation loss")
     ax.legend()
@@ -232,7 +235,7 @@ def render_markdown(results: dict, charts: dict[str, str], numbers: dict, compar
     if "loss" in charts:
         lines += ["## Training", "", f"![loss]({charts['loss']})", ""]
         for stage, records in numbers.get("metrics", {}).items():
-            last = records[-1]
+            last = next((r for r in reversed(records) if r.get("loss") is not None), records[-1])
             val = next((r for r in reversed(records) if r.get("val_loss") is not None), None)
             lines.append(f"- {stage}: {_fmt(last.get('step'))} steps, {_fmt(last.get('tokens'))} tokens, "
                          f"final train loss {_fmt(last.get('loss'))}"
