@@ -8,7 +8,7 @@ const $ = (id) => document.getElementById(id);
 
 const state = {
   chats: load(STORE, []),
-  settings: Object.assign({ system: "", temperature: 0.8, maxTokens: 256, apiKey: "" }, load(SETTINGS, {})),
+  settings: Object.assign({ system: "", temperature: 0.8, maxTokens: "", apiKey: "" }, load(SETTINGS, {})),
   current: null,
   controller: null,
   model: null,
