@@ -20,10 +20,6 @@ from __future__ import annotations
 import os
 import sys
 
-# bench/ holds a tokenize.py that would shadow the standard library's: take this folder off the import path.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 import json
 import resource

@@ -16,9 +16,6 @@ from __future__ import annotations
 import os
 import sys
 
-# bench/ holds a tokenize.py that would shadow the standard library's when run as a script.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
 import argparse
 import json
 import statistics

@@ -12,17 +12,11 @@ medians over the repeats and the ratio reference / Murmur, for 1,024, 10,000 and
 
 from __future__ import annotations
 
-import os
-import sys
 
-# bench/ holds a tokenize.py that would shadow the standard library's: take this folder off the import path.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import itertools  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import argparse
+import itertools
+import statistics
+import time
 
 from murmur.plan.gpus import get_gpu
 from murmur.plan.memory import Layout, ModelFacts, estimate_memory

@@ -1,6 +1,6 @@
 """Serving speed: Murmur's engine against Hugging Face `transformers` generate, and batching gains.
 
-    .venv/bin/python -P bench/serve.py [--preset tiny-cpu] [--new-tokens 128] [--repeats 5] [--streams 8]
+    .venv/bin/python bench/serve.py [--preset tiny-cpu] [--new-tokens 128] [--repeats 5] [--streams 8]
 
 One run builds a random model of the preset's shape with a tokenizer, exports it as a Hugging Face
 directory, and loads that same directory into both `transformers` and Murmur. It prints:
@@ -12,7 +12,6 @@ directory, and loads that same directory into both `transformers` and Murmur. It
    clients of `murmur serve`'s app on loopback.
 
 Medians over --repeats runs; Murmur and the reference alternate so machine load hits both alike.
-(-P keeps bench/ off sys.path: bench/tokenize.py would shadow the standard library module.)
 """
 
 from __future__ import annotations

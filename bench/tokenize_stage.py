@@ -1,6 +1,6 @@
 """Benchmark: Murmur's tokenize stage against raw `tokenizers` encode_batch, on the demo corpus.
 
-    .venv/bin/python bench/tokenize.py [--repeats 5] [--vocab-size 4096] [--data runs/demo/data]
+    .venv/bin/python bench/tokenize_stage.py [--repeats 5] [--vocab-size 4096] [--data runs/demo/data]
 
 Uses a data folder (`--data`, e.g. written by `murmur data --source chitchat:`) or builds one from the chitchat
 demo corpus (each message a post, each conversation a thread), trains a tokenizer on its train split, then
@@ -14,13 +14,7 @@ corpus, and how many replies each `sft_roles` choice trains.
 
 from __future__ import annotations
 
-import os
 import sys
-
-# This file is named like the standard library's `tokenize` module, which numpy imports indirectly: take
-# the script's own folder off the import path before anything else is imported.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
 
 import argparse
 import hashlib

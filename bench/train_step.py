@@ -13,11 +13,7 @@ tokens/s of each and the ratio of medians (target: Murmur >= 0.95 of the bare lo
 
 from __future__ import annotations
 
-import os
 import sys
-
-# bench/ holds a tokenize.py that would shadow the standard library's when run as a script.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import argparse
 import contextlib

@@ -58,7 +58,7 @@ def test_round_trip_unicode_and_whitespace(tok):
 
 def test_round_trip_demo_corpus(tok):
     """decode(encode(text)) == text on messages of the demo corpus (chitchat), emoji included: every 10th
-    conversation here, all of them in bench/tokenize.py."""
+    conversation here, all of them in bench/tokenize_stage.py."""
     ccc = pytest.importorskip("chitchat_dataset")
     convs = list(ccc.Dataset().values())[::10]
     texts = [m["text"] for conv in convs for turn in conv["messages"] for m in turn]
