@@ -33,6 +33,9 @@ DIGIT_RE = re.compile(r"\d")
 CONTROL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
 SPACES_RE = re.compile(r"[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
 BLANK_LINES_RE = re.compile(r"\s*\n\s*")
+# Literal control tokens such as <|im_end|>: left in a post, the tokenizer would read them as the real special
+# token, so one post could end a turn or forge a system message in every chat built from it.
+SPECIAL_TOKEN_RE = re.compile(r"<\|[A-Za-z0-9_.-]{1,40}\|>")
 SHORTENERS = {"t.co", "bit.ly", "tinyurl.com", "goo.gl", "ow.ly", "buff.ly"}
 
 
@@ -95,6 +98,8 @@ class Cleaner:
             text = CONTROL_RE.sub("", text)
         if "\r" in text:
             text = text.replace("\r\n", "\n").replace("\r", "\n")
+        if "<|" in text:
+            text = SPECIAL_TOKEN_RE.sub("", text)
 
         def on_url(match: re.Match) -> str:
             nonlocal links
