@@ -7,7 +7,8 @@ checkpoint at the end); its speed is the tokens/s it logs per interval, which ex
 evaluations and checkpoint writes, as a user sees it on the console. The bare loop is what one writes
 by hand: the same Transformer and initial weights, AdamW (foreach) with the same hyper-parameters,
 the same batches already in memory, cross-entropy, backward, clip_grad_norm_, step, zero_grad,
-timed over the same intervals. Runs alternate so load drifts hit both alike. Prints the median
+timed over the same intervals. Runs alternate, and which goes first swaps every repeat, so load
+drifts hit both alike. Prints the median
 tokens/s of each and the ratio of medians (target: Murmur >= 0.95 of the bare loop).
 """
 
@@ -105,8 +106,13 @@ def main() -> int:
         make_tokens(tokens, vocab, args.steps * args.seq * args.batch + 10_000)
         murmur, bare, ratios = [], [], []
         for repeat in range(args.repeats):
-            m = statistics.median(murmur_rates(work, tokens, args, repeat))
-            b = statistics.median(bare_rates(tokens, args))
+            # Swap which runs first each repeat, so a load trend does not favour one side.
+            if repeat % 2 == 0:
+                m = statistics.median(murmur_rates(work, tokens, args, repeat))
+                b = statistics.median(bare_rates(tokens, args))
+            else:
+                b = statistics.median(bare_rates(tokens, args))
+                m = statistics.median(murmur_rates(work, tokens, args, repeat))
             murmur.append(m)
             bare.append(b)
             ratios.append(m / b)
