@@ -380,16 +380,10 @@ def create_app(settings: ServeSettings | None = None, engine: Engine | None = No
         result = await run_until_disconnect(request, generation, _collect(generation, body.n))
         if result is None:
             return Response(status_code=499)
-        choices = []
-        completion_tokens = 0
-        for index, (text, final, logprob_choices) in enumerate(result):
-            error = failure_of(final)
-            if error:
-                raise error
-            completion_tokens += final.completion_tokens
-            choices.append({"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-                            "logprobs": chat_logprobs(engine, logprob_choices) if body.logprobs else None,
-                            "finish_reason": final.finish_reason})
+        choices, completion_tokens = _choices(result, lambda index, text, final, logprob_choices: {
+            "index": index, "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": chat_logprobs(engine, logprob_choices) if body.logprobs else None,
+            "finish_reason": final.finish_reason})
         return {**head, "object": "chat.completion", "choices": choices,
                 "usage": _usage(len(ids), completion_tokens)}
 
@@ -431,16 +425,9 @@ def create_app(settings: ServeSettings | None = None, engine: Engine | None = No
         result = await run_until_disconnect(request, generation, _collect(generation, len(requested)))
         if result is None:
             return Response(status_code=499)
-        choices = []
-        completion_tokens = 0
-        for index, (text, final, logprob_choices) in enumerate(result):
-            error = failure_of(final)
-            if error:
-                raise error
-            completion_tokens += final.completion_tokens
-            choices.append({"index": index, "text": text, "finish_reason": final.finish_reason,
-                            "logprobs": completion_logprobs(engine, logprob_choices, 0)
-                            if body.logprobs is not None else None})
+        choices, completion_tokens = _choices(result, lambda index, text, final, logprob_choices: {
+            "index": index, "text": text, "finish_reason": final.finish_reason,
+            "logprobs": completion_logprobs(engine, logprob_choices, 0) if body.logprobs is not None else None})
         return {**head, "object": "text_completion", "choices": choices,
                 "usage": _usage(prompt_tokens, completion_tokens)}
 
@@ -505,6 +492,18 @@ def _default_max(engine: Engine, prompt_len: int, configured: int | None) -> int
     room = engine.max_seq_len - prompt_len
     return min(configured, room) if configured else room
 
+
+
+def _choices(result, make_choice) -> tuple[list[dict], int]:
+    """The choices of a finished non-streamed generation and its completion-token total; raises its error."""
+    choices, completion_tokens = [], 0
+    for index, (text, final, logprob_choices) in enumerate(result):
+        error = failure_of(final)
+        if error:
+            raise error
+        completion_tokens += final.completion_tokens
+        choices.append(make_choice(index, text, final, logprob_choices))
+    return choices, completion_tokens
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
