@@ -493,7 +493,6 @@ def _default_max(engine: Engine, prompt_len: int, configured: int | None) -> int
     return min(configured, room) if configured else room
 
 
-
 def _choices(result, make_choice) -> tuple[list[dict], int]:
     """The choices of a finished non-streamed generation and its completion-token total; raises its error."""
     choices, completion_tokens = [], 0
@@ -504,6 +503,7 @@ def _choices(result, make_choice) -> tuple[list[dict], int]:
         completion_tokens += final.completion_tokens
         choices.append(make_choice(index, text, final, logprob_choices))
     return choices, completion_tokens
+
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
