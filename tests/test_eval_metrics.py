@@ -198,3 +198,14 @@ def test_canary_exposure_high_when_memorised_and_low_when_never_seen():
     assert np.mean(unseen) < 4.0  # random ranks average about 1.44 bits out of ~9
     assert greedy_extraction(model, tok, planted[0], planted[1])  # the attack exposure warns of
     assert not greedy_extraction(model, tok, "my pin is ", "5551")
+
+
+def test_samples_fit_replies_into_the_context_left():
+    from murmur.eval.samples import generate_samples
+
+    tok = tokenizer()
+    model = tiny_model(tok.vocab_size, max_seq_len=64)
+    long_prompt = " ".join(["word"] * 200)
+    prompt = tok.decode(tok.encode(long_prompt)[:40])  # most of the 64-token context
+    [sample] = generate_samples(model, tok, [prompt], seeds=[0], max_new_tokens=48)
+    assert 1 <= sample["tokens"] <= 64 - len(tok.render_chat([{"role": "user", "content": prompt}], True))

@@ -20,9 +20,13 @@ def generate_samples(model, tokenizer, prompts: list[str], seeds: list[int], max
     if not jobs:
         return []
     engine = Engine(model, tokenizer, max_batch_size=min(16, len(jobs)))
-    params = [SamplingParams(temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_new_tokens)
-              for seed, _ in jobs]
-    completions = engine.generate([[{"role": "user", "content": prompt}] for _, prompt in jobs], params)
+    chats = [[{"role": "user", "content": prompt}] for _, prompt in jobs]
+    # A long prompt leaves less of the context for the reply: cap each reply to the room left.
+    room = [engine.max_seq_len - len(engine.encode_prompt(chat)[0]) for chat in chats]
+    params = [SamplingParams(temperature=temperature, top_p=top_p, seed=seed,
+                             max_tokens=max(1, min(max_new_tokens, left)))
+              for (seed, _), left in zip(jobs, room)]
+    completions = engine.generate(chats, params)
     return [{"prompt": prompt, "seed": seed, "reply": c.text, "finish_reason": c.finish_reason,
              "tokens": c.completion_tokens} for (seed, prompt), c in zip(jobs, completions)]
 
