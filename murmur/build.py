@@ -97,9 +97,6 @@ class BuildPlan:
     def step(self, name: str) -> StageStep:
         return next(s for s in self.steps if s.stage.name == name)
 
-    def to_run(self) -> list[StageStep]:
-        return [s for s in self.steps if s.action == "run"]
-
 
 # --------------------------------------------------------------------------------------------- record
 
@@ -313,28 +310,16 @@ def _stage_selection(from_stage: str | None, only: str | None) -> tuple[set[str]
 
 
 def _check_sources(settings: Settings) -> None:
-    """Every data source names files that exist (the bundled chitchat corpus needs none)."""
+    """Every data source names files that exist, as the data stage's own reader resolves them."""
+    from murmur.data.sources import resolve_sources
+
     if not settings.data.sources:
         raise MurmurError("stage data: the recipe names no sources; add data.sources = [\"FORMAT:PATH\", ...] "
                           "(e.g. \"x-api:posts/*.json\" or \"chitchat:\")")
     try:
-        from murmur.data.sources import resolve_sources
-    except ImportError:
-        resolve_sources = None
-    if resolve_sources is not None:  # the data stage's own reader decides what a source names
-        try:
-            resolve_sources(settings.data.sources)
-        except MurmurError as err:
-            raise MurmurError(f"stage data: {err}") from None
-    for source in settings.data.sources:
-        fmt, path = split_source(source)
-        if fmt == "chitchat" and not path:
-            continue
-        if not path:
-            raise MurmurError(f"stage data: source {source!r} names no file; write it as FORMAT:PATH")
-        if not source_files(source):
-            raise MurmurError(f"stage data: source file {path} not found (from data.sources entry {source!r}); "
-                              "fix the path in the recipe or pass --set data.sources=[...]")
+        resolve_sources(settings.data.sources)
+    except MurmurError as err:
+        raise MurmurError(f"stage data: {err}") from None
     if settings.data.deletions and not Path(settings.data.deletions).is_file():
         raise MurmurError(f"stage data: deletions file {settings.data.deletions} not found (data.deletions)")
 
