@@ -80,7 +80,8 @@ def split_entry(manifest: dict[str, Any], kind: str, split: str) -> dict[str, An
     return entry
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB pieces."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -99,12 +100,12 @@ def verify_split(tokens_dir: str | Path, entry: dict[str, Any]) -> list[str]:
             path = tokens_dir / shard[key]
             if not path.is_file():
                 problems.append(f"{path} is missing")
-            elif _sha256_file(path) != shard[sha_key]:
+            elif sha256_file(path) != shard[sha_key]:
                 problems.append(f"{path} does not match its checksum in the manifest (corrupted or edited)")
     index = tokens_dir / entry["index"]
     if not index.is_file():
         problems.append(f"{index} is missing")
-    elif _sha256_file(index) != entry["index_sha256"]:
+    elif sha256_file(index) != entry["index_sha256"]:
         problems.append(f"{index} does not match its checksum in the manifest")
     return problems
 
@@ -207,7 +208,7 @@ class ShardWriter:
         pq.write_table(table, tmp)
         os.replace(tmp, path)
         entry = {"kind": self.kind, "split": self.split, "tokens": self.tokens, "documents": self.documents,
-                 "bytes": self.bytes, "index": index_rel, "index_sha256": _sha256_file(path), "shards": self.shards}
+                 "bytes": self.bytes, "index": index_rel, "index_sha256": sha256_file(path), "shards": self.shards}
         if self.with_mask:
             entry["target_tokens"] = self.target_tokens
         return entry
@@ -635,7 +636,7 @@ def purge_documents(tokens_dir: str | Path, deleted_post_ids: Iterable[str]) -> 
             pq.write_table(table, tmp)
             os.replace(tmp, tokens_dir / index_rel)
             superseded.append(entry["index"])
-            entry["index"], entry["index_sha256"] = index_rel, _sha256_file(tokens_dir / index_rel)
+            entry["index"], entry["index_sha256"] = index_rel, sha256_file(tokens_dir / index_rel)
             entry["tokens"] = sum(s["tokens"] for s in entry["shards"])
             entry["documents"] = len(keep)
             entry["bytes"] -= sum(cols["bytes"][r] for r in removed_rows)

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from murmur.errors import MurmurError
-from murmur.shards import ShardWriter, dtype_for_vocab, new_manifest, read_manifest, write_manifest
+from murmur.shards import (ShardWriter, dtype_for_vocab, new_manifest, read_manifest, sha256_file,
+                           write_manifest)
 from murmur.tokenizer import ChatTokenizer, open_parquet, replace_dir
 
 BATCH = 2048
@@ -228,20 +229,13 @@ def _fingerprint(data_dir: Path, tokenizer: ChatTokenizer, cfg, chat_sources: li
         path = data_dir / name
         digest.update(name.encode())
         if path.is_file():
-            digest.update(_file_sha(path).encode())
+            digest.update(sha256_file(path).encode())
     for path, weight in chat_sources:
-        digest.update(f"{path}:{weight}:{_file_sha(Path(path)) if Path(path).is_file() else ''}".encode())
+        digest.update(f"{path}:{weight}:{sha256_file(Path(path)) if Path(path).is_file() else ''}".encode())
     digest.update(tokenizer.vocab_hash().encode())
     digest.update(json.dumps([cfg.sft_roles, cfg.thread_weight, cfg.shard_tokens, cfg.seed]).encode())
     return digest.hexdigest()[:16]
 
-
-def _file_sha(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tokenize_corpus(data_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, cfg,
