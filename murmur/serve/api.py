@@ -547,59 +547,60 @@ def stream_response(request: Request, generation: Generation, chunks: AsyncItera
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _chat_chunks(engine: Engine, generation: Generation, head: dict, n: int, prompt_tokens: int,
-                       logprobs: bool, usage: bool) -> AsyncIterator[bytes]:
+async def _event_stream(generation: Generation, head: dict, object_name: str, prompt_tokens: int, usage: bool,
+                        render, opening: tuple[bytes, ...] = ()) -> AsyncIterator[bytes]:
+    """The SSE body of a streamed request: `opening` chunks, then `render(index, out)`'s chunks for each engine
+    event, the usage chunk when asked, and `[DONE]`. A failure becomes an error event, then `[DONE]`."""
+    for chunk in opening:
+        yield chunk
+    completion_tokens = 0
+    async for index, out in generation.events():
+        error = failure_of(out) if out.finished else None
+        if error:
+            generation.abort()
+            yield sse(error.body())
+            yield sse("[DONE]")
+            return
+        for chunk in render(index, out):
+            yield chunk
+        if out.finished:
+            completion_tokens += out.completion_tokens
+    if usage:
+        yield sse({**head, "object": object_name, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+    yield sse("[DONE]")
+
+
+def _chat_chunks(engine: Engine, generation: Generation, head: dict, n: int, prompt_tokens: int,
+                 logprobs: bool, usage: bool) -> AsyncIterator[bytes]:
     extra = {"usage": None} if usage else {}
 
     def chunk(index: int, delta: dict, finish: str | None = None, lp=None) -> bytes:
         return sse({**head, "object": "chat.completion.chunk", "choices": [
             {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}], **extra})
 
-    for index in range(n):
-        yield chunk(index, {"role": "assistant", "content": ""})
-    completion_tokens = 0
-    async for index, out in generation.events():
-        error = failure_of(out) if out.finished else None
-        if error:
-            generation.abort()
-            yield sse(error.body())
-            yield sse("[DONE]")
-            return
+    def render(index: int, out) -> list[bytes]:
         lp = chat_logprobs(engine, out.logprobs) if logprobs and out.logprobs else None
-        if out.text or lp:
-            yield chunk(index, {"content": out.text}, lp=lp)
+        chunks = [chunk(index, {"content": out.text}, lp=lp)] if out.text or lp else []
         if out.finished:
-            completion_tokens += out.completion_tokens
-            yield chunk(index, {}, out.finish_reason)
-    if usage:
-        yield sse({**head, "object": "chat.completion.chunk", "choices": [],
-                   "usage": _usage(prompt_tokens, completion_tokens)})
-    yield sse("[DONE]")
+            chunks.append(chunk(index, {}, out.finish_reason))
+        return chunks
+
+    opening = tuple(chunk(index, {"role": "assistant", "content": ""}) for index in range(n))
+    return _event_stream(generation, head, "chat.completion.chunk", prompt_tokens, usage, render, opening)
 
 
-async def _completion_chunks(engine: Engine, generation: Generation, head: dict, n: int, prompt_tokens: int,
-                             logprobs: bool, usage: bool) -> AsyncIterator[bytes]:
+def _completion_chunks(engine: Engine, generation: Generation, head: dict, n: int, prompt_tokens: int,
+                       logprobs: bool, usage: bool) -> AsyncIterator[bytes]:
     extra = {"usage": None} if usage else {}
-    offsets = [0] * n
-    completion_tokens = 0
-    async for index, out in generation.events():
-        error = failure_of(out) if out.finished else None
-        if error:
-            generation.abort()
-            yield sse(error.body())
-            yield sse("[DONE]")
-            return
-        lp = None
-        if logprobs and out.logprobs:
-            lp = completion_logprobs(engine, out.logprobs, offsets[index])
+    offsets = [0] * n  # characters streamed so far per choice: logprobs' text offsets count from the start
+
+    def render(index: int, out) -> list[bytes]:
+        lp = completion_logprobs(engine, out.logprobs, offsets[index]) if logprobs and out.logprobs else None
         offsets[index] += len(out.text)
-        if out.text or lp or out.finished:
-            yield sse({**head, "object": "text_completion", "choices": [
-                {"index": index, "text": out.text, "logprobs": lp,
-                 "finish_reason": out.finish_reason if out.finished else None}], **extra})
-        if out.finished:
-            completion_tokens += out.completion_tokens
-    if usage:
-        yield sse({**head, "object": "text_completion", "choices": [],
-                   "usage": _usage(prompt_tokens, completion_tokens)})
-    yield sse("[DONE]")
+        if not (out.text or lp or out.finished):
+            return []
+        return [sse({**head, "object": "text_completion", "choices": [
+            {"index": index, "text": out.text, "logprobs": lp,
+             "finish_reason": out.finish_reason if out.finished else None}], **extra})]
+
+    return _event_stream(generation, head, "text_completion", prompt_tokens, usage, render)
