@@ -11,6 +11,9 @@ directory, and loads that same directory into both `transformers` and Murmur. It
 3. time to first token and inter-token latency (median, p99) seen by N concurrent streaming HTTP
    clients of `murmur serve`'s app on loopback.
 
+(1) and (2) run for the eager engine and for the engine with its decode step compiled
+(`murmur serve --compile`); (3) for the compiled one (--no-compile: eager only, no compile time).
+
 Medians over --repeats runs; Murmur and the reference alternate so machine load hits both alike.
 """
 
@@ -156,6 +159,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-compile", action="store_true", help="measure the eager engine only")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads for both sides (1 is steadiest on a shared machine)")
     args = parser.parse_args()
@@ -167,23 +171,34 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model_dir(args.preset, Path(tmp))
-        engine = Engine.from_source(model_dir, device=args.device, dtype=torch.float32,
-                                    max_batch_size=max(args.streams, 1))
+        engines = {"eager": Engine.from_source(model_dir, device=args.device, dtype=torch.float32,
+                                               max_batch_size=max(args.streams, 1))}
+        if not args.no_compile:
+            engine = Engine.from_source(model_dir, device=args.device, dtype=torch.float32,
+                                        max_batch_size=max(args.streams, 1), compile=True)
+            compile_s = timed(engine.warmup)
+            engines["compiled"] = engine
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         hf_model.to(args.device)
+        engine = engines["eager"]
         prompt = engine.tokenizer.encode("once upon a time " * 40)[:args.prompt_tokens]
         print(f"model: {args.preset}, {sum(p.numel() for p in engine.model.parameters()):,} parameters, "
               f"{torch.get_num_threads()} threads, device {args.device}, prompt {len(prompt)} tokens, "
               f"{args.new_tokens} new tokens, median of {args.repeats}")
-        single = single_stream(engine, hf_model, prompt, args.new_tokens, args.repeats)
-        print(f"(1) single stream greedy decode: murmur {single['murmur_tok_s']:.0f} tok/s, transformers generate "
-              f"{single['hf_tok_s']:.0f} tok/s, ratio {single['ratio']:.2f}x (target >= 2x); "
-              f"same tokens: {single['same_tokens']}")
-        gain = batching_gain(engine, prompt, args.new_tokens, args.streams, args.repeats)
-        print(f"(2) aggregate throughput: {args.streams} streams {gain['many_tok_s']:.0f} tok/s vs 1 stream "
-              f"{gain['one_tok_s']:.0f} tok/s, ratio {gain['ratio']:.2f}x (target >= 4x)")
+        if "compiled" in engines:
+            print(f"compiled engine: warm-up (compilation) took {compile_s:.1f} s")
+        for name, engine in engines.items():
+            single = single_stream(engine, hf_model, prompt, args.new_tokens, args.repeats)
+            print(f"(1) [{name}] single stream greedy decode: murmur {single['murmur_tok_s']:.0f} tok/s, "
+                  f"transformers generate {single['hf_tok_s']:.0f} tok/s, ratio {single['ratio']:.2f}x "
+                  f"(target >= 2x); same tokens: {single['same_tokens']}")
+        for name, engine in engines.items():
+            gain = batching_gain(engine, prompt, args.new_tokens, args.streams, args.repeats)
+            print(f"(2) [{name}] aggregate throughput: {args.streams} streams {gain['many_tok_s']:.0f} tok/s vs "
+                  f"1 stream {gain['one_tok_s']:.0f} tok/s, ratio {gain['ratio']:.2f}x (target >= 4x)")
+        name, engine = list(engines.items())[-1]
         latency = http_latency(engine, args.streams, min(args.new_tokens, 64), rounds=max(2, args.repeats // 2))
-        print(f"(3) HTTP streaming, {args.streams} concurrent clients ({latency['samples']} requests): "
+        print(f"(3) [{name}] HTTP streaming, {args.streams} concurrent clients ({latency['samples']} requests): "
               f"TTFT median {latency['ttft_median_ms']:.1f} ms, p99 {latency['ttft_p99_ms']:.1f} ms; "
               f"inter-token median {latency['itl_median_ms']:.1f} ms, p99 {latency['itl_p99_ms']:.1f} ms")
     return 0

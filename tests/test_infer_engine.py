@@ -40,8 +40,10 @@ def test_greedy_single_requests_equal_naive_decoder(model, tokenizer):
         assert result.finish_reason == "length" and result.prompt_tokens == len(ids)
 
 
-def test_greedy_inside_a_mixed_continuous_batch_equals_naive_decoder(model, tokenizer):
-    engine = Engine(model, tokenizer, max_batch_size=3)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_greedy_inside_a_mixed_continuous_batch_equals_naive_decoder(model, tokenizer, compiled):
+    # The batch runs full (3 rows) and drains to 1 row: both compiled graphs (several rows, one row) run.
+    engine = Engine(model, tokenizer, max_batch_size=3, compile=compiled)
     outputs: dict[str, list] = {}
     sampled = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=9, seed=5, ignore_eos=True)
     plan = [("hello world", GREEDY), ("coffee", sampled), ("the quick brown fox jumps over", GREEDY)]

@@ -21,6 +21,8 @@ def register(subparsers) -> None:
     p.add_argument("--model-name", help="the name clients pass as `model` (default: the run's name)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--max-batch-size", type=int, help="requests decoded together (default 16)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="compile the decode step (faster decoding after a warm-up at start-up)")
     p.add_argument("--rate-limit", type=int, metavar="PER_MINUTE", help="requests per minute per key (0 = off)")
     p.add_argument("--recipe", help="read the [serve] section of this recipe first")
     p.add_argument("--set", action="append", default=[], metavar="serve.KEY=VALUE", help="any serve setting")
@@ -39,7 +41,7 @@ def settings_from_args(args: argparse.Namespace):
             raise SettingsError(f"--set {item!r}: only serve.* settings apply to `murmur serve`")
     data = apply_overrides(data, args.set)
     flags = {"host": args.host, "port": args.port, "model_name": args.model_name, "device": args.device,
-             "max_batch_size": args.max_batch_size, "rate_limit_per_minute": args.rate_limit}
+             "max_batch_size": args.max_batch_size, "rate_limit_per_minute": args.rate_limit, "compile": args.compile}
     serve = data.setdefault("serve", {})
     serve.update({k: v for k, v in flags.items() if v is not None})
     settings = settings_from_dict(data, origin="serve settings").serve

@@ -77,3 +77,24 @@ class SlotKVCache:
     def copy_out(self, slot: int, length: int) -> tuple[list[Tensor], list[Tensor]]:
         """Keys/values of positions 0..length-1 of `slot`, per layer (copies)."""
         return ([k[slot, :, :length].clone() for k in self.k], [v[slot, :, :length].clone() for v in self.v])
+
+
+class DecodeView:
+    """The `KVCache` protocol over a SlotKVCache's storage for one decode step of slots 0..B-1, one token each.
+
+    Row i of the batch is slot i, so the keys and values are read in place (a view, no gather). Written in
+    tensor operations only, with no Python branching on values, so `torch.compile` captures a whole
+    decode step as one graph whose shapes vary only in B and the attended length L.
+    positions (B,): where each row's new token goes; mask (B, 1, 1, L): the positions each row attends to.
+    """
+
+    def __init__(self, cache: SlotKVCache, positions: Tensor, mask: Tensor):
+        self.cache, self.positions, self.mask = cache, positions, mask
+        self.rows = torch.arange(positions.shape[0], device=positions.device)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        k_cache[self.rows, :, self.positions] = k[:, :, 0]
+        v_cache[self.rows, :, self.positions] = v[:, :, 0]
+        batch, length = self.positions.shape[0], self.mask.shape[-1]
+        return k_cache[:batch, :, :length], v_cache[:batch, :, :length], self.mask

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -87,6 +88,19 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> T
     return torch.where(seen, penalised, logits)
 
 
+def _sort_descending(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row sorted in descending order, with the token ids in that order.
+
+    On CPU numpy's argsort is about 5x faster than torch.sort for vocabulary-sized rows (8 x 4096:
+    0.27 ms against 1.3 ms, docs/journal.md), and the full sort was a fifth of a batched decode step.
+    Both are deterministic per row, so a seeded request samples the same tokens alone or batched.
+    """
+    if logits.device.type != "cpu":
+        return logits.sort(dim=-1, descending=True)
+    order = torch.from_numpy(np.argsort(-logits.numpy(), axis=-1))
+    return logits.gather(-1, order), order
+
+
 def _filter_sorted(logits: Tensor, params: list[SamplingParams]) -> tuple[Tensor, Tensor | None]:
     """Temperature, top-k, top-p and min-p for each row; filtered-out entries become -inf.
 
@@ -97,7 +111,7 @@ def _filter_sorted(logits: Tensor, params: list[SamplingParams]) -> tuple[Tensor
     logits = logits / _param_column([p.temperature if p.temperature > 0 else 1.0 for p in params], device)
     order = None
     if any(p.top_k > 0 or p.top_p < 1 for p in params):
-        logits, order = logits.sort(dim=-1, descending=True)
+        logits, order = _sort_descending(logits)
         vocab = logits.shape[-1]
         ks = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)[:, None]
         drop = torch.arange(vocab, device=device)[None] >= ks

@@ -33,10 +33,12 @@ def build_engine(src: str | Path, settings: ServeSettings):
     from murmur.infer.engine import Engine
 
     device = resolve_device(settings.device)
-    return Engine.from_source(src, device=device, dtype=resolve_dtype(settings.dtype, device),
-                              max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,
-                              max_queue=settings.max_queue, prefix_cache=settings.prefix_cache,
-                              stuck_after_s=settings.stuck_after_s)
+    engine = Engine.from_source(src, device=device, dtype=resolve_dtype(settings.dtype, device),
+                                max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,
+                                max_queue=settings.max_queue, prefix_cache=settings.prefix_cache,
+                                stuck_after_s=settings.stuck_after_s, compile=settings.compile)
+    engine.warmup()  # compile before the first request, while /health still says "loading"
+    return engine
 
 
 def served_name(src: str | Path) -> str:
