@@ -145,6 +145,10 @@ def test_sampling_filters():
     assert torch.isinf(kept[0, 2:]).all() and torch.isfinite(kept[0, :2]).all()
     nucleus = filter_logits(logits[:1], [SamplingParams(top_p=0.7)])  # p = .64, .24, ...: two tokens reach 0.7
     assert torch.isfinite(nucleus[0, :2]).all() and torch.isinf(nucleus[0, 2:]).all()
+    ties = filter_logits(torch.tensor([[0.0, 2.0, 2.0, 2.0]]), [SamplingParams(top_k=1)])
+    assert torch.isinf(ties[0, 0]) and torch.isfinite(ties[0, 1:]).all()  # every token tied with the last kept
+    mixed = filter_logits(logits, [SamplingParams(top_k=2), SamplingParams(top_p=0.5)])  # each row its own filter
+    assert torch.isfinite(mixed).sum(-1).tolist() == [2, 1]
     seen = torch.tensor([[True, False, False, False]])
     penalised = sample(logits[:1], [SamplingParams(temperature=0, repetition_penalty=100.0)], [None], seen)
     assert penalised[0].token == 1
