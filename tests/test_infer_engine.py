@@ -200,3 +200,14 @@ def test_context_limit_ends_with_length(model, tokenizer):
     engine = Engine(model, tokenizer, max_seq_len=20)
     [result] = engine.generate([[5] * 15], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))
     assert result.finish_reason == "length" and result.completion_tokens == 5
+
+
+def test_compile_without_a_cpu_compiler_serves_eager_and_says_why(model, tokenizer, monkeypatch, caplog):
+    from murmur import accel
+
+    monkeypatch.setattr(accel, "cpu_compile_unavailable", lambda: "no C++ compiler (test)")
+    engine = Engine(model, tokenizer, max_batch_size=2, compile=True)
+    assert not engine.compiled and "no C++ compiler (test)" in caplog.text
+    engine.warmup()  # nothing to compile
+    ids, _ = engine.encode_prompt("hello world")
+    assert engine.generate(["hello world"], GREEDY)[0].token_ids == naive_greedy(model, ids, 16)

@@ -119,6 +119,22 @@ def test_muon_run(tokens, tmp_path):
     assert losses[6] < losses[1]
 
 
+def test_cpu_without_compiler_or_native_bf16_warns_and_trains_uncompiled(tokens, tmp_path, monkeypatch, capsys):
+    from murmur import accel
+    from murmur.train import parallel
+
+    monkeypatch.setattr(accel, "cpu_compile_unavailable", lambda: "no C++ compiler (test)")
+    monkeypatch.setattr(accel, "cpu_bf16_fast", lambda: False)
+    compiled = []
+    monkeypatch.setattr(parallel, "apply_compile", compiled.append)
+    link_tokens(tmp_path, tokens)
+    run_stage(settings_for(tmp_path, steps=2, checkpoint_interval=2, compile=True, dtype="bfloat16"), tmp_path,
+              "pretrain")
+    out = capsys.readouterr().out
+    assert "compile is off: no C++ compiler (test)" in out and "no native bf16 matmuls" in out
+    assert compiled == [] and len(read_losses(tmp_path / "pretrain")) == 2
+
+
 # --- metrics -------------------------------------------------------------------------------------
 
 def test_peak_flops_table_says_when_a_gpu_is_unknown(monkeypatch):

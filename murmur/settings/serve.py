@@ -21,7 +21,7 @@ class ServeSettings(Section):
     max_batch_size: int = Field(16, ge=1, description="requests decoded together (KV-cache slots)")
     max_queue: int = Field(256, ge=1, description="requests waiting for a slot before 429")
     compile: bool = Field(False, description="compile the decode step with torch.compile: faster decoding "
-                          "after a warm-up compilation at start-up (about 30 s for a small model on CPU)")
+                          "after a warm-up compilation at start-up (15-20 s for tiny-cpu on 2 CPU cores)")
     max_seq_len: int | None = Field(None, ge=2, description="context per request; default the model's")
     prefix_cache: int = Field(8, ge=0, description="system-prompt prefixes whose keys/values are kept; 0 = off")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")

@@ -328,6 +328,7 @@ class Trainer:
         param_dtype = self.dtype if (sharded and self.dtype != torch.float32) else None
         self.autocast = (torch.autocast(rt.device.type, dtype=self.dtype)
                          if self.dtype != torch.float32 and not sharded else nullcontext())
+        self._warn_if_bf16_emulated(rt.device)
         self.model = parallelize(model, plan.layout, self.mesh, compile=self._compile_possible(rt.device),
                                  activation_checkpointing=ts.activation_checkpointing,
                                  reshard_after_forward=ts.parallel.reshard_after_forward, param_dtype=param_dtype,
@@ -377,16 +378,16 @@ class Trainer:
         self._say(f"starting from {kind} {path}")
 
     def _compile_possible(self, device: torch.device) -> bool:
-        """train.compile, unless the CPU kernels cannot be built here; warns when bf16 would crawl on this CPU."""
-        if device.type != "cpu":
-            return self.ts.compile
-        if self.dtype == torch.bfloat16 and not accel.cpu_bf16_fast():
-            self._say("warning: this CPU has no native bf16 matmuls (AVX512-BF16 or AMX), so bf16 autocast is "
-                      "emulated and slower than float32; set dtype = \"float32\" for this stage")
-        why = accel.cpu_compile_unavailable() if self.ts.compile else None
+        """train.compile, unless torch.compile cannot build CPU kernels here (then a warning says why)."""
+        why = accel.cpu_compile_unavailable() if self.ts.compile and device.type == "cpu" else None
         if why:
             self._say(f"warning: compile is off: {why}")
         return self.ts.compile and why is None
+
+    def _warn_if_bf16_emulated(self, device: torch.device) -> None:
+        if device.type == "cpu" and self.dtype == torch.bfloat16 and not accel.cpu_bf16_fast():
+            self._say("warning: this CPU has no native bf16 matmuls (AVX512-BF16 or AMX), so bf16 autocast is "
+                      "emulated and slower than float32; set dtype = \"float32\" for this stage")
 
     def _say(self, text: str) -> None:
         if self.rt.is_main:
