@@ -119,7 +119,7 @@ def test_muon_run(tokens, tmp_path):
     assert losses[6] < losses[1]
 
 
-def test_cpu_without_compiler_or_native_bf16_warns_and_trains_uncompiled(tokens, tmp_path, monkeypatch, capsys):
+def test_cpu_without_compiler_or_native_bf16_warns_and_trains_uncompiled_in_float32(tokens, tmp_path, monkeypatch, capsys):
     from murmur import accel
     from murmur.train import parallel
 
@@ -131,8 +131,12 @@ def test_cpu_without_compiler_or_native_bf16_warns_and_trains_uncompiled(tokens,
     run_stage(settings_for(tmp_path, steps=2, checkpoint_interval=2, compile=True, dtype="bfloat16"), tmp_path,
               "pretrain")
     out = capsys.readouterr().out
-    assert "compile is off: no C++ compiler (test)" in out and "no native bf16 matmuls" in out
+    assert "compile is off: no C++ compiler (test)" in out and "training in float32 instead" in out
     assert compiled == [] and len(read_losses(tmp_path / "pretrain")) == 2
+    float32 = tmp_path / "float32"
+    link_tokens(float32, tokens)
+    run_stage(settings_for(float32, steps=2, checkpoint_interval=2), float32, "pretrain")
+    assert read_losses(float32 / "pretrain") == read_losses(tmp_path / "pretrain")  # the same run, in float32
 
 
 # --- metrics -------------------------------------------------------------------------------------
