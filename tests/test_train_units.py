@@ -119,7 +119,7 @@ def test_muon_run(tokens, tmp_path):
     assert losses[6] < losses[1]
 
 
-def test_cpu_without_compiler_or_native_bf16_warns_and_trains_uncompiled_in_float32(tokens, tmp_path, monkeypatch, capsys):
+def test_cpu_without_compiler_or_native_bf16_trains_uncompiled_in_float32(tokens, tmp_path, monkeypatch, capsys):
     from murmur import accel
     from murmur.train import parallel
 
