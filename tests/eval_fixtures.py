@@ -18,15 +18,6 @@ from murmur.settings.model import ModelSettings
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "rain", "fell", "over", "quiet", "hills", "and", "we", "talked", "about", "books", "music", "food", "coffee", "trains", "weekends", "movies", "cooking", "gardens", "rivers", "friends", "work", "code", "bikes"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices run fastest on one thread, and on a busy machine a second thread mostly waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def sentence(rng: random.Random, n_min: int = 3, n_max: int = 10) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(n_min, n_max)))
 

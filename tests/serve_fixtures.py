@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from murmur.model import Transformer
@@ -93,9 +94,7 @@ def naive_greedy(model: Transformer, prompt: list[int], steps: int, stop_ids=())
     return out
 
 
-def single_thread():
-    """Fixture body: one torch thread while a test module runs (steadier and faster on a shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """A chat tokenizer for the whole module; a test module imports it by name from here."""
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))

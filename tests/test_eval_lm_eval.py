@@ -7,11 +7,13 @@ import math
 
 import pytest
 import torch
-from eval_fixtures import one_thread, tiny_model, tokenizer  # noqa: F401 (one_thread: autouse)
+from eval_fixtures import tiny_model, tokenizer  # noqa: F401 (fixtures)
 
 pytest.importorskip("lm_eval")
 
 from murmur.eval.lm_eval_adapter import MurmurLM, run_lm_eval
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 QUESTIONS = [
     {"question": "the cat sat on the", "choices": [" mat", " rain", " coffee"], "answer": 0},

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from eval_fixtures import (
-    one_thread,  # noqa: F401 (autouse)
     sentence,
     tiny_model,
     tokenizer,
@@ -36,6 +35,8 @@ from murmur.eval.ranking import (
     read_conversations,
 )
 from murmur.eval.scoring import continuation_logprobs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_bpb_from_mean_loss_matches_direct_summation():

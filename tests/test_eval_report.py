@@ -8,11 +8,13 @@ import shutil
 
 import numpy as np
 import pytest
-from eval_fixtures import make_run, one_thread, tiny_model, tokenizer, write_posts  # noqa: F401 (one_thread: autouse)
+from eval_fixtures import make_run, tiny_model, tokenizer, write_posts  # noqa: F401 (fixtures)
 from PIL import Image
 
 from murmur.cli import main
 from murmur.eval.report import CHART_KEY
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = ["--set", "eval.ranking_examples=8", "--set", "eval.canary_candidates=50",
         "--set", "eval.prompts=['hi there', 'what is up?']", "--set", "eval.max_new_tokens=8"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serve_fixtures import make_model, make_tokenizer, naive_greedy, single_thread
+from serve_fixtures import make_model, make_tokenizer, naive_greedy, tokenizer  # noqa: F401 (tokenizer: a fixture)
 
 from murmur.errors import MurmurError
 from murmur.infer.engine import Engine
@@ -12,14 +12,7 @@ from murmur.infer.sampling import SamplingParams, filter_logits, sample
 from murmur.infer.text import IncrementalDetokenizer, StopMatcher
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from single_thread()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from serve_fixtures import LiveServer, make_model, make_tokenizer, single_thread
+from serve_fixtures import LiveServer, make_model, make_tokenizer, tokenizer  # noqa: F401 (tokenizer: a fixture)
 
 from murmur.infer.engine import Engine
 from murmur.serve.api import create_app
@@ -23,14 +23,7 @@ KEY = "test-key"
 MODEL = "tiny-test"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from single_thread()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

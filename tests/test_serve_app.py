@@ -8,7 +8,7 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from serve_fixtures import SlowTransformer, make_model, make_tokenizer, single_thread
+from serve_fixtures import SlowTransformer, make_model, make_tokenizer, tokenizer  # noqa: F401 (tokenizer: a fixture)
 
 from murmur.cli import main as cli_main
 from murmur.commands.serve import settings_from_args
@@ -23,14 +23,7 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 LONG = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from single_thread()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 import pytest
-from serve_fixtures import make_model, make_tokenizer, single_thread
+from serve_fixtures import make_model, make_tokenizer
 
 from murmur.commands.chat import chat_loop
 from murmur.hf import save_hf_model
@@ -13,9 +13,7 @@ from murmur.infer.engine import Engine
 from murmur.infer.sampling import SamplingParams
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from single_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_fixtures import LiveServer, make_model, make_tokenizer, single_thread
+from serve_fixtures import LiveServer, make_model, make_tokenizer
 
 from murmur.infer.engine import Engine
 from murmur.serve.api import create_app
@@ -19,13 +19,8 @@ CHROMIUM = Path("/usr/bin/chromium")
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 MODEL = "ui-test-model"
 
-pytestmark = [pytest.mark.browser,
+pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from single_thread()
 
 
 @pytest.fixture(scope="module")
