@@ -338,6 +338,14 @@ def create_app(settings: ServeSettings | None = None, engine: Engine | None = No
                            type="rate_limit_exceeded", code="rate_limit_exceeded")
         return who
 
+    def begin(body: ChatCompletionRequest | CompletionRequest) -> Engine:
+        """The checks both generation routes make first; returns the engine to generate with."""
+        engine = state.require_engine()
+        state.check_model(body.model)
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        return engine
+
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def list_models():
         """The one model this server serves."""
@@ -348,10 +356,7 @@ def create_app(settings: ServeSettings | None = None, engine: Engine | None = No
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         """Answer a conversation as the assistant (OpenAI's Chat Completions)."""
-        engine = state.require_engine()
-        state.check_model(body.model)
-        if body.stream_options is not None and not body.stream:
-            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        engine = begin(body)
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
         from murmur.tokenizer import message_text
@@ -390,10 +395,7 @@ def create_app(settings: ServeSettings | None = None, engine: Engine | None = No
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, request: Request):
         """Continue text (OpenAI's legacy Completions): a prompt, several prompts, or token ids."""
-        engine = state.require_engine()
-        state.check_model(body.model)
-        if body.stream_options is not None and not body.stream:
-            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        engine = begin(body)
         prompts = body.prompt
         if isinstance(prompts, list) and prompts and isinstance(prompts[0], int):
             vocab = engine.model.settings.vocab_size
