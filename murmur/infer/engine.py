@@ -398,7 +398,8 @@ class Engine:
             self.seen[slot, torch.tensor(ids, device=self.device)] = True
         slot_index = torch.tensor(slots, device=self.device)
         choices = sample(logits, [r.params for r in requests], [r.generator for r in requests],
-                         self.seen[slot_index])
+                         self._seen_for(requests, slot_index))
+        self._mark_seen(slot_index, choices)
         for request, choice in zip(requests, choices):
             self._accept(request, choice)
 
@@ -417,9 +418,18 @@ class Engine:
             logits = logits[slots]
         for request in batch:
             request.length += 1
-        choices = sample(logits, [r.params for r in batch], [r.generator for r in batch], self.seen[slots])
+        choices = sample(logits, [r.params for r in batch], [r.generator for r in batch], self._seen_for(batch, slots))
+        self._mark_seen(slots, choices)
         for request, choice in zip(batch, choices):
             self._accept(request, choice)
+
+    def _seen_for(self, requests: list[Request], slots: torch.Tensor) -> torch.Tensor | None:
+        """The rows of `seen` for `slots`, only when some request uses a repetition penalty (a B x V copy)."""
+        return self.seen[slots] if any(r.params.repetition_penalty != 1 for r in requests) else None
+
+    def _mark_seen(self, slots: torch.Tensor, choices: list[TokenChoice]) -> None:
+        """Record each row's sampled token in `seen`, in one write for the whole batch."""
+        self.seen[slots, torch.tensor([c.token for c in choices], device=self.device)] = True
 
     def _step_logits(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
         keys = self._key_positions[:length]
@@ -473,7 +483,6 @@ class Engine:
         request.token_times.append(now)
         request.last_token = token
         self.counters["generation_tokens"] += 1
-        self.seen[request.slot, token] = True
         out = StepOutput(request.id, token_ids=[token], logprobs=[choice] if request.params.logprobs else [])
         params = request.params
         if token in params.stop_token_ids or (token in self.stop_ids and not params.ignore_eos):

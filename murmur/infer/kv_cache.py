@@ -1,9 +1,10 @@
 """The serving engine's key/value cache: one preallocated row ("slot") per running request.
 
 All slots are allocated once, at start-up, for the longest context the engine serves, so a request
-joining or leaving the batch never allocates or moves memory. Before each forward pass the engine
-binds the cache to the slots taking part and where each one's new tokens start; the model then
-calls `update` once per layer (the `KVCache` protocol of `murmur.model`).
+joining or leaving the batch never allocates or moves memory. Before a prefill pass the engine binds
+the cache to the slots taking part and where each one's new tokens start; the model then calls
+`update` once per layer (the `KVCache` protocol of `murmur.model`). Decode steps go through
+`DecodeView`, which reads the same storage in place.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ class SlotKVCache:
         shape = (num_slots, settings.kv_heads, max_len, settings.attention_head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(settings.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(settings.n_layers)]
-        self.num_slots, self.max_len, self.device = num_slots, max_len, device
+        self.max_len, self.device = max_len, device
         self._slots: Tensor | None = None
+        self._rows: list[tuple[int, int]] = []  # (slot, start) per row, as Python ints: no device sync per layer
         self._contiguous: int | None = None
-        self._starts: Tensor | None = None
         self._end = 0
         self._mask: Tensor | None = None
 
@@ -35,10 +36,10 @@ class SlotKVCache:
         Returns the absolute positions (B, steps) to pass to the model.
         """
         self._slots = torch.tensor(slots, device=self.device)
+        self._rows = list(zip(slots, starts))
         # Rows 0..B-1 in order are a view of the cache; any other set of slots needs a gather.
         self._contiguous = len(slots) if slots == list(range(len(slots))) else None
-        self._starts = torch.tensor(starts, device=self.device)
-        positions = self._starts[:, None] + torch.arange(steps, device=self.device)[None]
+        positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(steps, device=self.device)[None]
         self._end = max(starts) + steps
         if self._end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; this pass needs {self._end}")
@@ -53,14 +54,9 @@ class SlotKVCache:
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         steps = k.shape[2]
         k_cache, v_cache = self.k[layer], self.v[layer]
-        if steps == 1:
-            k_cache[self._slots, :, self._starts] = k[:, :, 0]
-            v_cache[self._slots, :, self._starts] = v[:, :, 0]
-        else:
-            for row in range(k.shape[0]):
-                slot, start = int(self._slots[row]), int(self._starts[row])
-                k_cache[slot, :, start:start + steps] = k[row]
-                v_cache[slot, :, start:start + steps] = v[row]
+        for row, (slot, start) in enumerate(self._rows):
+            k_cache[slot, :, start:start + steps] = k[row]
+            v_cache[slot, :, start:start + steps] = v[row]
         if self._contiguous is not None:
             n = self._contiguous
             return k_cache[:n, :, :self._end], v_cache[:n, :, :self._end], self._mask

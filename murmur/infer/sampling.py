@@ -164,16 +164,19 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
             rows = torch.tensor(sampled_rows, device=logits.device)
             chosen[rows] = draw(logits[rows], [params[i] for i in sampled_rows],
                                 [generators[i] for i in sampled_rows])
-    tokens = chosen.tolist()
-    out = []
-    for i, token in enumerate(tokens):
-        choice = TokenChoice(token)
-        if params[i].logprobs and raw_logprobs is not None:
-            choice.logprob = float(raw_logprobs[i, token])
-            if params[i].top_logprobs:
-                values, ids = raw_logprobs[i].topk(params[i].top_logprobs)
-                choice.top = list(zip(ids.tolist(), values.tolist()))
-        out.append(choice)
+    out = [TokenChoice(token) for token in chosen.tolist()]
+    if raw_logprobs is not None:
+        # One gather and one topk for the whole batch: a per-row read would sync with a GPU once per row.
+        chosen_logprobs = raw_logprobs.gather(-1, chosen[:, None])[:, 0].tolist()
+        k = max(p.top_logprobs for p in params)
+        top_values, top_ids = raw_logprobs.topk(k, dim=-1) if k else (None, None)
+        top_values, top_ids = (top_values.tolist(), top_ids.tolist()) if k else (None, None)
+        for i, choice in enumerate(out):
+            if params[i].logprobs:
+                choice.logprob = chosen_logprobs[i]
+                if params[i].top_logprobs:
+                    n = params[i].top_logprobs
+                    choice.top = list(zip(top_ids[i][:n], top_values[i][:n]))
     return out
 
 
