@@ -65,6 +65,20 @@ def test_deleted_posts_and_accounts_vanish_at_build(corpus):
     assert (out / "deletions.txt").read_text().count(f"post:{BOB_2}") == 1
 
 
+def test_a_new_deletion_list_is_recorded_even_when_its_text_is_inside_an_older_one(corpus):
+    out = corpus / "out"
+    first, second = corpus / "first.txt", corpus / "second.txt"
+    first.write_text("post:70021\n")  # no such post; its text contains the next list's
+    second.write_text("post:7002\n")
+    run(corpus, out, first)
+    run(corpus, out, second)
+    recorded = (out / "deletions.txt").read_text()
+    assert "post:7002\n" in recorded.replace("post:70021", "") and b"7002" not in all_output_bytes(out)
+    assert audit(out) == []
+    run(corpus, out, second)  # the same list again changes nothing and is not recorded twice
+    assert (out / "deletions.txt").read_text() == recorded
+
+
 def test_audit_fails_loudly_when_a_deleted_post_is_planted_back(corpus):
     out = corpus / "out"
     deletions = corpus / "deletions.txt"

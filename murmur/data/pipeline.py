@@ -114,7 +114,9 @@ def run(settings: DataSettings, out: str | Path, progress: bool | None = None) -
             (out / name).unlink()
     (out / TOMBSTONES_FILE).unlink(missing_ok=True)
     (out / DELETED_POSTS_FILE).unlink(missing_ok=True)
-    if new_text.strip() and new_text.strip() not in recorded:
+    # Record the list when it changes what is deleted (a text search would take `post:12` as already
+    # recorded because `post:123` is).
+    if new_text.strip() and parse_deletion_lines(recorded.splitlines(), "recorded deletions") != deletions:
         record_deletions(out, new_text)
     add_tombstones(out, stats.pop("_tombstones"))
     add_deleted_post_ids(out, stats.pop("_deleted_ids"))
