@@ -159,6 +159,7 @@ def source_files(source: str) -> list[Path]:
     _, path = split_source(source)
     if not path:
         return []
+    path = os.path.expanduser(path)  # as the data stage reads it (murmur.data.sources.resolve_sources)
     if glob.has_magic(path):
         return sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
     p = Path(path)

@@ -118,6 +118,15 @@ def test_changed_source_file_reruns_the_whole_build(tmp_path, corpus):
     assert fakes.calls == list(STAGE_NAMES)
 
 
+def test_a_source_under_the_home_folder_is_fingerprinted(tmp_path, monkeypatch):
+    from murmur.build import source_files
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "posts.jsonl").write_text("{}\n")
+    assert source_files("jsonl:~/posts.jsonl") == [tmp_path / "posts.jsonl"]
+    assert source_files("jsonl:~/*.jsonl") == [tmp_path / "posts.jsonl"]
+
+
 def test_a_deleted_output_reruns_its_stage_and_those_after(tmp_path, corpus):
     fakes = FakeStages()
     _build(_settings(tmp_path, corpus), fakes)
