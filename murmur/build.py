@@ -81,8 +81,11 @@ class StageStep:
     stage: Stage
     action: str  # "run", "skip" (up to date), "omit" (outside --from/--only), "not-needed" (base model)
     reason: str
-    fingerprint: str = ""
     clear: bool = False  # empty its output folders before running (its inputs changed)
+
+
+# How a stage that does not run is reported, by the display and in the build's results.
+SKIPPED_WORDS = {"skip": "skipped", "omit": "not selected", "not-needed": "not needed"}
 
 
 @dataclass
@@ -412,7 +415,7 @@ def plan_build(settings: Settings, from_stage: str | None = None, only: str | No
                 and (directory / stage.done_marker).exists())
         upstream_changed = any(a in stale_upstream for a in stage.after)
         if stage.name not in selected:
-            steps.append(StageStep(stage, "omit", f"outside {why_selected}", fingerprint))
+            steps.append(StageStep(stage, "omit", f"outside {why_selected}"))
             continue
         if forced:
             reason = f"asked for by {why_selected}"
@@ -421,7 +424,7 @@ def plan_build(settings: Settings, from_stage: str | None = None, only: str | No
         elif upstream_changed:
             reason = "an earlier stage reruns"
         elif done:
-            steps.append(StageStep(stage, "skip", "up to date", fingerprint))
+            steps.append(StageStep(stage, "skip", "up to date"))
             continue
         elif entry.get("fingerprint") != fingerprint:
             changed = _changed_settings(entry.get("settings", {}), stage_settings(settings, stage))
@@ -433,7 +436,7 @@ def plan_build(settings: Settings, from_stage: str | None = None, only: str | No
         # An interrupted stage with the same inputs keeps its folder (training resumes); anything else
         # starts clean so that no output of the old inputs survives.
         resume = entry.get("state") == "running" and entry.get("fingerprint") == fingerprint and not upstream_changed
-        steps.append(StageStep(stage, "run", reason, fingerprint, clear=not resume))
+        steps.append(StageStep(stage, "run", reason, clear=not resume))
         stale_upstream.add(stage.name)
     plan = BuildPlan(settings, directory, steps, record)
     _check_inputs(plan)
@@ -521,7 +524,7 @@ def execute(plan: BuildPlan, functions: dict[str, StageFunction] | None = None, 
     for index, step in enumerate(plan.steps):
         stage = step.stage
         if step.action != "run":
-            action = {"skip": "skipped", "omit": "omitted", "not-needed": "not needed"}[step.action]
+            action = SKIPPED_WORDS[step.action]
             results.append({"stage": stage.name, "action": action, "reason": step.reason,
                             "summary": record["stages"].get(stage.name, {}).get("summary", {})})
             display.stage_skipped(index, step)

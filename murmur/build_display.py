@@ -52,7 +52,9 @@ class BuildDisplay:
         return f"[{index + 1}/{self.total} {_clock(time.monotonic() - self.started)}]"
 
     def stage_skipped(self, index: int, step: Any) -> None:
-        what = {"skip": "skipped", "omit": "not selected", "not-needed": "not needed"}.get(step.action, step.action)
+        from murmur.build import SKIPPED_WORDS
+
+        what = SKIPPED_WORDS[step.action]
         self.console.print(f"{self._prefix(index)} [dim]{step.stage.name}: {what} ({step.reason})[/]")
 
     def stage_started(self, index: int, step: Any) -> None:
@@ -74,7 +76,7 @@ class BuildDisplay:
         for column in ("stage", "result", "time", "figures"):
             table.add_column(column)
         for item in result.stages:
-            if item["action"] == "omitted":
+            if item["action"] == "not selected":
                 continue  # outside --from/--only: already said as it was passed over
             seconds = f"{item['seconds']:.1f}s" if "seconds" in item else ""
             what = item["action"] if item["action"] == "ran" else f"{item['action']} ({item['reason']})"
