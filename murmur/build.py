@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from murmur.config import Settings, run_dir as settings_run_dir
+from murmur.config import Settings
+from murmur.config import run_dir as settings_run_dir
 from murmur.errors import MurmurError
+from murmur.files import write_text_atomic
 
 BUILD_FILE = "build.json"
 # Bump when the meaning of a fingerprint changes, so that old records never match.
@@ -119,11 +121,7 @@ def load_record(run_dir: Path) -> dict[str, Any]:
 
 def save_record(run_dir: Path, record: dict[str, Any]) -> None:
     """Write the build record atomically."""
-    path = Path(run_dir) / BUILD_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(Path(run_dir) / BUILD_FILE, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
 
 
 # ---------------------------------------------------------------------------------------- fingerprints

@@ -25,7 +25,6 @@ import json
 import mmap
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from murmur.errors import MurmurError
+from murmur.files import write_table_atomic, write_text_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "murmur-tokens/1"
@@ -67,7 +67,7 @@ def read_manifest(tokens_dir: str | Path) -> dict[str, Any]:
 
 def write_manifest(tokens_dir: str | Path, manifest: dict[str, Any]) -> None:
     """Replace the manifest atomically."""
-    _atomic_write_text(Path(tokens_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(Path(tokens_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def split_entry(manifest: dict[str, Any], kind: str, split: str) -> dict[str, Any]:
@@ -193,7 +193,6 @@ class ShardWriter:
     def close(self) -> dict[str, Any]:
         """Write the last shard and the document index; the manifest entry of this split."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         self._flush()
         name = "index" + (f".g{self.generation}" if self.generation else "") + ".parquet"
@@ -203,10 +202,7 @@ class ShardWriter:
             "offset": pa.array(self.rows["offset"], pa.int64()), "length": pa.array(self.rows["length"], pa.int64()),
             "bytes": pa.array(self.rows["bytes"], pa.int64()), "source": pa.array(self.rows["source"], pa.string()),
             "post_ids": pa.array(self.rows["post_ids"], pa.list_(pa.string()))})
-        path = self.tokens_dir / index_rel
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        path = write_table_atomic(table, self.tokens_dir / index_rel)
         entry = {"kind": self.kind, "split": self.split, "tokens": self.tokens, "documents": self.documents,
                  "bytes": self.bytes, "index": index_rel, "index_sha256": sha256_file(path), "shards": self.shards}
         if self.with_mask:
@@ -571,7 +567,6 @@ def purge_documents(tokens_dir: str | Path, deleted_post_ids: Iterable[str]) -> 
     New shard and index files get a new generation name; the manifest is replaced last (atomically), then
     the superseded files are removed. Returns counts and the shards rewritten."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     tokens_dir = Path(tokens_dir)
     deleted = {str(p) for p in deleted_post_ids}
@@ -632,9 +627,7 @@ def purge_documents(tokens_dir: str | Path, deleted_post_ids: Iterable[str]) -> 
                 "source": pa.array([cols["source"][i] for i in keep], pa.string()),
                 "post_ids": pa.array([cols["post_ids"][i] for i in keep], pa.list_(pa.string()))})
             index_rel = str(Path(entry["index"]).parent / f"index.g{generation}.parquet")
-            tmp = tokens_dir / (index_rel + ".tmp")
-            pq.write_table(table, tmp)
-            os.replace(tmp, tokens_dir / index_rel)
+            write_table_atomic(table, tokens_dir / index_rel)
             superseded.append(entry["index"])
             entry["index"], entry["index_sha256"] = index_rel, sha256_file(tokens_dir / index_rel)
             entry["tokens"] = sum(s["tokens"] for s in entry["shards"])
@@ -651,9 +644,3 @@ def purge_documents(tokens_dir: str | Path, deleted_post_ids: Iterable[str]) -> 
     return summary
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)

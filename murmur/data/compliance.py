@@ -12,7 +12,6 @@ lets the audit find a deleted text that came back under another id.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from murmur.data.dedup import exact_hash, normalised
 from murmur.errors import MurmurError
+from murmur.files import write_table_atomic, write_text_atomic
 
 DELETIONS_FILE = "deletions.txt"
 TOMBSTONES_FILE = "tombstones.txt"
@@ -121,20 +121,6 @@ def tombstone_hashes(data_dir: Path) -> set[int]:
 def add_tombstones(data_dir: Path, hashes) -> None:
     merged = tombstone_hashes(data_dir) | set(hashes)
     write_text_atomic(data_dir / TOMBSTONES_FILE, "".join(f"{h:016x}\n" for h in sorted(merged)))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_table_atomic(table, path: Path) -> None:
-    import pyarrow.parquet as pq
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
 
 
 def data_dir_of(path: str | Path) -> Path:

@@ -38,8 +38,6 @@ from murmur.data.compliance import (
     parse_deletion_lines,
     read_deletion_text,
     record_deletions,
-    write_table_atomic,
-    write_text_atomic,
 )
 from murmur.data.dedup import first_occurrence
 from murmur.data.executors import make_executor
@@ -53,6 +51,7 @@ from murmur.data.sources import FileReader, SourceFile, resolve_sources
 from murmur.data.split import split_of
 from murmur.data.threads import ThreadPost, tree_conversations
 from murmur.errors import MurmurError
+from murmur.files import write_table_atomic, write_text_atomic
 from murmur.settings.data import DataSettings
 
 PIPELINE_VERSION = 1

@@ -14,25 +14,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from murmur.files import read_jsonl, write_text_atomic
+
 CHART_KEY = "murmur:data"
 
 
 # ---- reading the run's files -----------------------------------------------------------------------------
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSONL file; lines that do not parse (a write cut short) are skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(item, dict):
-            records.append(item)
-    return records
-
 
 def funnel(stats: dict) -> dict[str, int]:
     """The data funnel of a data-stage stats.json: in, kept, quarantined and dropped by reason, in order."""
@@ -338,8 +325,4 @@ def write_report(run_dir: str | Path, results: dict, compare: list[tuple[str, di
     if results.get("privacy", {}).get("canaries"):
         charts["canaries"] = chart_canaries(results["privacy"]["canaries"], out / "canaries.png").name
 
-    page = out / "report.md"
-    tmp = page.with_name(".report.md.tmp")
-    tmp.write_text(render_markdown(results, charts, numbers, compare or []) + "\n", encoding="utf-8")
-    os.replace(tmp, page)
-    return page
+    return write_text_atomic(out / "report.md", render_markdown(results, charts, numbers, compare or []) + "\n")

@@ -12,7 +12,6 @@ for every saved checkpoint, on a smaller fixed sample of posts.
 from __future__ import annotations
 
 import json
-import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from murmur.errors import MurmurError
+from murmur.files import write_text_atomic
 from murmur.settings.eval import EvalSettings
 
 STAGES = ("pretrain", "sft")
@@ -96,10 +96,7 @@ def _load(src: Path, device: torch.device):
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def evaluate(src: str | Path, settings: EvalSettings, data_dir: str | Path | None = None,

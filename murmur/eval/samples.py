@@ -6,8 +6,9 @@ Generation goes through the inference engine (murmur.infer), the same code that 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from murmur.files import write_text_atomic
 
 
 def generate_samples(model, tokenizer, prompts: list[str], seeds: list[int], max_new_tokens: int = 48,
@@ -33,9 +34,4 @@ def generate_samples(model, tokenizer, prompts: list[str], seeds: list[int], max
 
 def write_jsonl(path: str | Path, records: list[dict]) -> Path:
     """Write records one JSON object a line, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

@@ -8,12 +8,11 @@ pipeline parallelism: the files describe the fastest layout with pp = 1.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from murmur.errors import MurmurError
+from murmur.files import write_text_atomic
 from murmur.settings.model import MODEL_PRESETS
 
 RECIPE_NAME = "recipe.toml"
@@ -138,16 +137,6 @@ srun --kill-on-bad-exit=1 torchrun \\
 """
 
 
-def _write_atomic(path: Path, text: str, executable: bool = False) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o755 if executable else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_launch_files(plan, out_dir: str | Path, run_name: str = "planned") -> dict[str, Path]:
@@ -170,7 +159,7 @@ def write_launch_files(plan, out_dir: str | Path, run_name: str = "planned") -> 
     goodput = plan.schedule.reliability.goodput
     hours = plan.schedule.tokens / cand.tokens_per_second / goodput / 3600 if goodput > 0 else 24 * 365
     paths = {"recipe": out / RECIPE_NAME, "torchrun": out / TORCHRUN_NAME, "sbatch": out / SBATCH_NAME}
-    _write_atomic(paths["recipe"], to_toml(recipe, header))
-    _write_atomic(paths["torchrun"], torchrun_script(nodes, plan.gpus_per_node), executable=True)
-    _write_atomic(paths["sbatch"], sbatch_script(nodes, plan.gpus_per_node, hours, f"murmur-{run_name}"))
+    write_text_atomic(paths["recipe"], to_toml(recipe, header), mode=0o644)
+    write_text_atomic(paths["torchrun"], torchrun_script(nodes, plan.gpus_per_node), mode=0o755)
+    write_text_atomic(paths["sbatch"], sbatch_script(nodes, plan.gpus_per_node, hours, f"murmur-{run_name}"), mode=0o644)
     return paths

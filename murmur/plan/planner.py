@@ -5,16 +5,22 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from murmur.errors import MurmurError
+from murmur.files import read_jsonl
 from murmur.plan import schedule as sched
 from murmur.plan.gpus import GPU, get_gpu
 from murmur.plan.memory import GiB, ModelFacts
-from murmur.plan.search import Candidate, NoLayoutError, SearchResult, explain_no_fit, search
+from murmur.plan.search import (
+    Candidate,
+    NoLayoutError,
+    SearchResult,
+    explain_no_fit,
+    search,
+)
 from murmur.plan.shapes import shape_for_params
 from murmur.settings.model import ModelSettings
 
@@ -107,16 +113,8 @@ def calibrated_efficiency(metrics_path: str | Path) -> float:
     path = Path(metrics_path)
     if not path.is_file():
         raise MurmurError(f"--calibrate-from {path}: no such file; pass a run's pretrain/metrics.jsonl")
-    values = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise MurmurError(f"--calibrate-from {path}: line {number} is not JSON") from None
-        if isinstance(record, dict) and isinstance(record.get("mfu"), (int, float)) and record["mfu"] > 0:
-            values.append(float(record["mfu"]))
+    # A run killed mid-write leaves its last line cut short: read_jsonl skips it.
+    values = [float(r["mfu"]) for r in read_jsonl(path) if isinstance(r.get("mfu"), (int, float)) and r["mfu"] > 0]
     if not values:
         raise MurmurError(f"--calibrate-from {path}: no record has an mfu (runs on CPU log null); "
                           "calibrate from a GPU run")

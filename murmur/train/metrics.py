@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from murmur.files import read_jsonl
+
 # Dense bf16 tensor-core peak FLOP/s per GPU, from the vendors' data sheets (without sparsity).
 # Matched against torch.cuda.get_device_name() by the first key it contains.
 PEAK_BF16_FLOPS: dict[str, float] = {
@@ -158,11 +160,7 @@ class MetricsLogger:
         if not path.is_file():
             return None
         train, val = [], []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
+        for rec in read_jsonl(path):  # a line cut short by a kill is skipped
             if rec.get("loss") is not None and math.isfinite(rec["loss"]):
                 train.append((rec["step"], rec["loss"]))
             if rec.get("val_loss") is not None:
