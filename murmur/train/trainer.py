@@ -419,21 +419,24 @@ class Trainer:
             return self.model.no_sync()
         return nullcontext()
 
-    def train_step(self, batches: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor, int]:
+    def train_step(self, batches: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor, int | Tensor]:
         """Forward/backward over the step's micro-batches, clip, and step: (loss sum, grad norm, target count).
 
         Each micro-batch's summed loss is divided by the global number of target tokens (times the
         data-parallel size, which the gradient averaging divides by again), so the update is the
-        gradient of the mean loss over the whole global batch.
+        gradient of the mean loss over the whole global batch. With several processes the global count
+        stays a device tensor, so the step never waits for the host (it is read at log intervals).
         """
-        count = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
-        global_count = count
+        device = self.rt.device
+        count = sum(int((b["targets"] != IGNORE).sum()) for b in batches)  # the loader's CPU tensors: no sync
+        global_count: int | Tensor = count
         if self.plan.layout.dp_size > 1:
             # Summed over every process, of which each tensor-parallel group holds the same batches.
-            total = _all_reduce(torch.tensor([count], dtype=torch.int64, device=self._comm_device))
-            global_count = int(total[0]) // self.plan.layout.tp
-        scale = self.plan.layout.dp_size / max(global_count, 1)
-        device = self.rt.device
+            total = _all_reduce(torch.tensor(count, dtype=torch.int64, device=device))
+            global_count = total // self.plan.layout.tp
+            scale = self.plan.layout.dp_size / global_count.clamp_min(1)
+        else:
+            scale = self.plan.layout.dp_size / max(count, 1)
         total = torch.zeros((), device=device)
         for i, batch in enumerate(batches):
             inputs = batch["inputs"].to(device, non_blocking=True)
@@ -444,10 +447,6 @@ class Trainer:
             total += loss_sum.detach()
         grad_norm = self._clip_gradients()
         return total, grad_norm, global_count
-
-    @property
-    def _comm_device(self) -> torch.device:
-        return self.rt.device
 
     def _clip_gradients(self) -> Tensor:
         """Total gradient norm over every parameter (clipped to grad_clip when set)."""
@@ -594,6 +593,7 @@ class Trainer:
                 if self.step % ts.log_interval == 0 or last:
                     # interval_count is already global (train_step counts over all processes).
                     loss_total = _all_reduce(interval_loss.clone()).item() / plan.layout.tp
+                    interval_count = int(interval_count)  # a device tensor with several processes
                     loss = loss_total / interval_count if interval_count else None  # every step skipped
                     if loss is not None and not math.isfinite(loss) and not check_every_step:
                         self._stop_for_nan(self.step)
