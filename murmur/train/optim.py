@@ -81,13 +81,7 @@ def _is_hidden_matrix(name: str, param: Tensor) -> bool:
 
 def build_optimizers(model: nn.Module, settings: TrainSettings, device_type: str) -> list[torch.optim.Optimizer]:
     """The optimizers of a run (one, or Muon + AdamW). Each group keeps its base lr in `initial_lr`."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    seen: set[int] = set()
-    unique = []
-    for n, p in named:  # tied embeddings appear once
-        if id(p) not in seen:
-            seen.add(id(p))
-            unique.append((n, p))
+    unique = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # a tied weight comes once
     adam_kwargs = dict(betas=(settings.beta1, settings.beta2), eps=1e-8)
     is_dtensor = any(type(p).__name__ == "DTensor" for _, p in unique)
     if device_type == "cuda":

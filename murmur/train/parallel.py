@@ -162,8 +162,3 @@ def parallelize(model: nn.Module, layout: Layout, mesh, *, compile: bool = False
         ids = [device.index] if device is not None and device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=ids, process_group=mesh["dp_replicate"].get_group())
     return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The Transformer inside a DDP wrapper (FSDP2 and TP leave the module itself in place)."""
-    return model.module if hasattr(model, "module") and not hasattr(model, "layers") else model

@@ -26,13 +26,14 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from murmur import accel
 from murmur.errors import MurmurError
 from murmur.model import Transformer, count_params, flops_per_token
 from murmur.settings.model import ModelSettings
 from murmur.settings.train import TrainSettings
+from murmur.shards import IGNORE_INDEX as IGNORE
 from murmur.train import checkpoint as ckpt
 from murmur.train.metrics import MetricsLogger, peak_flops_note
 from murmur.train.optim import build_optimizers, lr_multiplier, set_learning_rate
@@ -40,7 +41,6 @@ from murmur.train.parallel import (Layout, build_mesh, check_model_fits_layout, 
                                    resolve_layout)
 
 STAGES = ("pretrain", "sft")
-IGNORE = -100
 # Models above this size are built on the meta device and initialised after sharding when sharded.
 META_INIT_PARAMS = 1_000_000_000
 
@@ -331,7 +331,6 @@ class Trainer:
                                  activation_checkpointing=ts.activation_checkpointing,
                                  reshard_after_forward=ts.parallel.reshard_after_forward, param_dtype=param_dtype,
                                  device=rt.device)
-        self.inner = model  # the Transformer itself (DDP wraps it; FSDP2 and TP change it in place)
         if meta_init:
             model.to_empty(device=rt.device)
             model.init_weights()
