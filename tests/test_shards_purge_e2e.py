@@ -6,12 +6,10 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 
 from murmur.cli import main
 from murmur.shards import TokenLoader, audit_deletions, read_manifest
 
-pytest.importorskip("murmur.data.compliance")
 
 THREADS = [
     ["Has anyone tried the new ramen place on fifth street downtown yet?",

@@ -191,9 +191,8 @@ def audit(path: str | Path, deletions: Deletions | None = None) -> list[str]:
     if tokens is not None:
         from murmur import shards
 
-        if hasattr(shards, "audit_deletions"):
-            # Deleted texts are never kept, so the token audit checks ids; purge passes texts while it has them.
-            problems += [f"tokens: {p}" for p in shards.audit_deletions(tokens, gone, [])]
+        # Deleted texts are never kept, so the token audit checks ids; purge passes texts while it has them.
+        problems += [f"tokens: {p}" for p in shards.audit_deletions(tokens, gone, [])]
     return problems
 
 
@@ -323,10 +322,8 @@ def purge(path: str | Path, deletions_file: str | Path, min_turns: int | None = 
     if tokens is not None:
         from murmur import shards
 
-        if hasattr(shards, "purge_documents"):
-            summary["tokens"] = shards.purge_documents(tokens, gone)
-        if hasattr(shards, "audit_deletions"):
-            summary["token_problems"] = shards.audit_deletions(tokens, gone, deleted_texts)
+        summary["tokens"] = shards.purge_documents(tokens, gone)
+        summary["token_problems"] = shards.audit_deletions(tokens, gone, deleted_texts)
     stats.setdefault("purges", []).append({"at": datetime.now(UTC).isoformat(timespec="seconds"),
                                            **{k: v for k, v in summary.items() if k != "token_problems"}})
     write_text_atomic(data_dir / "stats.json", json.dumps(stats, indent=2) + "\n")

@@ -145,8 +145,7 @@ class CostModel:
 
 
 def search(facts: ModelFacts, gpu: GPU, world: int, gpus_per_node: int, efficiency: float,
-           global_batch_tokens: int | None, target_batch_tokens: int, optimizer: str = "adamw",
-           allow_pipeline: bool = True) -> SearchResult:
+           global_batch_tokens: int | None, target_batch_tokens: int, optimizer: str = "adamw") -> SearchResult:
     """All layouts of `world` GPUs that fit in `gpu`'s memory, fastest first.
 
     global_batch_tokens: an exact batch every layout must reproduce (sequences divisible by dp x micro-batch),
@@ -160,9 +159,7 @@ def search(facts: ModelFacts, gpu: GPU, world: int, gpus_per_node: int, efficien
     candidates: list[Candidate] = []
     tried = 0
     for tp in tensor_parallel_degrees(facts, gpus_per_node):
-        for pp in pipeline_degrees(facts, world, tp, gpus_per_node) if allow_pipeline else [1]:
-            if world % (tp * pp):
-                continue
+        for pp in pipeline_degrees(facts, world, tp, gpus_per_node):  # divisors of world // tp only
             dp = world // (tp * pp)
             layers = facts.stage_layers(pp)
             shards = divisors(dp)
