@@ -118,11 +118,11 @@ class ShardWriter:
     Memory holds at most one shard's tokens plus the document index rows."""
 
     def __init__(self, tokens_dir: str | Path, kind: str, split: str, dtype: np.dtype, with_mask: bool,
-                 shard_tokens: int = DEFAULT_SHARD_TOKENS, subdir: str | None = None, generation: int = 0):
+                 shard_tokens: int = DEFAULT_SHARD_TOKENS, generation: int = 0):
         if kind not in KINDS:
             raise MurmurError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
         self.tokens_dir = Path(tokens_dir)
-        self.rel_dir = Path(subdir or f"{kind}/{split}")
+        self.rel_dir = Path(f"{kind}/{split}")
         (self.tokens_dir / self.rel_dir).mkdir(parents=True, exist_ok=True)
         self.kind, self.split = kind, split
         self.dtype = np.dtype(dtype)

@@ -296,15 +296,13 @@ def _write_all(data_dir: Path, tokenizer: ChatTokenizer, out: Path, cfg,
 
     pieces = PieceEncoder(tokenizer)
 
-    def add_pretrain(split, texts, post_ids, source, ids_list=None):
-        ids_list = ids_list if ids_list is not None else tokenizer.encode_batch(texts)
-        for text, ids, posts in zip(texts, ids_list, post_ids):
+    def add_pretrain(split, texts, post_ids, source):
+        for text, ids, posts in zip(texts, tokenizer.encode_batch(texts), post_ids):
             if ids:
                 writers["pretrain", split].add([eos] + ids, None, posts, len(text.encode("utf-8")), source)
 
-    def add_sft(split, chats, post_ids, source, rendered=None):
-        rendered = rendered if rendered is not None else tokenizer.render_chats_with_masks(chats)
-        for chat, (ids, mask), posts in zip(chats, rendered, post_ids):
+    def add_sft(split, chats, post_ids, source):
+        for chat, (ids, mask), posts in zip(chats, tokenizer.render_chats_with_masks(chats), post_ids):
             trained = sum(len(m["content"].encode("utf-8")) for m in chat if m["role"] == "assistant")
             writers["sft", split].add([eos] + ids, [0] + mask, posts, trained, source)
 
