@@ -23,6 +23,7 @@ from murmur.eval.privacy import (
     canary_exposure,
     exposure_from_scores,
     greedy_extraction,
+    scan_for_pii,
     secret_candidates,
 )
 from murmur.eval.ranking import (
@@ -165,6 +166,20 @@ def test_exposure_formula():
     assert bottom["exposure"] == pytest.approx(0.0) and bottom["exposure_estimated"] < 0.1
     assert len(set(secret_candidates("ab-12", 50, 0))) == 50
     assert all(len(c) == 5 and c[2] == "-" and c[3:].isdigit() for c in secret_candidates("ab-12", 50, 0))
+
+
+def test_pii_scan_flags_exactly_what_the_scrubber_replaces():
+    from murmur.data.clean import Cleaner
+    from murmur.settings.data import DataSettings
+
+    texts = ["mail me at jo@example.com or call +1 415 555 0123", "room +12 34 56, card 4111 1111 1111 1111",
+             "server 10.0.0.1", "card 4111 1111 1111 1112 fails the Luhn check", "nothing here"]
+    scan = scan_for_pii(texts)
+    assert scan["matches"] == {"email": 1, "card": 1, "ip": 1, "phone": 1} and scan["texts_with_pii"] == 3
+    cleaner = Cleaner(DataSettings(sources=["text:x"]))
+    replaced = sum(cleaner._scrub(t)[1] for t in texts)
+    # "+12 34 56" (too few digits for a phone) and the card failing Luhn are left alone by both.
+    assert replaced == sum(scan["matches"].values())
 
 
 def test_canary_exposure_high_when_memorised_and_low_when_never_seen():

@@ -154,18 +154,34 @@ class Cleaner:
                 return placeholder
             return on_match
 
-        if "email" in self.scrub and "@" in text:
-            text = EMAIL_RE.sub(replace("<email>"), text)
         digits = DIGIT_RE.search(text) is not None
-        if "card" in self.scrub and digits:
-            text = CARD_RE.sub(replace("<card>", lambda s: luhn_valid(re.sub(r"\D", "", s))), text)
-        if "ip" in self.scrub and digits:
-            text = IPV6_RE.sub(replace("<ip>"), IPV4_RE.sub(replace("<ip>"), text))
-        if "phone" in self.scrub and digits:
-            text = PHONE_RE.sub(replace("<phone>", lambda s: 8 <= sum(c.isdigit() for c in s) <= 15), text)
+        for kind, rules in PII_RULES.items():
+            # Cheap tests first: an email needs an @, every other kind a digit.
+            if kind not in self.scrub or not ("@" in text if kind == "email" else digits):
+                continue
+            for pattern, check in rules:
+                text = pattern.sub(replace(f"<{kind}>", check), text)
         for pattern, placeholder in self.extra:
             text = pattern.sub(replace(placeholder), text)
         return text, count
+
+
+def _card_number(match: str) -> bool:
+    return luhn_valid(re.sub(r"\D", "", match))
+
+
+def _phone_number(match: str) -> bool:
+    return 8 <= sum(c.isdigit() for c in match) <= 15
+
+
+# The personal data the scrubber replaces, by kind, in the order applied: [(regex, check of a match or None)].
+# The evaluation's scan of generated text uses the same table (murmur.eval.privacy).
+PII_RULES = {
+    "email": [(EMAIL_RE, None)],
+    "card": [(CARD_RE, _card_number)],
+    "ip": [(IPV4_RE, None), (IPV6_RE, None)],
+    "phone": [(PHONE_RE, _phone_number)],
+}
 
 
 def _trailing(url: str) -> str:

@@ -152,22 +152,13 @@ def greedy_extraction(model, tokenizer, prompt: str, secret: str) -> bool:
     return secret in completion.text
 
 
-def pii_patterns() -> dict[str, list]:
-    """The personal-data patterns the data stage scrubs (murmur.data.clean), by kind: [(regex, check)]."""
-    from murmur.data import clean
-
-    digits = lambda text: "".join(c for c in text if c.isdigit())
-    return {
-        "email": [(clean.EMAIL_RE, None)],
-        "phone": [(clean.PHONE_RE, None)],
-        "card": [(clean.CARD_RE, lambda m: clean.luhn_valid(digits(m)))],
-        "ip": [(clean.IPV4_RE, None), (clean.IPV6_RE, None)],
-    }
-
-
 def scan_for_pii(texts: list[str], max_examples: int = 10) -> dict:
-    """Count the personal-data matches in generated texts, by kind, with a few examples to look at."""
-    patterns = pii_patterns()
+    """Count the personal-data matches in generated texts, by kind, with a few examples to look at.
+
+    The rules are the data stage's scrubbing rules (murmur.data.clean.PII_RULES), so the scan flags exactly
+    what the scrubber would have replaced."""
+    from murmur.data.clean import PII_RULES as patterns
+
     counts = {kind: 0 for kind in patterns}
     examples = []
     flagged = 0
