@@ -2,6 +2,7 @@
 model. A second build skips every stage; changing one training setting reruns only training and what follows."""
 
 import json
+import math
 import random
 import subprocess
 import sys
@@ -122,7 +123,10 @@ def test_build_end_to_end_then_skip_then_rerun_from_training(tmp_path):
     assert (run / "model" / "config.json").is_file() and (run / "model" / "tokenizer.json").is_file()
     results = json.loads((run / "eval" / "results.json").read_text())
     assert results["model"]["stage"] == "sft"  # the chat-finetuned model is the one evaluated
-    assert 0 < results["bpb"]["validation"]["bpb"] < 8  # a trained model beats 8 bits per byte
+    val = results["bpb"]["validation"]
+    assert 0 < val["bpb"] < 8  # a trained model beats 8 bits per byte
+    # ... and a model guessing uniformly over its 384 tokens (log2(384) bits a token), by a clear margin.
+    assert val["bpb"] < 0.8 * math.log2(384) * val["tokens"] / val["bytes"], val
     assert results["ranking"]["examples"] > 0 and "hits@1" in results["ranking"]["pmi"]
     assert "build finished" in out and str(run / "model") in out
 

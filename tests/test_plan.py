@@ -115,7 +115,7 @@ def test_gpt3_175b_compute():
     assert 1.0 <= facts.flops_per_token * 300e9 / 3.14e23 <= 1.05
 
 
-def test_search_is_fast_and_consistent_for_16k_gpus():
+def test_search_is_consistent_for_16k_gpus():  # its speed is in bench/plan_search.py, not asserted here
     facts = ModelFacts(ModelSettings(preset="70b"), 8192)
     result = search(facts, H100, 16384, 8, 0.5, None, 16 * 2**20)
     assert result.candidates, "70B fits on 16k H100s"

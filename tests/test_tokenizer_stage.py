@@ -196,7 +196,11 @@ def test_stage_with_a_foreign_chat_template(run, tmp_path):
     ids = np.fromfile(tmp_path / "tokens" / entry["shards"][0]["file"], dtype=np.uint16)
     mask = np.fromfile(tmp_path / "tokens" / entry["shards"][0]["mask_file"], dtype=np.uint8)
     trained = tok.decode(ids[mask == 1].tolist())
-    assert "### " not in trained and trained.count("<|endoftext|>") == int((ids[mask == 1] == tok.eos_id).sum()) > 0
+    masked_eos = int((ids[mask == 1] == tok.eos_id).sum())
+    assert "### " not in trained and trained.count("<|endoftext|>") == masked_eos > 0
+    # Each trained run (one assistant turn) ends with exactly one end-of-text token, its last.
+    runs = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])) == -1) - 1  # last index of each run
+    assert masked_eos == len(runs) and (ids[runs] == tok.eos_id).all()
 
 
 def test_data_files_of_the_wrong_shape(run, tmp_path):

@@ -259,8 +259,8 @@ def test_sft_lowers_held_out_loss(pretrained, tmp_path):
     assert sorted(val) == [0, 30]
     assert val[30] < 0.6 * val[0], val  # the three canned replies are learnt
     assert summary["stage"] == "sft"
-    meta = json.loads((run / "sft" / "checkpoints" / "latest").read_text() and
-                      (run / "sft" / "checkpoints" / "step_00000030" / "murmur.json").read_text())
+    assert (run / "sft" / "checkpoints" / "latest").read_text().strip() == "step_00000030"
+    meta = json.loads((run / "sft" / "checkpoints" / "step_00000030" / "murmur.json").read_text())
     assert meta["stage"] == "sft"
     # The run folder now resolves to the finetuned model.
     assert ckpt._resolve_step_dir(run).parent.parent.name == "sft"
