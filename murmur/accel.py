@@ -1,4 +1,4 @@
-"""What this machine can speed up: bf16 matrix multiplies on the CPU, and torch.compile's CPU kernels.
+"""What this machine offers: its device, bf16 matrix multiplies on the CPU, and torch.compile's CPU kernels.
 
 The demo recipe asks for both; on a machine without them training still runs, with a warning that
 says what is missing, instead of failing or silently crawling.
@@ -7,6 +7,17 @@ says what is missing, instead of failing or silently crawling.
 from __future__ import annotations
 
 import torch
+
+from murmur.errors import MurmurError
+
+
+def resolve_device(name: str) -> str:
+    """`auto` picks CUDA when it is there; an explicit CUDA device that is absent is an error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MurmurError(f"device {name!r} asked for but CUDA is not available here; use cpu (or auto)")
+    return name
 
 
 def cpu_bf16_fast() -> bool:

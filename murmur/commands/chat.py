@@ -81,10 +81,10 @@ def chat_loop(engine, params, read: Callable[[str], str], write: Callable[[str],
 
 
 def run(args: argparse.Namespace) -> int:
+    from murmur.accel import resolve_device
     from murmur.errors import MurmurError
     from murmur.infer.engine import Engine
     from murmur.infer.sampling import SamplingParams
-    from murmur.serve.launch import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     try:
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
                                 seed=args.seed)
     except MurmurError as err:
         raise MurmurError(f"bad sampling option: {err}") from None
-    engine = Engine.from_source(args.src, device=device, dtype=resolve_dtype("auto", device), max_batch_size=1)
+    engine = Engine.from_source(args.src, device=device, max_batch_size=1)  # bf16 on CUDA, float32 on CPU
     print(f"chatting with {args.src} on {device}; {HELP}", file=sys.stderr)
 
     def write(text: str) -> None:

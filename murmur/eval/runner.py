@@ -19,19 +19,12 @@ from typing import Any
 
 import torch
 
+from murmur.accel import resolve_device
 from murmur.errors import MurmurError
 from murmur.files import write_text_atomic
 from murmur.settings.eval import EvalSettings
 
 STAGES = ("pretrain", "sft")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MurmurError("eval.device is 'cuda' but no GPU is visible; use eval.device=cpu or auto")
-    return torch.device(name)
 
 
 def is_run_folder(path: Path) -> bool:
@@ -117,7 +110,7 @@ def evaluate(src: str | Path, settings: EvalSettings, data_dir: str | Path | Non
     if not (data_dir / "posts.parquet").is_file():
         raise MurmurError(f"no held-out data at {data_dir} (posts.parquet); evaluate a run folder, or pass "
                           "--data RUN/data for a model directory")
-    device = _device(settings.device)
+    device = torch.device(resolve_device(settings.device))
     started = time.perf_counter()
     timings: dict[str, float] = {}
     model, tokenizer, info = _load(src, device)

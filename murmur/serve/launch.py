@@ -9,17 +9,6 @@ from murmur.errors import MurmurError
 from murmur.settings.serve import ServeSettings
 
 
-def resolve_device(name: str) -> str:
-    """`auto` picks CUDA when it is there; an explicit CUDA device that is absent is an error."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MurmurError(f"device {name!r} asked for but CUDA is not available here; use --device cpu")
-    return name
-
-
 def resolve_dtype(name: str, device: str):
     import torch
 
@@ -30,6 +19,7 @@ def resolve_dtype(name: str, device: str):
 
 def build_engine(src: str | Path, settings: ServeSettings):
     """Load the model at `src` and wrap it in an engine sized by `settings`."""
+    from murmur.accel import resolve_device
     from murmur.infer.engine import Engine
 
     device = resolve_device(settings.device)
@@ -66,6 +56,7 @@ def serve(src: str | Path, settings: ServeSettings) -> None:
     """Run the server until interrupted; the model loads in the background (503 until ready)."""
     import uvicorn
 
+    from murmur.accel import resolve_device
     from murmur.serve.api import create_app
 
     if not Path(src).exists():
