@@ -128,6 +128,11 @@ def test_build_end_to_end_then_skip_then_rerun_from_training(tmp_path):
     # ... and a model guessing uniformly over its 384 tokens (log2(384) bits a token), by a clear margin.
     assert val["bpb"] < 0.8 * math.log2(384) * val["tokens"] / val["bytes"], val
     assert results["ranking"]["examples"] > 0 and "hits@1" in results["ranking"]["pmi"]
+    # The trainer's own validation reports bits per byte too (its tokenizer gives each token's bytes).
+    from murmur.files import read_jsonl
+
+    val_bpb = [r["val_bpb"] for r in read_jsonl(run / "pretrain" / "metrics.jsonl") if r.get("val_bpb")]
+    assert val_bpb and all(0 < b < 8 for b in val_bpb) and val_bpb[-1] < val_bpb[0], val_bpb
     assert "build finished" in out and str(run / "model") in out
 
     out = _build(recipe)

@@ -354,8 +354,8 @@ class Trainer:
                       f"process{'es' if len(ranks) > 1 else ''})")
         elif init is not None:
             self._load_initial_weights(*init)
-        self.byte_lengths = token_byte_lengths(_bytes_tokenizer(self.run_dir, self.tokenizer_dir),
-                                               model_settings.vocab_size)
+        byte_lengths = token_byte_lengths(_bytes_tokenizer(self.run_dir, self.tokenizer_dir), model_settings.vocab_size)
+        self.byte_lengths = byte_lengths.to(rt.device) if byte_lengths is not None else None  # moved once
         self.val_loader = (_open_loader(self.run_dir, self.stage, "validation", ts, self.dp_rank,
                                         plan.layout.dp_size, False)
                            if _has_split(self.run_dir, self.stage, "validation") else None)
@@ -514,8 +514,7 @@ class Trainer:
             valid = targets != IGNORE
             sums[1] += valid.sum()
             if self.byte_lengths is not None:
-                lengths = self.byte_lengths.to(device)
-                sums[2] += lengths[targets.clamp(min=0)][valid].sum()
+                sums[2] += self.byte_lengths[targets.clamp(min=0)][valid].sum()
         self.model.train()
         loss, count, nbytes = _all_reduce(sums).tolist()
         if count == 0:
