@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from murmur.data.clean import Cleaner
-from murmur.data.dedup import MinHasher, exact_hash, normalised
+from murmur.data.dedup import MinHasher, hash_normalised, normalised
 from murmur.data.filters import PostFilter
 from murmur.data.records import Post, Quarantined
 from murmur.settings.data import DataSettings
@@ -102,7 +102,8 @@ class BatchProcessor:
             texts.append(cleaned.text)
         if not kept:
             return result
-        dedupable = np.array([len(normalised(t)) >= s.dedup_min_chars for t in texts], dtype=bool)
+        norms = [normalised(t) for t in texts]  # once per post: both the length test and the exact hash use it
+        dedupable = np.array([len(n) >= s.dedup_min_chars for n in norms], dtype=bool)
         bands = np.zeros((len(kept), s.minhash_bands), dtype=np.uint64)
         if s.near_dedup and dedupable.any():
             chosen = np.flatnonzero(dedupable)
@@ -116,7 +117,7 @@ class BatchProcessor:
             "id_hash": [id_hash(p.id) for p in kept],
             "parent_hash": [id_hash(_parent(p)) for p in kept],
             "author_hash": [id_hash(p.author_id) for p in kept],
-            "exact": [exact_hash(t) for t in texts],
+            "exact": [hash_normalised(n) for n in norms],
             "dedupable": dedupable,
             "time": [int(p.created_at.timestamp() * 1_000_000) if p.created_at else NO_TIME for p in kept],
         }

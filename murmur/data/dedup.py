@@ -24,7 +24,12 @@ def normalised(text: str) -> str:
 
 def exact_hash(text: str) -> int:
     """A 64-bit hash of the normalised text (also the tombstone of a deleted post's text)."""
-    return int.from_bytes(hashlib.blake2b(normalised(text).encode("utf-8"), digest_size=8).digest(), "little")
+    return hash_normalised(normalised(text))
+
+
+def hash_normalised(norm: str) -> int:
+    """`exact_hash` of a text whose `normalised` form is at hand (saves normalising it twice)."""
+    return int.from_bytes(hashlib.blake2b(norm.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 class MinHasher:
