@@ -27,13 +27,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from murmur.data.records import SPLITS
 from murmur.errors import MurmurError
-from murmur.shards import (ShardWriter, dtype_for_vocab, new_manifest, read_manifest, sha256_file,
-                           write_manifest)
+from murmur.shards import (
+    ShardWriter,
+    dtype_for_vocab,
+    new_manifest,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
 from murmur.tokenizer import ChatTokenizer, open_parquet, replace_dir
 
 BATCH = 2048
-SPLITS = ("train", "validation", "test")
 CHAT_ROLES = ("system", "user", "assistant")
 
 

@@ -18,13 +18,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from murmur.data.dedup import exact_hash, normalised
+from murmur.data.threads import MERGE_SEPARATOR
 from murmur.errors import MurmurError
 from murmur.files import write_table_atomic, write_text_atomic
 
 DELETIONS_FILE = "deletions.txt"
 TOMBSTONES_FILE = "tombstones.txt"
 DELETED_POSTS_FILE = "deleted_posts.txt"  # ids removed because their account or text was deleted
-MERGE_SEPARATOR = "\n"
 
 
 @dataclass

@@ -11,6 +11,7 @@ import csv
 import glob
 import gzip
 import io
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -278,7 +279,7 @@ class FileReader:
                 return
             lines_iter = iter(buffered + rest)
         else:
-            lines_iter = _chain(buffered, lines)
+            lines_iter = itertools.chain(buffered, lines)
         for number, obj in self._json_lines(lines_iter):
             if isinstance(obj, Quarantined):
                 yield obj
@@ -497,11 +498,6 @@ class FileReader:
                            created_at=_parse_time(utterances[0].get("timestamp")),
                            conversation_id=conversation_id, in_reply_to_id=previous)
                 previous = post_id
-
-
-def _chain(first: list, rest) -> Iterator:
-    yield from first
-    yield from rest
 
 
 def _parses_as_object(line: bytes) -> bool:
