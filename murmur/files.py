@@ -5,44 +5,38 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 
-def _temporary(path: Path) -> Path:
-    # Beside the target (same file system, so os.replace is atomic), unique per process and thread.
-    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-
-
-def write_text_atomic(path: str | Path, text: str, mode: int | None = None) -> Path:
-    """Write `text` to `path` through a temporary file and a rename; `mode` sets the file's permissions."""
+def _write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call write(temporary path) beside `path` (same file system, so the rename is atomic), then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # unique per thread
     try:
-        tmp.write_text(text, encoding="utf-8")
-        if mode is not None:
-            os.chmod(tmp, mode)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: str | Path, text: str, mode: int | None = None) -> Path:
+    """Write `text` to `path` through a temporary file and a rename; `mode` sets the file's permissions."""
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+        if mode is not None:
+            os.chmod(tmp, mode)
+    return _write_atomic(path, write)
 
 
 def write_table_atomic(table, path: str | Path) -> Path:
     """Write an Arrow table as Parquet through a temporary file and a rename."""
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(path)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return _write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
