@@ -42,6 +42,7 @@ SCRIPT = textwrap.dedent("""
     # 1. FSDP x TP over 1,024 ranks: 128 shards x 8-way tensor parallel, activation checkpointing.
     layout, mesh, model = sharded_8b(ParallelSettings(tp=8, dp_shard=-1), 1024, activation_checkpointing="full")
     assert (layout.dp_replicate, layout.dp_shard, layout.tp) == (1, 128, 8), layout
+    assert layout.sharded and not layout.replicated and layout.strategy == "fsdp+tp8", layout
     block = model.layers[0]._checkpoint_wrapped_module
     q = block.self_attn.q_proj.weight
     assert isinstance(q, DTensor) and q.device_mesh.ndim == 2, q
@@ -58,7 +59,8 @@ SCRIPT = textwrap.dedent("""
     # 2. The shipped recipe (from `murmur plan`): HSDP, 32 replicas x 8 shards = 256 ranks.
     settings = load_settings(sys.argv[1])
     plan = make_plan(settings, "pretrain", 256)
-    assert plan.layout.strategy == "hsdp" and plan.accumulation == 2, plan.layout
+    assert plan.layout.strategy == "hsdp" and plan.layout.sharded and plan.layout.replicated, plan.layout
+    assert plan.accumulation == 2, plan.accumulation
     layout, mesh, model = sharded_8b(settings.train.parallel, 256, compile=False)
     q = model.layers[0].self_attn.q_proj.weight
     assert q.device_mesh.mesh_dim_names == ("dp_replicate", "dp_shard"), q.device_mesh

@@ -10,12 +10,12 @@ import torch
 from train_helpers import link_tokens, read_losses, read_val, settings_for, write_pretrain_tokens, write_sft_tokens
 from murmur.cli import main as cli_main
 from murmur.errors import MurmurError
-from murmur.settings.train import ParallelSettings, TrainSettings
+from murmur.settings.train import ParallelSettings, TrainSettings, section_name, training_settings
 from murmur.train import checkpoint as ckpt
 from murmur.train import metrics
 from murmur.train.optim import Muon, lr_multiplier, orthogonalize
 from murmur.train.parallel import resolve_layout
-from murmur.train.trainer import Trainer, make_plan, run_stage
+from murmur.train.trainer import Runtime, Trainer, make_plan, run_stage
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,6 +49,30 @@ def test_layout_fills_dp_shard_and_refuses_mismatches():
         resolve_layout(ParallelSettings(tp=3), 8)
     with pytest.raises(MurmurError, match="multiply to 4 .* but 8 processes"):
         resolve_layout(ParallelSettings(dp_shard=2, tp=2), 8)
+
+
+@pytest.mark.parametrize("degrees, world, sharded, replicated, strategy", [
+    ({}, 1, False, False, "single"),
+    ({"dp_replicate": 4, "dp_shard": 1}, 4, False, True, "ddp"),
+    ({}, 8, True, False, "fsdp"),
+    ({"dp_replicate": 2}, 8, True, True, "hsdp"),
+    ({"tp": 2}, 2, False, False, "single+tp2"),  # TP alone: no data parallel wrapper
+    ({"tp": 2, "dp_shard": 1, "dp_replicate": 2}, 4, True, True, "hsdp+tp2"),  # DDP cannot wrap DTensors
+    ({"tp": 2}, 8, True, False, "fsdp+tp2"),
+])
+def test_layout_says_who_owns_the_parameters(degrees, world, sharded, replicated, strategy):
+    layout = resolve_layout(ParallelSettings(**degrees), world)
+    assert (layout.sharded, layout.replicated, layout.strategy) == (sharded, replicated, strategy)
+
+
+def test_each_training_stage_reads_its_own_section(tmp_path):
+    settings = settings_for(tmp_path, lr=1e-2, sft_lr=5e-4)
+    assert training_settings(settings, "pretrain").lr == 1e-2 and training_settings(settings, "sft").lr == 5e-4
+    assert (section_name("pretrain"), section_name("sft")) == ("train", "sft")
+    with pytest.raises(MurmurError, match="unknown training stage 'finetune'; use one of: pretrain, sft"):
+        training_settings(settings, "finetune")
+    with pytest.raises(MurmurError, match="sft.global_batch_tokens=100 is not a multiple"):
+        make_plan(settings_for(tmp_path, sft_global_batch_tokens=100), "sft", 1)
 
 
 def test_plan_checks_batch_and_tensor_parallel(tmp_path):
@@ -147,6 +171,45 @@ def test_peak_flops_table_says_when_a_gpu_is_unknown(monkeypatch):
     assert "GFLOP/s" in metrics.peak_flops_note(torch.device("cpu"))
 
 
+def test_interval_meter_counts_updates_tokens_and_training_time():
+    now = [10.0]
+    meter = metrics.IntervalMeter("cpu", clock=lambda: now[0])
+    meter.count_step(64, torch.tensor(0.5), loss_sum=torch.tensor(96.0), targets=48)
+    now[0] += 2.0
+    with meter.paused():  # an evaluation: 30 s that are not training
+        now[0] += 30.0
+    meter.count_step(64, torch.tensor(float("nan")))  # skipped: tokens seen, no loss, no targets
+    meter.count_step(64, torch.tensor(0.25), loss_sum=torch.tensor(32.0), targets=tensor_targets(16))
+    now[0] += 1.0
+    first = meter.close(reduce=lambda t: t * 2)  # as if a second process held the same sums
+    assert first == metrics.Interval(loss_sum=256.0, targets=64, tokens=192, seconds=3.0, grad_norm=0.25,
+                                     skipped_steps=1)
+    meter.count_step(64, torch.tensor(0.125), loss_sum=torch.tensor(8.0), targets=8)
+    now[0] += 0.5
+    second = meter.close()
+    # A new interval: sums restart, the clock restarts at the last close; skipped steps count for the session.
+    assert second == metrics.Interval(loss_sum=8.0, targets=8, tokens=64, seconds=0.5, grad_norm=0.125,
+                                      skipped_steps=1)
+
+
+def tensor_targets(n: int) -> torch.Tensor:
+    """A target count as several processes hold it: a device tensor, read only when the interval closes."""
+    return torch.tensor(n, dtype=torch.int64)
+
+
+def test_evaluation_logging_and_checkpoints_are_due_at_their_intervals_and_the_last_step(tmp_path):
+    settings = settings_for(tmp_path, steps=10, log_interval=3, eval_interval=4, checkpoint_interval=5)
+    trainer = Trainer(settings, tmp_path, "pretrain", Runtime(0, 1, 0, 1, torch.device("cpu"), False))
+    steps = range(1, 11)
+    assert [s for s in steps if trainer.should_log(s)] == [3, 6, 9, 10]
+    assert [s for s in steps if trainer.should_evaluate(s)] == [4, 8, 10]
+    assert [s for s in steps if trainer.should_checkpoint(s)] == [5, 10]
+    sft = Trainer(settings_for(tmp_path, sft_steps=6, sft_eval_interval=2, sft_checkpoint_interval=6), tmp_path,
+                  "sft", Runtime(0, 1, 0, 1, torch.device("cpu"), False))
+    assert [s for s in range(1, 7) if sft.should_evaluate(s)] == [2, 4, 6]
+    assert [s for s in range(1, 7) if sft.should_checkpoint(s)] == [6]
+
+
 def test_pretrain_outputs(pretrained):
     run, summary = pretrained
     stage = run / "pretrain"
@@ -165,6 +228,32 @@ def test_pretrain_outputs(pretrained):
     meta = json.loads((stage / "checkpoints" / "step_00000020" / "murmur.json").read_text())
     assert meta["step"] == 20 and meta["stage"] == "pretrain" and meta["model"]["dim"] == 32
     assert meta["tokens"] == 20 * 4 * 16 and summary["val_loss"] == pytest.approx(val[20])
+
+
+def test_tokens_per_sec_leaves_out_evaluation_and_checkpoints_whatever_the_intervals(tokens, tmp_path, monkeypatch):
+    """A fake clock: each training step takes 1 s, each evaluation and checkpoint 100 s. Every interval of two
+    steps then trains at 2 steps' tokens / 2 s, also when an evaluation (step 3) or a checkpoint (step 5) falls
+    inside it rather than at its end."""
+    import time
+
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+
+    def taking(seconds, method):
+        def timed(self, *args):
+            now[0] += seconds
+            return method(self, *args)
+        return timed
+
+    monkeypatch.setattr(Trainer, "train_step", taking(1.0, Trainer.train_step))
+    monkeypatch.setattr(Trainer, "evaluate", taking(100.0, Trainer.evaluate))
+    monkeypatch.setattr(Trainer, "save", taking(100.0, Trainer.save))
+    link_tokens(tmp_path, tokens)
+    run_stage(settings_for(tmp_path, steps=6, log_interval=2, eval_interval=3, checkpoint_interval=5), tmp_path,
+              "pretrain")
+    records = [json.loads(x) for x in (tmp_path / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    rates = {r["step"]: r["tokens_per_sec"] for r in records if "loss" in r}
+    assert rates == {2: 64.0, 4: 64.0, 6: 64.0}  # 4 sequences × 16 tokens per step, one step a second
 
 
 # --- checkpoints ---------------------------------------------------------------------------------

@@ -8,7 +8,11 @@ from typing import Literal
 
 from pydantic import Field
 
+from murmur.errors import MurmurError
 from murmur.settings.base import Section
+
+# Each training stage and the recipe section that configures it.
+STAGE_SECTIONS = {"pretrain": "train", "sft": "sft"}
 
 
 class ParallelSettings(Section):
@@ -66,3 +70,15 @@ class SFTSettings(TrainSettings):
     warmup_steps: int = Field(20, ge=0)
     init_from: str | None = Field(None, description="checkpoint or Hugging Face directory to start from; "
                                   "default: the run's latest pretraining checkpoint")
+
+
+def section_name(stage: str) -> str:
+    """The recipe section of a training stage (`train` for pretraining, `sft` for finetuning), for messages."""
+    if stage not in STAGE_SECTIONS:
+        raise MurmurError(f"unknown training stage {stage!r}; use one of: {', '.join(STAGE_SECTIONS)}")
+    return STAGE_SECTIONS[stage]
+
+
+def training_settings(settings, stage: str) -> TrainSettings:
+    """The section of the whole `Settings` that a training stage reads: `settings.train` or `settings.sft`."""
+    return getattr(settings, section_name(stage))

@@ -1,4 +1,5 @@
-"""Watching a run: metrics.jsonl, TensorBoard events, a console line with ETA, a loss PNG, and MFU.
+"""Watching a run: the interval meter, metrics.jsonl, TensorBoard events, a console line with ETA, a loss
+PNG, and MFU.
 
 Only rank 0 writes. Records are written at the log interval, never every step, so that logging
 costs nothing between intervals.
@@ -10,10 +11,14 @@ import json
 import math
 import os
 import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
+from torch import Tensor
 
 from murmur.files import read_jsonl
 
@@ -73,6 +78,73 @@ def _human(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The totals of one log interval, as host numbers."""
+
+    loss_sum: float  # summed loss (nats) over the interval's counted targets, after `reduce`
+    targets: int  # target tokens of the steps that updated the model
+    tokens: int  # tokens of every step, skipped ones included
+    seconds: float  # time spent training, evaluation and checkpoints excluded
+    grad_norm: float | None  # of the interval's last step
+    skipped_steps: int  # steps skipped for a non-finite loss since the meter started
+
+
+class IntervalMeter:
+    """Counts what the training steps of one log interval add up to, and how long they took.
+
+    The loss sum (and, with several processes, the target count) stay device tensors between log
+    intervals, so counting a step never waits for the device; `close()` reads them once. Evaluation
+    and checkpointing run inside `paused()`, so tokens/s measures training alone whatever the intervals.
+    """
+
+    def __init__(self, device: torch.device | str, clock: Callable[[], float] | None = None):
+        self._clock = clock or time.perf_counter  # looked up now, so a test can patch time.perf_counter
+        self._loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self._targets: int | Tensor = 0
+        self._tokens = 0
+        self._grad_norm: Tensor | None = None
+        self.skipped_steps = 0
+        self._started = self._clock()
+        self._paused = 0.0
+
+    def count_step(self, tokens: int, grad_norm: Tensor, loss_sum: Tensor | None = None,
+                   targets: int | Tensor = 0) -> None:
+        """One optimizer step over `tokens` tokens; a skipped step (no update) passes no loss_sum."""
+        self._tokens += tokens
+        self._grad_norm = grad_norm
+        if loss_sum is None:
+            self.skipped_steps += 1
+        else:
+            self._loss_sum += loss_sum.double()
+            self._targets += targets
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the time spent in this block out of the interval (evaluation, checkpoints)."""
+        start = self._clock()
+        try:
+            yield
+        finally:
+            self._paused += self._clock() - start
+
+    def close(self, reduce: Callable[[Tensor], Tensor] = lambda t: t) -> Interval:
+        """The interval's totals, then start the next one. `reduce` sums the loss over processes.
+
+        The clock is read after the loss reaches the host, so the device's queued work is timed too.
+        """
+        loss_sum = reduce(self._loss_sum.clone()).item()
+        targets = int(self._targets)
+        grad_norm = float(self._grad_norm) if self._grad_norm is not None else None
+        now = self._clock()
+        interval = Interval(loss_sum, targets, self._tokens, now - self._started - self._paused, grad_norm,
+                            self.skipped_steps)
+        self._loss_sum.zero_()
+        self._targets = self._tokens = 0
+        self._started, self._paused = now, 0.0
+        return interval
 
 
 class MetricsLogger:

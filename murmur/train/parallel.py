@@ -38,14 +38,25 @@ class Layout:
         return self.dp_replicate * self.dp_shard
 
     @property
+    def sharded(self) -> bool:
+        """Whether FSDP2 owns the parameters (FSDP, or HSDP when dp_replicate > 1 too).
+
+        TP with replicas is sharded as well: DDP cannot wrap the DTensors tensor parallel makes.
+        """
+        return self.dp_shard > 1 or (self.tp > 1 and self.dp_replicate > 1)
+
+    @property
+    def replicated(self) -> bool:
+        """Whether several groups hold whole copies of the (possibly sharded) model: DDP, or HSDP's outer dim."""
+        return self.dp_replicate > 1
+
+    @property
     def strategy(self) -> str:
-        """A short name for the data-parallel scheme: single, ddp, fsdp or hsdp (with +tp when used)."""
-        if self.dp_shard > 1 or (self.tp > 1 and self.dp_replicate > 1):
-            name = "hsdp" if self.dp_replicate > 1 else "fsdp"
-        elif self.dp_replicate > 1:
-            name = "ddp"
+        """A short name for the data-parallel scheme, for people: single, ddp, fsdp or hsdp (+tpN when used)."""
+        if self.sharded:
+            name = "hsdp" if self.replicated else "fsdp"
         else:
-            name = "single"
+            name = "ddp" if self.replicated else "single"
         return f"{name}+tp{self.tp}" if self.tp > 1 else name
 
     def describe(self) -> str:
@@ -152,11 +163,10 @@ def parallelize(model: nn.Module, layout: Layout, mesh, *, compile: bool = False
         apply_activation_checkpointing(model)
     if compile:
         apply_compile(model)
-    strategy = layout.strategy.split("+")[0]
-    if strategy in ("fsdp", "hsdp"):
-        dp_mesh = mesh[("dp_replicate", "dp_shard")] if strategy == "hsdp" else mesh["dp_shard"]
+    if layout.sharded:
+        dp_mesh = mesh[("dp_replicate", "dp_shard")] if layout.replicated else mesh["dp_shard"]
         apply_fsdp(model, dp_mesh, reshard_after_forward, param_dtype)
-    elif strategy == "ddp":
+    elif layout.replicated:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device is not None and device.type == "cuda" else None

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import shutil
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,24 +31,16 @@ from murmur import accel
 from murmur.errors import MurmurError
 from murmur.model import Transformer, count_params, flops_per_token
 from murmur.settings.model import ModelSettings
-from murmur.settings.train import TrainSettings
+from murmur.settings.train import TrainSettings, section_name, training_settings
 from murmur.shards import IGNORE_INDEX as IGNORE
 from murmur.train import checkpoint as ckpt
-from murmur.train.metrics import MetricsLogger, peak_flops_note
+from murmur.train.metrics import IntervalMeter, MetricsLogger, peak_flops_note
 from murmur.train.optim import build_optimizers, lr_multiplier, set_learning_rate
 from murmur.train.parallel import (Layout, build_mesh, check_model_fits_layout, data_rank, parallelize,
                                    resolve_layout)
 
-STAGES = ("pretrain", "sft")
 # Models above this size are built on the meta device and initialised after sharding when sharded.
 META_INIT_PARAMS = 1_000_000_000
-
-
-def stage_settings(settings, stage: str) -> TrainSettings:
-    """The training section a stage reads: `train` for pretraining, `sft` for finetuning."""
-    if stage not in STAGES:
-        raise MurmurError(f"unknown training stage {stage!r}; use one of: {', '.join(STAGES)}")
-    return settings.train if stage == "pretrain" else settings.sft
 
 
 # --- processes and devices -----------------------------------------------------------------------
@@ -136,11 +127,10 @@ class StagePlan:
 
 def make_plan(settings, stage: str, world_size: int, model: ModelSettings | None = None) -> StagePlan:
     """Validate the stage's settings against the world size; the errors name the setting to change."""
-    ts = stage_settings(settings, stage)
+    ts, section = training_settings(settings, stage), section_name(stage)
     model = model or settings.model
     layout = resolve_layout(ts.parallel, world_size)
     check_model_fits_layout(layout, model.n_heads, model.kv_heads, model.hidden_dim)
-    section = "train" if stage == "pretrain" else "sft"
     if ts.seq_len > model.max_seq_len:
         raise MurmurError(f"{section}.seq_len={ts.seq_len} exceeds model.max_seq_len={model.max_seq_len}; "
                           "lower the first or raise the second")
@@ -246,10 +236,25 @@ class Trainer:
         self.stage = stage
         self.rt = rt
         self.overwrite = overwrite
-        self.ts = stage_settings(settings, stage)
+        self.ts = training_settings(settings, stage)
         self.stage_dir = self.run_dir / stage
-        self.step = 0
+        self.step = 0  # optimizer steps done, earlier sessions of a resumed stage included
         self.tokens = 0
+        # Built by setup(), from the settings, the world size and the files of the run.
+        self.plan: StagePlan | None = None
+        self.tokenizer_dir: Path | None = None  # the tokenizer the model was trained with
+        self.tokenizer_name: str | None = None  # how murmur.json names it
+        self.dtype: torch.dtype | None = None  # of compute (autocast or FSDP's mixed precision)
+        self.mesh = None  # the DeviceMesh; None for one process
+        self.autocast: Any = nullcontext()
+        self.model: torch.nn.Module | None = None  # wrapped for the layout (TP, FSDP2, DDP, compile)
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.checkpointer: ckpt.Checkpointer | None = None
+        self.dp_rank = 0  # which slice of the data this process reads
+        self.loader = None  # the training TokenLoader (loops)
+        self.val_loader = None  # the validation TokenLoader, None without a validation split
+        self.byte_lengths: Tensor | None = None  # UTF-8 bytes per token id, on the device, for bits per byte
+        self.flops_per_token = 0.0
 
     # ---- setup
 
@@ -318,11 +323,10 @@ class Trainer:
         self.dtype = self._compute_dtype(rt.device)
         torch.manual_seed(ts.seed)
         self.mesh = build_mesh(plan.layout, rt.device.type)
-        sharded = plan.layout.strategy.split("+")[0] in ("fsdp", "hsdp")  # FSDP2 owns the parameters
+        sharded = plan.layout.sharded  # FSDP2 owns the parameters
         meta_init = (sharded or plan.layout.tp > 1) and count_params(model_settings) > META_INIT_PARAMS
         with torch.device("meta" if meta_init else rt.device):
             model = Transformer(model_settings)
-        self.fsdp = sharded
         # FSDP casts parameters for compute itself; otherwise autocast does.
         param_dtype = self.dtype if (sharded and self.dtype != torch.float32) else None
         self.autocast = (torch.autocast(rt.device.type, dtype=self.dtype)
@@ -411,7 +415,7 @@ class Trainer:
         """Skip the gradient all-reduce on all but the last micro-batch of a step."""
         if self.plan.accumulation == 1:
             return nullcontext()
-        if self.fsdp:
+        if self.plan.layout.sharded:
             self.model.set_requires_gradient_sync(last)
             return nullcontext()
         if hasattr(self.model, "no_sync") and not last:
@@ -522,6 +526,20 @@ class Trainer:
         bpb = loss / math.log(2) / nbytes if nbytes > 0 else None
         return {"val_loss": loss / count, "val_bpb": bpb}
 
+    # ---- when things are due (after `step` optimizer steps)
+
+    def should_log(self, step: int) -> bool:
+        """A metrics record every log_interval steps and at the last step."""
+        return step % self.ts.log_interval == 0 or step == self.ts.steps
+
+    def should_evaluate(self, step: int) -> bool:
+        """Validation every eval_interval steps and at the last step (and before the first: see `train`)."""
+        return step % self.ts.eval_interval == 0 or step == self.ts.steps
+
+    def should_checkpoint(self, step: int) -> bool:
+        """A checkpoint every checkpoint_interval steps and at the last step."""
+        return step % self.ts.checkpoint_interval == 0 or step == self.ts.steps
+
     # ---- the loop
 
     def _meta(self) -> dict[str, Any]:
@@ -534,6 +552,12 @@ class Trainer:
         local = {"loader": self.loader.state_dict(), "rng": ckpt.rng_state()}
         return self.checkpointer.save(self.step, self.model, self.optimizers, self._meta(), local)
 
+    @property
+    def checks_every_step(self) -> bool:
+        """Whether each step's loss is checked for NaN at once: free on CPU; on GPU a host sync that only
+        nan_policy="skip" pays for (otherwise a NaN is caught at the next log interval)."""
+        return self.rt.device.type == "cpu" or self.ts.nan_policy == "skip"
+
     def _nonfinite(self, loss_sum: Tensor, grad_norm: Tensor) -> bool:
         return not bool(torch.isfinite(loss_sum + grad_norm))
 
@@ -541,83 +565,80 @@ class Trainer:
         last = self.checkpointer.latest()
         where = f"the last good checkpoint is {last}" if last else "there is no checkpoint yet"
         raise MurmurError(f"loss or gradient became NaN/infinite at step {step}; {where}. Lower the learning rate "
-                          f"({'train' if self.stage == 'pretrain' else 'sft'}.lr), check the data, or set "
+                          f"({section_name(self.stage)}.lr), check the data, or set "
                           "nan_policy=\"skip\" to skip such steps")
 
+    def take_step(self, batches: Iterator[dict[str, Tensor]], meter: IntervalMeter) -> None:
+        """One optimizer step: set the learning rate, train on the step's micro-batches, update (or skip)."""
+        ts, plan = self.ts, self.plan
+        set_learning_rate(self.optimizers, lr_multiplier(self.step, ts))
+        loss_sum, grad_norm, count = self.train_step([next(batches) for _ in range(plan.accumulation)])
+        if self.checks_every_step and self._nonfinite(loss_sum, grad_norm):
+            if ts.nan_policy == "stop":
+                self._stop_for_nan(self.step + 1)
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            self._say(f"step {self.step + 1}: non-finite loss or gradient, step skipped (nan_policy=skip)")
+            meter.count_step(plan.tokens_per_step, grad_norm)
+        else:
+            self._optimizer_step()
+            meter.count_step(plan.tokens_per_step, grad_norm, loss_sum, count)
+        self.step += 1
+        self.tokens += plan.tokens_per_step
+
+    def _log_interval(self, meter: IntervalMeter, logger: MetricsLogger) -> None:
+        """The training record of the interval that ends at this step (its values leave the device here)."""
+        interval = meter.close(reduce=_all_reduce)
+        # The targets are already global (train_step counts over all processes); the loss sum counts
+        # each tensor-parallel group's batches once per rank of the group.
+        loss = interval.loss_sum / self.plan.layout.tp / interval.targets if interval.targets else None
+        if loss is not None and not math.isfinite(loss) and not self.checks_every_step:
+            self._stop_for_nan(self.step)
+        record = {"step": self.step, "tokens": self.tokens, "loss": loss,  # loss None: every step skipped
+                  "lr": self.optimizers[-1].param_groups[0]["lr"], "grad_norm": interval.grad_norm,
+                  **logger.rates(interval.tokens, interval.seconds)}
+        if self.rt.device.type == "cuda":
+            record["memory_gb"] = torch.cuda.max_memory_allocated(self.rt.device) / 2**30
+        if interval.skipped_steps:
+            record["skipped_steps"] = interval.skipped_steps
+        logger.log(record)
+
+    def _evaluate_and_log(self, logger: MetricsLogger) -> dict[str, float | None]:
+        result = self.evaluate()
+        if result["val_loss"] is not None:
+            logger.log({"step": self.step, "tokens": self.tokens, **result})
+        return result
+
     def train(self) -> dict[str, Any]:
-        rt, ts, plan = self.rt, self.ts, self.plan
-        logger = MetricsLogger(self.stage_dir, ts.steps, self.flops_per_token, rt.device, rt.world_size,
+        """Train the stage's remaining steps; a summary of the run (steps, tokens, last validation, checkpoint)."""
+        rt = self.rt
+        logger = MetricsLogger(self.stage_dir, self.ts.steps, self.flops_per_token, rt.device, rt.world_size,
                                enabled=rt.is_main)
-        if rt.is_main:
-            for line in plan.describe():
-                print(line)
-            print(peak_flops_note(rt.device), flush=True)
-        check_every_step = rt.device.type == "cpu" or ts.nan_policy == "skip"
-        batches_iter: Iterator = iter(self.loader)
-        interval_loss = torch.zeros((), device=rt.device, dtype=torch.float64)
-        interval_count = 0
-        interval_tokens = 0
-        skipped = 0
+        for line in self.plan.describe():
+            self._say(line)
+        self._say(peak_flops_note(rt.device))
+        meter = IntervalMeter(rt.device)  # evaluation and checkpoints run paused: tokens/s is training's
+        batches = iter(self.loader)
+        start_step = self.step
         last_val: dict[str, Any] = {}
         self.model.train()
-        t0 = time.perf_counter()
-        start_step = self.step
-        grad_norm = torch.zeros(())
-        if self.step == 0:  # where the stage starts from: for SFT, the pretrained model's loss
-            last_val = self.evaluate()
-            if last_val["val_loss"] is not None:
-                logger.log({"step": 0, "tokens": 0, **last_val})
-            t0 = time.perf_counter()
         try:
-            while self.step < ts.steps:
-                set_learning_rate(self.optimizers, lr_multiplier(self.step, ts))
-                batches = [next(batches_iter) for _ in range(plan.accumulation)]
-                loss_sum, grad_norm, count = self.train_step(batches)
-                if check_every_step and self._nonfinite(loss_sum, grad_norm):
-                    if ts.nan_policy == "stop":
-                        self._stop_for_nan(self.step + 1)
-                    skipped += 1
-                    for opt in self.optimizers:
-                        opt.zero_grad(set_to_none=True)
-                    self._say(f"step {self.step + 1}: non-finite loss or gradient, step skipped (nan_policy=skip)")
-                else:
-                    self._optimizer_step()
-                    interval_loss += loss_sum.double()
-                    interval_count += count
-                self.step += 1
-                self.tokens += plan.tokens_per_step
-                interval_tokens += plan.tokens_per_step
-                last = self.step == ts.steps
-                if self.step % ts.log_interval == 0 or last:
-                    # interval_count is already global (train_step counts over all processes).
-                    loss_total = _all_reduce(interval_loss.clone()).item() / plan.layout.tp
-                    interval_count = int(interval_count)  # a device tensor with several processes
-                    loss = loss_total / interval_count if interval_count else None  # every step skipped
-                    if loss is not None and not math.isfinite(loss) and not check_every_step:
-                        self._stop_for_nan(self.step)
-                    elapsed = time.perf_counter() - t0
-                    record = {"step": self.step, "tokens": self.tokens, "loss": loss,
-                              "lr": self.optimizers[-1].param_groups[0]["lr"], "grad_norm": float(grad_norm),
-                              **logger.rates(interval_tokens, elapsed)}
-                    if rt.device.type == "cuda":
-                        record["memory_gb"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
-                    if skipped:
-                        record["skipped_steps"] = skipped
-                    logger.log(record)
-                    interval_loss.zero_()
-                    interval_count = interval_tokens = 0
-                    t0 = time.perf_counter()
-                if self.step % ts.eval_interval == 0 or last:
-                    last_val = self.evaluate()
-                    if last_val["val_loss"] is not None:
-                        logger.log({"step": self.step, "tokens": self.tokens, **last_val})
-                    t0 = time.perf_counter()
-                if self.step % ts.checkpoint_interval == 0 or last:
-                    self.save()
-                    t0 = time.perf_counter()
+            if self.step == 0:  # where a fresh stage starts from: for SFT, the pretrained model's loss
+                with meter.paused():
+                    last_val = self._evaluate_and_log(logger)
+            while self.step < self.ts.steps:
+                self.take_step(batches, meter)
+                if self.should_log(self.step):
+                    self._log_interval(meter, logger)
+                if self.should_evaluate(self.step):
+                    with meter.paused():
+                        last_val = self._evaluate_and_log(logger)
+                if self.should_checkpoint(self.step):
+                    with meter.paused():
+                        self.save()
             self.checkpointer.wait()
         except torch.OutOfMemoryError:
-            section = "train" if self.stage == "pretrain" else "sft"
+            section = section_name(self.stage)
             raise MurmurError(f"out of GPU memory at step {self.step + 1}; lower {section}.micro_batch_size (keep "
                               f"global_batch_tokens to accumulate instead), set {section}.activation_checkpointing="
                               f"\"full\", shard more ({section}.parallel.dp_shard, tp) or lower {section}.seq_len"
@@ -625,7 +646,7 @@ class Trainer:
         finally:
             logger.close()
         return {"stage": self.stage, "steps": self.step, "tokens": self.tokens, "new_steps": self.step - start_step,
-                "checkpoint": str(self.checkpointer.latest()), **{k: v for k, v in last_val.items()}}
+                "checkpoint": str(self.checkpointer.latest()), **last_val}
 
 
 def run_stage(settings, run_dir: str | Path, stage: str = "pretrain", *, overwrite: bool = False) -> dict[str, Any]:
@@ -633,8 +654,7 @@ def run_stage(settings, run_dir: str | Path, stage: str = "pretrain", *, overwri
 
     Returns a summary: steps, tokens, final validation loss and the checkpoint written.
     """
-    ts = stage_settings(settings, stage)
-    rt = start_runtime(ts)
+    rt = start_runtime(training_settings(settings, stage))
     try:
         trainer = Trainer(settings, Path(run_dir), stage, rt, overwrite=overwrite)
         trainer.setup()
