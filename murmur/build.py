@@ -2,106 +2,53 @@
 
     result = build(load_settings("recipes/demo.toml"))
 
-Each stage records in `RUN_DIR/build.json` a fingerprint of what it read: the settings it depends on, and
-the record of the stage(s) before it (their fingerprint and completion time, never the bytes of big files;
-for source files, their size and modification time). A stage whose fingerprint matches its record and
-whose output is present is skipped; a changed setting therefore reruns its stage and every stage after it.
-A stage that rerun because something changed starts from an empty output folder; a stage interrupted
-with the same fingerprint keeps its folder, so training resumes from its last checkpoint.
+Each stage records in `RUN_DIR/build.json` a fingerprint of what it read: the settings it depends on (by
+dotted key, `murmur.fingerprint`), and the record of the stage(s) before it (their fingerprint and
+completion time, never the bytes of big files; for source files, their size and modification time). A stage
+whose fingerprint matches its record and whose output is present is skipped; a changed setting therefore
+reruns its stage and every stage after it that reads what changed. A stage that rerun because something
+changed starts from an empty output folder; a stage interrupted with the same fingerprint keeps its folder,
+so training resumes from its last checkpoint.
+
+Some settings change only part of a stage's output: the chat settings of tokenize change the chat
+finetuning shards, not the pretraining ones. A later stage names such settings (`Stage.unaffected_by`), and
+what it records of the earlier stage is then a *view*: the earlier stage's fingerprint without them, and
+the time that view last changed. A rerun explained by those settings alone leaves the view as it was; a
+rerun nothing explains (forced, output missing) changes it, as any rerun changes a whole stamp.
 
 Before any work, `plan_build` checks that every stage to run will find its inputs, either on disk or
-written by an earlier stage of the same build, and that the source files exist.
+written by an earlier stage of the same build, and runs each stage's own preflight checks.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import glob
-import hashlib
 import importlib
 import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from murmur.build_types import (
+    BUILD_FILE,
+    Action,
+    BuildPlan,
+    BuildResult,
+    Stage,
+    StageFunction,
+    StageStep,
+)
 from murmur.config import Settings
 from murmur.config import run_dir as settings_run_dir
 from murmur.errors import MurmurError
 from murmur.files import write_text_atomic
+from murmur.fingerprint import digest, is_under, settings_by_key
 
-BUILD_FILE = "build.json"
 # Bump when the meaning of a fingerprint changes, so that old records never match.
 FINGERPRINT_VERSION = 1
-
-StageFunction = Callable[[Settings, Path], dict]
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One step of a build: what it reads, what it writes, and the function that does it."""
-
-    name: str
-    entry: str  # "module:function"
-    reads: tuple[str, ...]  # settings it depends on: sections ("train") or dotted keys ("model.base")
-    after: tuple[str, ...]  # stages whose outputs it reads
-    outputs: tuple[str, ...]  # folders under the run folder it owns (cleared when it reruns for a change)
-    done_marker: str  # a file (relative to the run folder) that exists once the stage has completed
-    needs: tuple[str, ...] = ()  # files (relative to the run folder) it reads, for the preflight check
-    description: str = ""
-
-
-STAGES: tuple[Stage, ...] = (
-    Stage("data", "murmur.data.pipeline:run_stage", ("data",), (), ("data",), "data/stats.json",
-          description="curate posts into posts and conversations"),
-    Stage("tokenizer", "murmur.tokenizer:run_stage", ("tokenizer", "model.base"), ("data",), ("tokenizer",),
-          "tokenizer/tokenizer.json", ("data/posts.parquet",), "train the tokenizer (or take the base model's)"),
-    Stage("tokenize", "murmur.tokenize:run_stage", ("tokenizer", "tokenize"), ("data", "tokenizer"),
-          ("tokens",), "tokens/manifest.json", ("data/posts.parquet", "data/conversations.parquet",
-                                                "tokenizer/tokenizer.json"),
-          "write token shards"),
-    Stage("pretrain", "murmur.train.trainer:run_stage", ("model", "train"), ("tokenize",), ("pretrain",),
-          "pretrain/checkpoints/latest", ("tokens/manifest.json",), "pretrain the model"),
-    Stage("sft", "murmur.train.trainer:run_stage", ("model", "sft"), ("tokenize", "pretrain"), ("sft",),
-          "sft/checkpoints/latest", ("tokens/manifest.json", "pretrain/checkpoints/latest"),
-          "finetune on conversations"),
-    Stage("export", "murmur.export:run_stage", (), ("sft",), ("model",), "model/config.json",
-          ("sft/checkpoints/latest",), "export a Hugging Face directory"),
-    Stage("eval", "murmur.eval.runner:run_stage", ("eval",), ("export", "tokenize", "data"), ("eval", "report"),
-          "eval/results.json", ("model/config.json", "data/conversations.parquet"), "evaluate and write the report"),
-)
-STAGE_NAMES = tuple(s.name for s in STAGES)
-STAGE_BY_NAME = {s.name: s for s in STAGES}
-
-
-@dataclass
-class StageStep:
-    """What the build will do with one stage, and why."""
-
-    stage: Stage
-    action: str  # "run", "skip" (up to date), "omit" (outside --from/--only), "not-needed" (base model)
-    reason: str
-    clear: bool = False  # empty its output folders before running (its inputs changed)
-
-
-# How a stage that does not run is reported, by the display and in the build's results.
-SKIPPED_WORDS = {"skip": "skipped", "omit": "not selected", "not-needed": "not needed"}
-
-
-@dataclass
-class BuildPlan:
-    """The steps of a build, decided before any work is done."""
-
-    settings: Settings
-    run_dir: Path
-    steps: list[StageStep]
-    record: dict[str, Any] = field(default_factory=dict)
-
-    def step(self, name: str) -> StageStep:
-        return next(s for s in self.steps if s.stage.name == name)
-
 
 # --------------------------------------------------------------------------------------------- record
 
@@ -124,27 +71,7 @@ def save_record(run_dir: Path, record: dict[str, Any]) -> None:
     write_text_atomic(Path(run_dir) / BUILD_FILE, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
 
 
-# ---------------------------------------------------------------------------------------- fingerprints
-
-
-def _setting(settings: Settings, dotted: str) -> Any:
-    """The value at a section or dotted key, as plain data; None when the settings have no such key."""
-    node: Any = settings.model_dump(mode="json")
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def stage_settings(settings: Settings, stage: Stage) -> dict[str, Any]:
-    """The settings a stage reads, by the names used in recipes."""
-    return {key: _setting(settings, key) for key in stage.reads}
-
-
-def _digest(payload: Any) -> str:
-    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+# ---------------------------------------------------------------------------------- files from outside
 
 
 def split_source(source: str) -> tuple[str, str]:
@@ -190,44 +117,9 @@ def _bundled_corpus_version(fmt: str) -> str | None:
         return None
 
 
-def input_files_manifest(settings: Settings, stage: Stage) -> list[Any]:
-    """Fingerprint material for files from outside the run folder that a stage reads."""
-    items: list[Any] = []
-    if stage.name == "data":
-        for source in settings.data.sources:
-            fmt, _ = split_source(source)
-            items.append([source, _file_manifest(source_files(source)), _bundled_corpus_version(fmt)])
-        if settings.data.deletions:
-            items.append(["deletions", _file_manifest(source_files(f"file:{settings.data.deletions}"))])
-    if stage.name == "tokenize":
-        for chat in settings.tokenizer.chat_sources:
-            items.append(["chat", chat.path, _file_manifest(source_files(f"jsonl:{chat.path}"))])
-    base = _base_dir(settings)
-    if base is not None and stage.name in ("tokenizer", "sft"):
-        items.append(["base", _hf_dir_manifest(base)])
-    return items
-
-
 def _hf_dir_manifest(path: Path) -> list[Any]:
     files = [p for p in sorted(path.iterdir()) if p.is_file()] if path.is_dir() else []
     return _file_manifest(files)
-
-
-def _upstream_stamp(record: dict[str, Any], name: str) -> list[Any]:
-    """What a later stage knows of an earlier one: its fingerprint and when it completed."""
-    entry = record.get("stages", {}).get(name, {})
-    return [name, entry.get("fingerprint"), entry.get("completed_at")]
-
-
-def stage_fingerprint(settings: Settings, stage: Stage, record: dict[str, Any]) -> str:
-    """The fingerprint of a stage's inputs given the record of the stages before it."""
-    return _digest({
-        "version": FINGERPRINT_VERSION,
-        "stage": stage.name,
-        "settings": stage_settings(settings, stage),
-        "files": input_files_manifest(settings, stage),
-        "upstream": [_upstream_stamp(record, name) for name in stage.after if name in STAGE_BY_NAME],
-    })
 
 
 # --------------------------------------------------------------------------------------- base models
@@ -294,6 +186,202 @@ def _download_hub_model(repo_id: str) -> Path:
     return Path(path)
 
 
+# ------------------------------------------------------------------------------------------ stage hooks
+# Files from outside the run folder each stage reads, as (the setting naming them, fingerprint material).
+
+
+def _data_files(settings: Settings) -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for source in settings.data.sources:
+        fmt, _ = split_source(source)
+        items.append(("data.sources", [source, _file_manifest(source_files(source)), _bundled_corpus_version(fmt)]))
+    if settings.data.deletions:
+        items.append(("data.deletions",
+                      ["deletions", _file_manifest(source_files(f"file:{settings.data.deletions}"))]))
+    return items
+
+
+def _chat_files(settings: Settings) -> list[tuple[str, Any]]:
+    return [("tokenizer.chat_sources", ["chat", chat.path, _file_manifest(source_files(f"jsonl:{chat.path}"))])
+            for chat in settings.tokenizer.chat_sources]
+
+
+def _base_model_files(settings: Settings) -> list[tuple[str, Any]]:
+    base = _base_dir(settings)
+    return [] if base is None else [("model.base", ["base", _hf_dir_manifest(base)])]
+
+
+# Preflight checks: each raises MurmurError naming the stage.
+
+
+def _check_sources(settings: Settings, stage: Stage) -> None:
+    """Every data source names files that exist, as the data stage's own reader resolves them."""
+    from murmur.data.sources import resolve_sources
+
+    if not settings.data.sources:
+        raise MurmurError("stage data: the recipe names no sources; add data.sources = [\"FORMAT:PATH\", ...] "
+                          "(e.g. \"x-api:posts/*.json\" or \"chitchat:\")")
+    try:
+        resolve_sources(settings.data.sources)
+    except MurmurError as err:
+        raise MurmurError(f"stage data: {err}") from None
+    if settings.data.deletions and not Path(settings.data.deletions).is_file():
+        raise MurmurError(f"stage data: deletions file {settings.data.deletions} not found (data.deletions)")
+
+
+def _check_paths(stage: Stage, paths: list[tuple[str, str | None]]) -> None:
+    """Paths named in settings that a stage reads must exist."""
+    for key, value in paths:
+        if value and not Path(value).exists():
+            raise MurmurError(f"stage {stage.name}: {key} = {value} not found; point it at an existing path")
+
+
+def _check_tokenizer(settings: Settings, stage: Stage) -> None:
+    _check_paths(stage, [("tokenizer.pretrained", settings.tokenizer.pretrained)])
+
+
+def _check_tokenize(settings: Settings, stage: Stage) -> None:
+    _check_paths(stage, [("tokenizer.chat_sources", chat.path) for chat in settings.tokenizer.chat_sources])
+
+
+def _check_pretrain(settings: Settings, stage: Stage) -> None:
+    _check_training_layout(settings, stage.name)
+
+
+def _check_sft(settings: Settings, stage: Stage) -> None:
+    _check_paths(stage, [("sft.init_from", settings.sft.init_from)])
+    _check_training_layout(settings, stage.name)
+
+
+def intended_world_size(settings: Settings, stage: str) -> int:
+    """The number of processes a training stage's layout names (dp_shard=-1, "the rest", counts as 1)."""
+    parallel = (settings.train if stage == "pretrain" else settings.sft).parallel
+    return parallel.dp_replicate * max(parallel.dp_shard, 1) * parallel.tp
+
+
+def _check_training_layout(settings: Settings, stage: str) -> None:
+    """The trainer's own validation of batch, sequence length and parallel layout, at the intended world size."""
+    from murmur.train.trainer import make_plan
+
+    model = None
+    init = settings.sft.init_from if stage == "sft" else None
+    if init and (Path(init) / "config.json").is_file():
+        from murmur import hf
+
+        model = hf.settings_from_hf_config(hf.read_hf_config(init), source=str(Path(init) / "config.json"))
+    try:
+        make_plan(settings, stage, intended_world_size(settings, stage), model=model)
+    except MurmurError as err:
+        raise MurmurError(f"stage {stage}: {err}") from None
+
+
+def _call_trainer(function: StageFunction, settings: Settings, run_dir: Path, stage: Stage) -> dict:
+    """The trainer runs both training stages and is told which."""
+    return function(settings, run_dir, stage.name)
+
+
+# ------------------------------------------------------------------------------------------- the stages
+
+# Tokenize settings that change only the chat finetuning shards (see murmur.tokenize: they choose, weigh and
+# sample the chats); pretraining reads none of them. A setting left off this list reruns pretraining.
+CHAT_SHARD_SETTINGS = ("tokenizer.sft_roles", "tokenizer.thread_weight", "tokenizer.chat_sources", "tokenizer.seed")
+# Settings of the [tokenizer] section that only the tokenize stage reads; the tokenizer stage ignores them.
+# A setting left off this list retrains the tokenizer.
+TOKENIZE_ONLY_SETTINGS = CHAT_SHARD_SETTINGS + ("tokenizer.shard_tokens",)
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", "murmur.data.pipeline:run_stage", ("data",), (), ("data",), "data/stats.json",
+          description="curate posts into posts and conversations", input_files=_data_files,
+          preflight=_check_sources),
+    Stage("tokenizer", "murmur.tokenizer:run_stage", ("tokenizer", "model.base"), ("data",), ("tokenizer",),
+          "tokenizer/tokenizer.json", ("data/posts.parquet",), "train the tokenizer (or take the base model's)",
+          ignores=TOKENIZE_ONLY_SETTINGS, input_files=_base_model_files, preflight=_check_tokenizer),
+    Stage("tokenize", "murmur.tokenize:run_stage", ("tokenizer",), ("data", "tokenizer"), ("tokens",),
+          "tokens/manifest.json", ("data/posts.parquet", "data/conversations.parquet", "tokenizer/tokenizer.json"),
+          "write token shards", input_files=_chat_files, preflight=_check_tokenize),
+    Stage("pretrain", "murmur.train.trainer:run_stage", ("model", "train"), ("tokenize",), ("pretrain",),
+          "pretrain/checkpoints/latest", ("tokens/manifest.json",), "pretrain the model",
+          unaffected_by=CHAT_SHARD_SETTINGS, preflight=_check_pretrain, call=_call_trainer),
+    Stage("sft", "murmur.train.trainer:run_stage", ("model", "sft"), ("tokenize", "pretrain"), ("sft",),
+          "sft/checkpoints/latest", ("tokens/manifest.json", "pretrain/checkpoints/latest"),
+          "finetune on conversations", input_files=_base_model_files, preflight=_check_sft, call=_call_trainer),
+    Stage("export", "murmur.export:run_stage", (), ("sft",), ("model",), "model/config.json",
+          ("sft/checkpoints/latest",), "export a Hugging Face directory"),
+    Stage("eval", "murmur.eval.runner:run_stage", ("eval",), ("export", "tokenize", "data"), ("eval", "report"),
+          "eval/results.json", ("model/config.json", "data/conversations.parquet"), "evaluate and write the report"),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+STAGE_BY_NAME = {s.name: s for s in STAGES}
+
+
+# ---------------------------------------------------------------------------------------- fingerprints
+
+
+def stage_settings(settings: Settings, stage: Stage) -> dict[str, Any]:
+    """The settings a stage reads, by the names used in recipes."""
+    return settings_by_key(settings, stage.reads, ignore=stage.ignores)
+
+
+def stage_fingerprint(settings: Settings, stage: Stage, record: dict[str, Any], ignore: tuple[str, ...] = ()
+                      ) -> str:
+    """The fingerprint of a stage's inputs given the record of the stages before it; `ignore` leaves out
+    more of its settings (and the files they name), for the view a later stage takes of it."""
+    ignored = stage.ignores + ignore
+    return digest({
+        "version": FINGERPRINT_VERSION,
+        "stage": stage.name,
+        "settings": settings_by_key(settings, stage.reads, ignore=ignored),
+        "files": [item for key, item in stage.input_files(settings) if not is_under(key, ignored)],
+        "upstream": [_upstream_stamp(record, stage, name) for name in stage.after],
+    })
+
+
+def _unaffecting(stage: Stage, upstream: Stage) -> tuple[str, ...]:
+    """Settings `upstream` reads that change none of the files `stage` reads of it."""
+    return tuple(key for key in stage.unaffected_by if is_under(key, upstream.reads))
+
+
+def _upstream_stamp(record: dict[str, Any], stage: Stage, name: str) -> list[Any]:
+    """What a later stage knows of an earlier one: its fingerprint and when it completed, or its view of it."""
+    entry = record.get("stages", {}).get(name, {})
+    if _unaffecting(stage, STAGE_BY_NAME[name]):
+        view = entry.get("views", {}).get(stage.name, {})
+        return [name, view.get("fingerprint"), view.get("changed_at")]
+    return [name, entry.get("fingerprint"), entry.get("completed_at")]
+
+
+def _view_changes(old: dict[str, Any] | None, view_fingerprint: str, fingerprint: str) -> bool:
+    """Whether a rerun with `fingerprint` changes a later stage's view: unless the view's fingerprint is the
+    same and the rerun is explained by a changed setting outside it (the whole fingerprint differs)."""
+    return not old or old.get("fingerprint") != view_fingerprint or old.get("of") == fingerprint
+
+
+def _views(settings: Settings, stage: Stage, record: dict[str, Any], fingerprint: str, old: dict[str, Any],
+           now: str) -> dict[str, Any]:
+    """The views later stages take of `stage`, just completed with `fingerprint`."""
+    views = {}
+    for later in STAGES:
+        ignored = _unaffecting(later, stage) if stage.name in later.after else ()
+        if not ignored:
+            continue
+        view_fingerprint = stage_fingerprint(settings, stage, record, ignored)
+        previous = old.get(later.name)
+        changed_at = now if _view_changes(previous, view_fingerprint, fingerprint) else previous["changed_at"]
+        views[later.name] = {"fingerprint": view_fingerprint, "of": fingerprint, "changed_at": changed_at}
+    return views
+
+
+def _rerun_reaches(settings: Settings, record: dict[str, Any], stage: Stage, name: str, rerunning: set[str],
+                   planned: dict[str, str]) -> bool:
+    """Whether the rerun of earlier stage `name` changes what `stage` reads of it (as `_views` will find)."""
+    upstream = STAGE_BY_NAME[name]
+    ignored = _unaffecting(stage, upstream)
+    if not ignored or any(a in rerunning for a in upstream.after):
+        return True
+    old = record["stages"].get(name, {}).get("views", {}).get(stage.name)
+    return _view_changes(old, stage_fingerprint(settings, upstream, record, ignored), planned[name])
+
+
 # ------------------------------------------------------------------------------------------- planning
 
 
@@ -311,34 +399,18 @@ def _stage_selection(from_stage: str | None, only: str | None) -> tuple[set[str]
     return set(STAGE_NAMES), ""
 
 
-def _check_sources(settings: Settings) -> None:
-    """Every data source names files that exist, as the data stage's own reader resolves them."""
-    from murmur.data.sources import resolve_sources
-
-    if not settings.data.sources:
-        raise MurmurError("stage data: the recipe names no sources; add data.sources = [\"FORMAT:PATH\", ...] "
-                          "(e.g. \"x-api:posts/*.json\" or \"chitchat:\")")
-    try:
-        resolve_sources(settings.data.sources)
-    except MurmurError as err:
-        raise MurmurError(f"stage data: {err}") from None
-    if settings.data.deletions and not Path(settings.data.deletions).is_file():
-        raise MurmurError(f"stage data: deletions file {settings.data.deletions} not found (data.deletions)")
-
-
 def _check_inputs(plan: BuildPlan) -> None:
-    """Every stage to run finds each input on disk or from an earlier stage of this build."""
+    """Every stage to run finds each input on disk or from an earlier stage of this build, and passes its
+    own preflight checks."""
     will_write = set()
     for step in plan.steps:
-        if step.action == "run":
-            if step.stage.name == "data":
-                _check_sources(plan.settings)
+        if step.action == Action.RUN:
             for need in step.stage.needs:
                 producer = next((s for s in STAGES if s.done_marker == need or need.startswith(
                     tuple(f"{o}/" for o in s.outputs))), None)
                 if producer is not None and producer.name in will_write:
                     continue
-                if producer is not None and plan.step(producer.name).action == "not-needed":
+                if producer is not None and plan.step(producer.name).action == Action.NOT_NEEDED:
                     continue  # e.g. no pretraining when finetuning a base model
                 if (plan.run_dir / need).exists():
                     continue
@@ -346,49 +418,9 @@ def _check_inputs(plan: BuildPlan) -> None:
                 raise MurmurError(f"stage {step.stage.name}: input {plan.run_dir / need} is missing{made_by}; "
                                   f"run the build without --from/--only, or start from "
                                   f"--from {producer.name if producer else STAGE_NAMES[0]}")
-            _check_setting_paths(plan.settings, step.stage)
-            if step.stage.name in ("pretrain", "sft"):
-                _check_training_layout(plan.settings, step.stage.name)
-        if step.action in ("run", "skip"):
+            step.stage.preflight(plan.settings, step.stage)
+        if step.action in (Action.RUN, Action.SKIP):
             will_write.add(step.stage.name)
-
-
-def _check_setting_paths(settings: Settings, stage: Stage) -> None:
-    """Paths named in settings that a stage reads must exist."""
-    paths: list[tuple[str, str | None]] = []
-    if stage.name == "tokenizer":
-        paths.append(("tokenizer.pretrained", settings.tokenizer.pretrained))
-    if stage.name == "tokenize":
-        paths.extend(("tokenizer.chat_sources", chat.path) for chat in settings.tokenizer.chat_sources)
-    if stage.name == "sft":
-        paths.append(("sft.init_from", settings.sft.init_from))
-    for key, value in paths:
-        if value and not Path(value).exists():
-            raise MurmurError(f"stage {stage.name}: {key} = {value} not found; point it at an existing path")
-
-
-def intended_world_size(settings: Settings, stage: str) -> int:
-    """The number of processes a training stage's layout names (dp_shard=-1, "the rest", counts as 1)."""
-    parallel = (settings.train if stage == "pretrain" else settings.sft).parallel
-    return parallel.dp_replicate * max(parallel.dp_shard, 1) * parallel.tp
-
-
-def _check_training_layout(settings: Settings, stage: str) -> None:
-    """The trainer's own validation of batch, sequence length and parallel layout, at the intended world size."""
-    try:
-        from murmur.train.trainer import make_plan
-    except ImportError:
-        return
-    model = None
-    init = settings.sft.init_from if stage == "sft" else None
-    if init and (Path(init) / "config.json").is_file():
-        from murmur import hf
-
-        model = hf.settings_from_hf_config(hf.read_hf_config(init), source=str(Path(init) / "config.json"))
-    try:
-        make_plan(settings, stage, intended_world_size(settings, stage), model=model)
-    except MurmurError as err:
-        raise MurmurError(f"stage {stage}: {err}") from None
 
 
 def plan_build(settings: Settings, from_stage: str | None = None, only: str | None = None) -> BuildPlan:
@@ -400,20 +432,22 @@ def plan_build(settings: Settings, from_stage: str | None = None, only: str | No
     stages_record = record["stages"]
     forced = bool(from_stage or only)
     # Fingerprints are computed against the record as it will be when each stage is reached: a stage that
-    # reruns gets a new completion time, so every stage after it is stale too.
-    stale_upstream: set[str] = set()
+    # reruns gets a new completion time, so every stage after it that reads what it changes is stale too.
+    rerunning: set[str] = set()
+    planned: dict[str, str] = {}  # the fingerprint of each stage that reruns
     steps: list[StageStep] = []
     for stage in STAGES:
         if stage.name == "pretrain" and _base_setting(settings):
-            steps.append(StageStep(stage, "not-needed", f"finetuning base model {settings.model.base}"))
+            steps.append(StageStep(stage, Action.NOT_NEEDED, f"finetuning base model {settings.model.base}"))
             continue
         fingerprint = stage_fingerprint(settings, stage, record)
         entry = stages_record.get(stage.name, {})
         done = (entry.get("state") == "completed" and entry.get("fingerprint") == fingerprint
                 and (directory / stage.done_marker).exists())
-        upstream_changed = any(a in stale_upstream for a in stage.after)
+        upstream_changed = any(a in rerunning and _rerun_reaches(settings, record, stage, a, rerunning, planned)
+                               for a in stage.after)
         if stage.name not in selected:
-            steps.append(StageStep(stage, "omit", f"outside {why_selected}"))
+            steps.append(StageStep(stage, Action.OMIT, f"outside {why_selected}"))
             continue
         if forced:
             reason = f"asked for by {why_selected}"
@@ -422,7 +456,7 @@ def plan_build(settings: Settings, from_stage: str | None = None, only: str | No
         elif upstream_changed:
             reason = "an earlier stage reruns"
         elif done:
-            steps.append(StageStep(stage, "skip", "up to date"))
+            steps.append(StageStep(stage, Action.SKIP, "up to date"))
             continue
         elif entry.get("fingerprint") != fingerprint:
             changed = _changed_settings(entry.get("settings", {}), stage_settings(settings, stage))
@@ -434,8 +468,9 @@ def plan_build(settings: Settings, from_stage: str | None = None, only: str | No
         # An interrupted stage with the same inputs keeps its folder (training resumes); anything else
         # starts clean so that no output of the old inputs survives.
         resume = entry.get("state") == "running" and entry.get("fingerprint") == fingerprint and not upstream_changed
-        steps.append(StageStep(stage, "run", reason, clear=not resume))
-        stale_upstream.add(stage.name)
+        steps.append(StageStep(stage, Action.RUN, reason, clear=not resume))
+        rerunning.add(stage.name)
+        planned[stage.name] = fingerprint
     plan = BuildPlan(settings, directory, steps, record)
     _check_inputs(plan)
     return plan
@@ -461,19 +496,7 @@ def _changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def _load_function(stage: Stage) -> StageFunction:
     module_name, _, attr = stage.entry.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name and module_name.startswith(err.name):
-            raise MurmurError(f"stage {stage.name}: {module_name} is not part of this installation") from None
-        raise
-    return getattr(module, attr)
-
-
-def _call_stage(function: StageFunction, stage: Stage, settings: Settings, directory: Path) -> dict:
-    if stage.name in ("pretrain", "sft"):
-        return function(settings, directory, stage.name) or {}
-    return function(settings, directory) or {}
+    return getattr(importlib.import_module(module_name), attr)
 
 
 def _clear_outputs(directory: Path, stage: Stage) -> None:
@@ -490,25 +513,10 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-@dataclass
-class BuildResult:
-    """What a build did: per stage, the action taken, its seconds and its summary."""
-
-    run_dir: Path
-    stages: list[dict[str, Any]]
-    seconds: float
-
-    def ran(self) -> list[str]:
-        return [s["stage"] for s in self.stages if s["action"] == "ran"]
-
-    def skipped(self) -> list[str]:
-        return [s["stage"] for s in self.stages if s["action"] == "skipped"]
-
-
 def execute(plan: BuildPlan, functions: dict[str, StageFunction] | None = None, display: Any = None
             ) -> BuildResult:
     """Run the stages a plan says to run, recording each as it starts and completes."""
-    from murmur.build_display import BuildDisplay
+    from murmur.build_display import BuildDisplay  # rich, only when a build runs
 
     display = display or BuildDisplay()
     functions = functions or {}
@@ -521,9 +529,8 @@ def execute(plan: BuildPlan, functions: dict[str, StageFunction] | None = None, 
     display.start(plan)
     for index, step in enumerate(plan.steps):
         stage = step.stage
-        if step.action != "run":
-            action = SKIPPED_WORDS[step.action]
-            results.append({"stage": stage.name, "action": action, "reason": step.reason,
+        if step.action != Action.RUN:
+            results.append({"stage": stage.name, "action": step.action.outcome, "reason": step.reason,
                             "summary": record["stages"].get(stage.name, {}).get("summary", {})})
             display.stage_skipped(index, step)
             continue
@@ -532,13 +539,15 @@ def execute(plan: BuildPlan, functions: dict[str, StageFunction] | None = None, 
         function = functions.get(stage.name) or _load_function(stage)
         if step.clear:
             _clear_outputs(directory, stage)
+        # The views later stages took of the last run carry over, so that a crash keeps them.
+        old_views = record["stages"].get(stage.name, {}).get("views", {})
         record["stages"][stage.name] = {"state": "running", "fingerprint": fingerprint, "started_at": _now(),
-                                        "settings": stage_settings(plan.settings, stage)}
+                                        "settings": stage_settings(plan.settings, stage), "views": old_views}
         save_record(directory, record)
         display.stage_started(index, step)
         t0 = time.monotonic()
         try:
-            summary = _call_stage(function, stage, plan.settings, directory)
+            summary = stage.call(function, plan.settings, directory, stage) or {}
         except BaseException:
             display.stage_failed(index, step, time.monotonic() - t0)
             raise
@@ -546,11 +555,13 @@ def execute(plan: BuildPlan, functions: dict[str, StageFunction] | None = None, 
         if not (directory / stage.done_marker).exists():
             raise MurmurError(f"stage {stage.name} finished without writing {directory / stage.done_marker}; "
                               "its output is incomplete")
-        record["stages"][stage.name].update(state="completed", completed_at=_now(), seconds=round(seconds, 2),
-                                            summary=_jsonable(summary))
+        completed_at = _now()
+        record["stages"][stage.name].update(
+            state="completed", completed_at=completed_at, seconds=round(seconds, 2), summary=_jsonable(summary),
+            views=_views(plan.settings, stage, record, fingerprint, old_views, completed_at))
         save_record(directory, record)
-        results.append({"stage": stage.name, "action": "ran", "reason": step.reason, "seconds": seconds,
-                        "summary": summary})
+        results.append({"stage": stage.name, "action": step.action.outcome, "reason": step.reason,
+                        "seconds": seconds, "summary": summary})
         display.stage_completed(index, step, seconds, summary)
     result = BuildResult(directory, results, time.monotonic() - started)
     display.finish(plan, result)
@@ -566,12 +577,3 @@ def build(settings: Settings, from_stage: str | None = None, only: str | None = 
     """Plan and run a build. `functions` replaces stage functions by name (tests use it)."""
     plan = plan_build(settings, from_stage=from_stage, only=only)
     return execute(plan, functions=functions, display=display)
-
-
-def outputs_summary(run_dir: Path) -> list[tuple[str, Path]]:
-    """Where a build's results live, for the final summary: (what, path) for each that exists."""
-    items = [("curated data", "data"), ("tokenizer", "tokenizer"), ("token shards", "tokens"),
-             ("pretraining checkpoints", "pretrain/checkpoints"), ("chat checkpoints", "sft/checkpoints"),
-             ("model (Hugging Face)", "model"), ("evaluation", "eval/results.json"),
-             ("report card", "report/report.md"), ("build record", BUILD_FILE)]
-    return [(what, run_dir / rel) for what, rel in items if (run_dir / rel).exists()]
