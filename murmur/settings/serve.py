@@ -29,3 +29,30 @@ class ServeSettings(Section):
     health_timeout_s: float = Field(10.0, gt=0, description="/health fails when a 1-token probe takes longer")
     stuck_after_s: float = Field(60.0, gt=0, description="a busy engine with no finished step this long is stuck")
     shutdown_grace_s: float = Field(10.0, ge=0, description="on shutdown, time in-flight requests get to finish")
+
+    # Work one request may ask for, refused with 400 before any of it is done.
+    max_prompts: int = Field(64, ge=1, description="texts in one completions `prompt` list")
+    max_n: int = Field(16, ge=1, description="choices one request may ask for (`n`)")
+    max_choices: int = Field(64, ge=1, description="prompts x n of one request: the engine requests it makes")
+    max_prompt_chars: int = Field(200_000, ge=1, description="characters of prompt text (all prompts or "
+                                  "messages of a request together), refused before tokenizing")
+    max_reply_tokens: int = Field(4096, ge=1, description="max_tokens one choice may ask for; also caps the "
+                                  "reply length of a request that gives none")
+
+    # Connections: slow or numerous clients cannot hold the server.
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection must send a request's headers within "
+                                    "this long of opening (or of its previous response), or it is closed")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request's body must arrive within this long (408)")
+    keep_alive_timeout_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
+    max_connections: int = Field(512, ge=1, description="open connections beyond this get 503 for every route "
+                                 "but /health and /metrics")
+    rate_limit_max_clients: int = Field(10_000, ge=1, description="clients the rate limiter remembers; the least "
+                                        "recently seen are forgotten first")
+    trusted_proxies: list[str] = Field(default_factory=list, description="addresses whose X-Forwarded-For is "
+                                       "believed (the client address rate limits key on); empty = none")
+
+    # Browsers: which Host names and which other web origins may reach the API.
+    allowed_hosts: list[str] = Field(default_factory=list, description="Host names accepted besides localhost, "
+                                     "address literals and the bind address; [\"*\"] = any")
+    allowed_origins: list[str] = Field(default_factory=list, description="web origins allowed cross-origin "
+                                       "access (CORS); empty = none")
