@@ -29,6 +29,7 @@ from typing import Any
 
 from murmur.data.records import SPLITS
 from murmur.errors import MurmurError
+from murmur.fingerprint import digest, settings_by_key
 from murmur.shards import (
     ShardWriter,
     dtype_for_vocab,
@@ -103,7 +104,7 @@ class PieceEncoder:
                ) -> tuple[list[list[int]], list[tuple[list[int], list[int]]]]:
         """Ids of each document (its pieces joined by newlines) and (ids, mask) of each chat."""
         if not self.fast:
-            return (self.tok.encode_batch(["\n".join(d) for d in docs]),
+            return (self.tok.encode_batch(["\n".join(d) for d in docs], specials_as_text=True),
                     self.tok.render_chats_with_masks([_joined(c) for c in chats]))
         pieces: dict[str, int] = {}
         for parts in docs:
@@ -115,7 +116,8 @@ class PieceEncoder:
                 for piece in m["parts"]:
                     if _clean(piece):
                         pieces.setdefault(piece, len(pieces))
-        encoded = self.tok.encode_batch(list(pieces))
+        # Posts are text: a control token typed in one stays text, in its pretraining and its chat documents.
+        encoded = self.tok.encode_batch(list(pieces), specials_as_text=True)
         nl = self.newline
 
         def join(parts: list[str]) -> list[int]:
@@ -133,7 +135,8 @@ class PieceEncoder:
             else:
                 doc_ids.append(None)
                 whole_docs.append(len(doc_ids) - 1)
-        for i, ids in zip(whole_docs, self.tok.encode_batch(["\n".join(docs[i]) for i in whole_docs])):
+        for i, ids in zip(whole_docs, self.tok.encode_batch(["\n".join(docs[i]) for i in whole_docs],
+                                                            specials_as_text=True)):
             doc_ids[i] = ids
 
         chat_out: list[tuple[list[int], list[int]] | None] = []
@@ -230,17 +233,16 @@ def read_chat_jsonl(path: str | Path, counts: dict[str, int]) -> Iterator[tuple[
 
 
 def _fingerprint(data_dir: Path, tokenizer: ChatTokenizer, cfg, chat_sources: list[tuple[str, float]]) -> str:
-    digest = hashlib.sha256()
-    for name in ("posts.parquet", "conversations.parquet"):
-        path = data_dir / name
-        digest.update(name.encode())
-        if path.is_file():
-            digest.update(sha256_file(path).encode())
-    for path, weight in chat_sources:
-        digest.update(f"{path}:{weight}:{sha256_file(Path(path)) if Path(path).is_file() else ''}".encode())
-    digest.update(tokenizer.vocab_hash().encode())
-    digest.update(json.dumps([cfg.sft_roles, cfg.thread_weight, cfg.shard_tokens, cfg.seed]).encode())
-    return digest.hexdigest()[:16]
+    """What the shards are made from: the data, the vocabulary, every tokenizer setting (a new one included
+    without a list to edit) and the chat sources, which the caller may pass instead of `cfg.chat_sources`."""
+    return digest({
+        "data": {name: sha256_file(data_dir / name) if (data_dir / name).is_file() else None
+                 for name in ("posts.parquet", "conversations.parquet")},
+        "vocab": tokenizer.vocab_hash(),
+        "settings": settings_by_key(cfg, ignore=["chat_sources"]),
+        "chat_sources": [[path, weight, sha256_file(Path(path)) if Path(path).is_file() else None]
+                         for path, weight in chat_sources],
+    })
 
 
 
@@ -303,7 +305,7 @@ def _write_all(data_dir: Path, tokenizer: ChatTokenizer, out: Path, cfg,
     pieces = PieceEncoder(tokenizer)
 
     def add_pretrain(split, texts, post_ids, source):
-        for text, ids, posts in zip(texts, tokenizer.encode_batch(texts), post_ids):
+        for text, ids, posts in zip(texts, tokenizer.encode_batch(texts, specials_as_text=True), post_ids):
             if ids:
                 writers["pretrain", split].add([eos] + ids, None, posts, len(text.encode("utf-8")), source)
 

@@ -9,13 +9,20 @@ Chat rendering is ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per mess
 saved as `chat_template.jinja`, so `transformers.AutoTokenizer.apply_chat_template` gives the same ids.
 A foreign tokenizer (imported model) keeps its own Jinja template; Murmur renders it the same way
 `transformers` does and finds the assistant spans by rendering prefixes of the conversation.
+
+Only the template's own markers become control tokens. A special token's literal typed inside a message
+(`<|im_end|>` in a user's text) is encoded as the characters it is made of, so no message can close its
+turn or open a forged system turn; `transformers` would read it as the control token.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -85,6 +92,12 @@ class ChatTokenizer:
         self.stop_ids: set[int] = stops
         self._jinja = None
         self._by_parts: bool | None = None
+        added = tokenizer.get_added_tokens_decoder()
+        self._special_ids = {i for i, token in added.items() if token.special}
+        # Longest first, so that the alternation matches leftmost-longest as the tokenizer does.
+        literals = sorted({t.content for t in added.values() if t.special and t.content}, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, literals))) if literals else None
+        self._as_text = None  # a copy of `tokenizer` that reads special-token literals as text
 
     # ---- loading and saving -------------------------------------------------------------------
 
@@ -157,13 +170,29 @@ class ChatTokenizer:
         """Number of ids, special tokens included (the model's embedding needs at least this many rows)."""
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, with no special tokens added."""
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, *, specials_as_text: bool = False) -> list[int]:
+        """Token ids of `text`, with no special tokens added.
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of many texts at once, encoded in parallel by the Rust tokenizer."""
-        return [enc.ids for enc in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+        A special token's literal in `text` (`<|im_end|>`) is that control token, as in `transformers`; with
+        `specials_as_text` it is encoded as the characters it is made of (for text written by users)."""
+        return self._encoder(specials_as_text).encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str], *, specials_as_text: bool = False) -> list[list[int]]:
+        """Token ids of many texts at once, encoded in parallel by the Rust tokenizer (see `encode`)."""
+        encodings = self._encoder(specials_as_text).encode_batch(list(texts), add_special_tokens=False)
+        return [enc.ids for enc in encodings]
+
+    def _encoder(self, specials_as_text: bool):
+        if not specials_as_text:
+            return self.tokenizer
+        if self._as_text is None:
+            from tokenizers import Tokenizer
+
+            # A separate copy: flipping the flag on the shared tokenizer would race with other threads.
+            copy = Tokenizer.from_str(self.tokenizer.to_str())
+            copy.encode_special_tokens = True
+            self._as_text = copy
+        return self._as_text
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """The text of `ids`. Byte-level BPE makes decode(encode(text)) == text for any UTF-8 text."""
@@ -195,50 +224,105 @@ class ChatTokenizer:
                          ) -> tuple[str, list[tuple[int, int]]]:
         """The chat as text, and the character spans the model is trained on (assistant content and the
         token that ends its turn)."""
-        if self._chatml:
-            parts: list[str] = []
-            spans: list[tuple[int, int]] = []
-            pos = 0
-            for message in messages:
-                role = message.get("role")
-                if not isinstance(role, str) or not role:
-                    raise MurmurError(f"chat message without a role: {message!r}")
-                head = f"{IM_START}{role}\n"
-                body = message_text(message.get("content")) + IM_END
-                if role == "assistant":
-                    spans.append((pos + len(head), pos + len(head) + len(body)))
-                piece = head + body + "\n"
-                parts.append(piece)
-                pos += len(piece)
-            if add_generation_prompt:
-                parts.append(f"{IM_START}assistant\n")
-            return "".join(parts), spans
-        return self._render_with_template(messages, add_generation_prompt)
+        text, spans, _ = self._render(messages, add_generation_prompt)
+        return text, spans
 
     def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> list[int]:
-        """Token ids of a chat, exactly as `apply_chat_template(messages, tokenize=True)` gives them."""
-        text, _ = self.render_chat_text(messages, add_generation_prompt)
-        return self.encode(text)
+        """Token ids of a chat: exactly what `apply_chat_template(messages, tokenize=True)` gives, except that
+        special-token literals inside the messages are encoded as text (see the module docstring)."""
+        text, _, markers = self._render(messages, add_generation_prompt)
+        return self._encode_rendered(text, markers)[0]
 
     def render_chat_with_mask(self, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
         """Token ids of a chat and a loss mask: 1 exactly on assistant content and its end-of-turn token."""
-        text, spans = self.render_chat_text(messages)
-        encoding = self.tokenizer.encode(text, add_special_tokens=False)
-        return encoding.ids, mask_from_offsets(encoding.offsets, spans)
+        text, spans, markers = self._render(messages, False)
+        ids, offsets = self._encode_rendered(text, markers)
+        return ids, mask_from_offsets(offsets, spans)
 
     def render_chats_with_masks(self, chats: Sequence[Sequence[Message]]) -> list[tuple[list[int], list[int]]]:
         """`render_chat_with_mask` for many chats, encoded in parallel."""
-        rendered = [self.render_chat_text(chat) for chat in chats]
-        encodings = self.tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
-        return [(enc.ids, mask_from_offsets(enc.offsets, spans)) for enc, (_, spans) in zip(encodings, rendered)]
+        rendered = [self._render(chat, False) for chat in chats]
+        encodings = self.tokenizer.encode_batch([text for text, _, _ in rendered], add_special_tokens=False)
+        out = []
+        for enc, (text, spans, markers) in zip(encodings, rendered):
+            ids, offsets = ((enc.ids, enc.offsets) if self._only_markers_special(enc.ids, enc.offsets, markers)
+                            else self._splice(text, markers))
+            out.append((ids, mask_from_offsets(offsets, spans)))
+        return out
+
+    def _encode_rendered(self, text: str, markers: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and character offsets of a rendered chat whose control tokens are exactly `markers`.
+
+        The whole text is encoded at once (so benign chats get transformers' ids, whatever the tokenizer);
+        only when a special token turns up outside the markers is it re-encoded piece by piece."""
+        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        if self._only_markers_special(enc.ids, enc.offsets, markers):
+            return enc.ids, enc.offsets
+        return self._splice(text, markers)
+
+    def _only_markers_special(self, ids: list[int], offsets: list[tuple[int, int]],
+                              markers: list[tuple[int, int]]) -> bool:
+        """True when the special tokens of an encoding are the markers, one each (an added token that strips
+        the whitespace beside it may span a little more than its marker)."""
+        found = [offset for token, offset in zip(ids, offsets) if token in self._special_ids]
+        return len(found) == len(markers) and all(s <= ms and me <= e for (s, e), (ms, me) in zip(found, markers))
+
+    def _splice(self, text: str, markers: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+        """Encode the text between markers with special-token literals as text, each marker as its token."""
+        bounds = [0, *(edge for marker in markers for edge in marker), len(text)]
+        segments = list(zip(bounds[::2], bounds[1::2]))
+        encodings = self._encoder(True).encode_batch([text[a:b] for a, b in segments], add_special_tokens=False)
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        for k, ((a, _), enc) in enumerate(zip(segments, encodings)):
+            ids += enc.ids
+            offsets += [(a + s, a + e) for s, e in enc.offsets]
+            if k < len(markers):
+                start, end = markers[k]
+                ids.append(self.tokenizer.token_to_id(text[start:end]))
+                offsets.append((start, end))
+        return ids, offsets
+
+    def _render(self, messages: Sequence[Message], add_generation_prompt: bool
+                ) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+        """(text, trained spans, markers): the character spans of the template's own control tokens."""
+        if not self._chatml:
+            return self._render_with_template(messages, add_generation_prompt)
+        parts: list[str] = []
+        spans: list[tuple[int, int]] = []
+        markers: list[tuple[int, int]] = []
+        pos = 0
+        for message in messages:
+            role = message.get("role")
+            if not isinstance(role, str) or not role:
+                raise MurmurError(f"chat message without a role: {message!r}")
+            head = f"{IM_START}{role}\n"
+            content = message_text(message.get("content"))
+            body = content + IM_END
+            if role == "assistant":
+                spans.append((pos + len(head), pos + len(head) + len(body)))
+            end = pos + len(head) + len(content)
+            markers += [(pos, pos + len(IM_START)), (end, end + len(IM_END))]
+            piece = head + body + "\n"
+            parts.append(piece)
+            pos += len(piece)
+        if add_generation_prompt:
+            parts.append(f"{IM_START}assistant\n")
+            markers.append((pos, pos + len(IM_START)))
+        return "".join(parts), spans, markers
 
     def _render_with_template(self, messages: Sequence[Message], add_generation_prompt: bool
-                              ) -> tuple[str, list[tuple[int, int]]]:
-        """Render with a foreign Jinja template; assistant spans come from rendering each prefix."""
+                              ) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+        """Render with a foreign Jinja template; assistant spans come from rendering each prefix.
+
+        Special-token literals inside the messages are swapped for private-use characters while the template
+        runs, so every literal left in its output is one of the template's markers; then they are put back."""
         if not self.chat_template:
             raise MurmurError(f"tokenizer {self.path or ''} has no chat template; add chat_template.jinja or "
                               "use a tokenizer trained by `murmur tokenizer`")
         messages = [dict(m, content=message_text(m.get("content"))) for m in messages]
+        guard = _LiteralGuard(self._special_re, messages, self.chat_template)
+        messages = guard.hide(messages)
         text = self._jinja_render(messages, add_generation_prompt)
         spans = []
         for i, message in enumerate(messages):
@@ -252,7 +336,8 @@ class ChatTokenizer:
                 start = text.find(message["content"], spans[-1][1] if spans else 0)
                 if start >= 0:
                     spans.append((start, start + len(message["content"])))
-        return text, spans
+        markers = [m.span() for m in self._special_re.finditer(text)] if self._special_re else []
+        return guard.reveal(text, spans, markers)
 
     def _jinja_render(self, messages: list[Message], add_generation_prompt: bool) -> str:
         if self._jinja is None:
@@ -441,3 +526,62 @@ def replace_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# Supplementary Private Use Area-B: characters no tokenizer or template gives a meaning of its own.
+PRIVATE_USE = range(0x100000, 0x10FFFE)
+
+
+class _LiteralGuard:
+    """Stands a private-use character in for each special token's literal inside chat messages while a Jinja
+    template renders them, so that every literal in its output is one the template wrote; `reveal` then puts
+    the literals back and moves the character spans found meanwhile to match."""
+
+    def __init__(self, pattern: re.Pattern | None, messages: list[Message], template: str):
+        strings = list(_strings(messages))
+        found = sorted({literal for s in strings for literal in pattern.findall(s)}) if pattern else []
+        self.pattern = pattern
+        self.stand_in: dict[str, str] = {}
+        if found:
+            used = set(template).union(*map(set, strings))
+            free = (chr(c) for c in PRIVATE_USE if chr(c) not in used)
+            self.stand_in = dict(zip(found, free))
+        self.literal = {char: literal for literal, char in self.stand_in.items()}
+        self.stand_in_re = re.compile("|".join(self.literal)) if self.literal else None
+
+    def hide(self, value: Any) -> Any:
+        """`value` (messages, or anything inside them) with each literal swapped for its stand-in."""
+        if not self.stand_in:
+            return value
+        if isinstance(value, str):
+            return self.pattern.sub(lambda m: self.stand_in[m.group()], value)
+        if isinstance(value, dict):
+            return {key: self.hide(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.hide(item) for item in value]
+        return value
+
+    def reveal(self, text: str, *span_lists: list[tuple[int, int]]):
+        """The rendered text with the literals back, and each list of (start, end) spans moved to match."""
+        if self.stand_in_re is None:
+            return (text, *span_lists)
+        at = [m.start() for m in self.stand_in_re.finditer(text)]
+        grown = [0, *itertools.accumulate(len(self.literal[text[q]]) - 1 for q in at)]
+
+        def moved(position: int) -> int:  # each stand-in before `position` grows into its literal
+            return position + grown[bisect.bisect_left(at, position)]
+
+        text = self.stand_in_re.sub(lambda m: self.literal[m.group()], text)
+        return (text, *([(moved(a), moved(b)) for a, b in spans] for spans in span_lists))
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string inside `value` (nested dicts and lists)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
