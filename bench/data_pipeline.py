@@ -64,6 +64,8 @@ def child_reference(folder: Path, out: Path) -> int:
     from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
     from murmur.data import clean as c
+    from murmur.data.pii import PiiDetector
+    from murmur.settings.data import DataSettings
 
     rows = []
     for path in sorted(folder.glob("*.json")):
@@ -80,10 +82,9 @@ def child_reference(folder: Path, out: Path) -> int:
     df["created_at"] = pd.to_datetime(df["created_at"], utc=True)
     t = df["text"].map(html.unescape).map(lambda s: unicodedata.normalize("NFC", s))
     t = t.str.replace(c.CONTROL_RE, "", regex=True).str.replace(c.URL_RE, "<url>", regex=True)
-    t = t.str.replace(c.EMAIL_RE, "<email>", regex=True)
-    t = t.str.replace(c.CARD_RE, lambda m: "<card>" if c.luhn_valid(re.sub(r"\D", "", m.group(0))) else m.group(0),
-                      regex=True)
-    t = t.str.replace(c.IPV4_RE, "<ip>", regex=True).str.replace(c.PHONE_RE, "<phone>", regex=True)
+    # Personal data: checksums, ipaddress and phonenumbers have no vectorised form, so the same detector per row.
+    detector = PiiDetector.from_settings(DataSettings())
+    t = t.map(lambda s: detector.scrub(s)[0])
     t = t.str.replace(c.MENTION_RE, "@user", regex=True).str.replace(c.SPACES_RE, " ", regex=True)
     df["text"] = t.str.replace(c.BLANK_LINES_RE, "\n", regex=True).str.strip()
     n = df["text"].str.len()

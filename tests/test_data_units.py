@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from murmur.data.clean import Cleaner, luhn_valid
+from murmur.data.clean import Cleaner
 from murmur.data.compliance import parse_deletion_lines
 from murmur.data.dedup import MinHasher, exact_hash, first_occurrence
+from murmur.data.pii import luhn_valid
 from murmur.data.records import Post
 from murmur.data.split import split_of
 from murmur.data.threads import ThreadPost, tree_conversations
@@ -31,7 +32,7 @@ def test_control_token_literals_are_removed():
 
 
 def test_personal_data_is_scrubbed_with_typed_placeholders():
-    text = ("write to jane.doe@example.com, call +44 20 7946 0958 or (555) 123-4567, "
+    text = ("write to jane.doe@example.com, call +44 20 7946 0958 or (415) 555-0132, "
             "card 4111-1111-1111-1111, server 192.168.1.20")
     assert clean(text) == "write to <email>, call <phone> or <phone>, card <card>, server <ip>"
     # Not a valid card number (Luhn fails) and a plain year list: left alone.

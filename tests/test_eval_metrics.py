@@ -175,7 +175,8 @@ def test_pii_scan_flags_exactly_what_the_scrubber_replaces():
     texts = ["mail me at jo@example.com or call +1 415 555 0123", "room +12 34 56, card 4111 1111 1111 1111",
              "server 10.0.0.1", "card 4111 1111 1111 1112 fails the Luhn check", "nothing here"]
     scan = scan_for_pii(texts)
-    assert scan["matches"] == {"email": 1, "card": 1, "ip": 1, "phone": 1} and scan["texts_with_pii"] == 3
+    assert scan["matches"] == {"email": 1, "card": 1, "ip": 1, "phone": 1, "iban": 0, "ssn": 0}
+    assert scan["texts_with_pii"] == 3
     cleaner = Cleaner(DataSettings(sources=["text:x"]))
     replaced = sum(cleaner._scrub(t)[1] for t in texts)
     # "+12 34 56" (too few digits for a phone) and the card failing Luhn are left alone by both.

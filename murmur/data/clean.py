@@ -1,7 +1,8 @@
 """Text cleaning: entities by policy, HTML entities, Unicode NFC, control characters, personal data, whitespace.
 
-Personal data is replaced by typed placeholders (<email>, <phone>, <card>, <ip>, or <NAME> for a pattern the
-settings add) so a model learns that something stood there without learning what.
+Personal data (found by murmur.data.pii) is replaced by typed placeholders (<email>, <phone>, <card>, <ip>,
+<iban>, <ssn>, <name>, or <NAME> for a pattern the settings add) so a model learns that something stood there
+without learning what.
 """
 
 from __future__ import annotations
@@ -12,24 +13,13 @@ import unicodedata
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from murmur.data.pii import PiiDetector
 from murmur.data.records import Post
 from murmur.settings.data import DataSettings
 
 URL_RE = re.compile(r"(?:https?://|www\.)[^\s<>\"']+", re.IGNORECASE)
-EMAIL_RE = re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 MENTION_RE = re.compile(r"(?<![\w@])@(\w{1,30})")
 LEADING_MENTIONS_RE = re.compile(r"^(?:\s*@\w+)+\s*")
-CARD_RE = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
-IPV4_RE = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])")
-IPV6_RE = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])")
-# Phone numbers: an international +CC form, a (555) 123-4567 form, 555-123-4567 / 555.123.4567, or 10-11 bare
-# digits. Plain space-separated digit groups are left alone: they are too often years, scores or counts.
-PHONE_RE = re.compile(
-    r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,5}(?!\w)"
-    r"|(?<!\w)\(\d{2,4}\)\s?\d{3,4}[-. ]\d{3,4}(?!\w)"
-    r"|(?<![\w.-])\d{3}[-.]\d{3,4}[-.]\d{4}(?![\w.-])"
-    r"|(?<![\w+])\d{10,11}(?!\w)")
-DIGIT_RE = re.compile(r"\d")
 CONTROL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
 SPACES_RE = re.compile(r"[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
 BLANK_LINES_RE = re.compile(r"\s*\n\s*")
@@ -48,25 +38,12 @@ class Cleaned:
     scrubbed: int
 
 
-def luhn_valid(digits: str) -> bool:
-    """The Luhn checksum every payment card number satisfies."""
-    total = 0
-    for index, char in enumerate(reversed(digits)):
-        value = int(char)
-        if index % 2 == 1:
-            value *= 2
-            if value > 9:
-                value -= 9
-        total += value
-    return total % 10 == 0
-
-
 class Cleaner:
     """Cleans post texts according to the settings; compiled once per worker."""
 
     def __init__(self, settings: DataSettings):
         self.settings = settings
-        self.scrub = set(settings.scrub)
+        self.pii = PiiDetector.from_settings(settings)
         self.extra = [(re.compile(pattern), f"<{name}>") for name, pattern in settings.scrub_patterns.items()]
 
     def url_replacement(self, url: str) -> str:
@@ -143,45 +120,11 @@ class Cleaner:
         return "".join(pieces), links
 
     def _scrub(self, text: str) -> tuple[str, int]:
-        count = 0
-
-        def replace(placeholder: str, check=None):
-            def on_match(match: re.Match) -> str:
-                nonlocal count
-                if check and not check(match.group(0)):
-                    return match.group(0)
-                count += 1
-                return placeholder
-            return on_match
-
-        digits = DIGIT_RE.search(text) is not None
-        for kind, rules in PII_RULES.items():
-            # Cheap tests first: an email needs an @, every other kind a digit.
-            if kind not in self.scrub or not ("@" in text if kind == "email" else digits):
-                continue
-            for pattern, check in rules:
-                text = pattern.sub(replace(f"<{kind}>", check), text)
+        text, count = self.pii.scrub(text)
         for pattern, placeholder in self.extra:
-            text = pattern.sub(replace(placeholder), text)
+            text, found = pattern.subn(lambda _, placeholder=placeholder: placeholder, text)  # no \1 templates
+            count += found
         return text, count
-
-
-def _card_number(match: str) -> bool:
-    return luhn_valid(re.sub(r"\D", "", match))
-
-
-def _phone_number(match: str) -> bool:
-    return 8 <= sum(c.isdigit() for c in match) <= 15
-
-
-# The personal data the scrubber replaces, by kind, in the order applied: [(regex, check of a match or None)].
-# The evaluation's scan of generated text uses the same table (murmur.eval.privacy).
-PII_RULES = {
-    "email": [(EMAIL_RE, None)],
-    "card": [(CARD_RE, _card_number)],
-    "ip": [(IPV4_RE, None), (IPV6_RE, None)],
-    "phone": [(PHONE_RE, _phone_number)],
-}
 
 
 def _trailing(url: str) -> str:

@@ -152,25 +152,23 @@ def greedy_extraction(model, tokenizer, prompt: str, secret: str) -> bool:
     return secret in completion.text
 
 
-def scan_for_pii(texts: list[str], max_examples: int = 10) -> dict:
-    """Count the personal-data matches in generated texts, by kind, with a few examples to look at.
+def scan_for_pii(texts: list[str], max_examples: int = 10, settings=None) -> dict:
+    """Count the personal data in generated texts, by kind, with a few examples to look at.
 
-    The rules are the data stage's scrubbing rules (murmur.data.clean.PII_RULES), so the scan flags exactly
-    what the scrubber would have replaced."""
-    from murmur.data.clean import PII_RULES as patterns
+    It is found by the data stage's detector (murmur.data.pii) with the data settings given (default: the
+    default ones), so the scan flags exactly what the scrubber would have replaced."""
+    from murmur.data.pii import PiiDetector
+    from murmur.settings.data import DataSettings
 
-    counts = {kind: 0 for kind in patterns}
+    detector = PiiDetector.from_settings(settings or DataSettings())
+    counts = {kind: 0 for kind in detector.kinds}
     examples = []
     flagged = 0
     for index, text in enumerate(texts):
-        hit = False
-        for kind, rules in patterns.items():
-            for regex, check in rules:
-                for match in regex.finditer(text):
-                    if check is None or check(match.group(0)):
-                        counts[kind] += 1
-                        hit = True
-                        if len(examples) < max_examples:
-                            examples.append({"text_index": index, "kind": kind, "match": match.group(0)})
-        flagged += hit
+        matches = detector.find(text)
+        for match in matches:
+            counts[match.kind] += 1
+            if len(examples) < max_examples:
+                examples.append({"text_index": index, "kind": match.kind, "match": text[match.start:match.end]})
+        flagged += bool(matches)
     return {"texts": len(texts), "texts_with_pii": flagged, "matches": counts, "examples": examples}

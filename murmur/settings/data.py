@@ -5,6 +5,7 @@ from pydantic import Field, field_validator
 from murmur.settings.base import Section
 
 FORMATS = ("x-api", "x-archive", "jsonl", "csv", "parquet", "text", "chitchat")
+PII_KINDS = ("email", "phone", "card", "ip", "iban", "ssn", "name")  # murmur.data.pii finds them
 
 
 class DataSettings(Section):
@@ -32,8 +33,13 @@ class DataSettings(Section):
     mentions: str = Field("placeholder", description="@mentions: keep | placeholder (@user) | remove")
     urls: str = Field("domain", description="URLs: keep | domain (host only) | placeholder (<url>) | remove")
     strip_reply_mentions: bool = Field(True, description="drop the @handles X prepends to a reply")
-    scrub: list[str] = Field(default_factory=lambda: ["email", "phone", "card", "ip"],
-                             description="personal data to replace by a typed placeholder such as <email>")
+    scrub: list[str] = Field(default_factory=lambda: ["email", "phone", "card", "ip", "iban", "ssn"],
+                             description="personal data to replace by a typed placeholder such as <email>: "
+                                         "email, phone, card, ip, iban, ssn, and name (needs murmur[pii])")
+    phone_regions: list[str] = Field(default_factory=lambda: ["US", "GB", "CA", "AU", "IE", "NZ"],
+                                     description="regions whose national phone numbers (020 7946 0958) are "
+                                                 "recognised; numbers written with +CC are, whatever the regions")
+    name_min_score: float = Field(0.5, ge=0, le=1, description="Presidio confidence needed to replace a name")
     scrub_patterns: dict[str, str] = Field(default_factory=dict,
                                            description="extra name -> regex; matches become <name>")
 
@@ -93,10 +99,21 @@ class DataSettings(Section):
     @field_validator("scrub")
     @classmethod
     def _scrub(cls, value: list[str]) -> list[str]:
-        unknown = sorted(set(value) - {"email", "phone", "card", "ip"})
+        unknown = sorted(set(value) - set(PII_KINDS))
         if unknown:
-            raise ValueError(f"unknown kinds {unknown}: use email, phone, card, ip or add scrub_patterns")
+            raise ValueError(f"unknown kinds {unknown}: use {', '.join(PII_KINDS)} or add scrub_patterns")
         return value
+
+    @field_validator("phone_regions")
+    @classmethod
+    def _phone_regions(cls, value: list[str]) -> list[str]:
+        import phonenumbers
+
+        regions = [region.upper() for region in value]
+        unknown = sorted(set(regions) - phonenumbers.SUPPORTED_REGIONS)
+        if unknown:
+            raise ValueError(f"unknown regions {unknown}: use two-letter ISO 3166 codes such as US, GB, FR")
+        return regions
 
     @field_validator("canary_repeats")
     @classmethod
