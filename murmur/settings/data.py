@@ -27,6 +27,9 @@ class DataSettings(Section):
     archive_author_id: str | None = Field(None, description="author id for an X archive (default: read account.js "
                                                             "next to tweets.js, else the folder name)")
     max_record_bytes: int = Field(65536, ge=1, description="records larger than this are quarantined")
+    # At most 256: the parser and the readers recurse once per level, and Python's stack allows about 1000.
+    max_json_depth: int = Field(64, ge=1, le=256, description="JSON nested deeper than this is quarantined "
+                                                              "(too_deep); an X API payload is about 8 deep")
     quarantine_snippet_chars: int = Field(200, ge=0, description="how much of a bad record quarantine.parquet keeps")
 
     # Cleaning
