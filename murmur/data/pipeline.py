@@ -52,6 +52,7 @@ from murmur.data.split import split_of
 from murmur.data.threads import ThreadPost, tree_conversations
 from murmur.errors import MurmurError
 from murmur.files import write_table_atomic, write_text_atomic
+from murmur.fingerprint import digest, settings_by_key
 from murmur.settings.data import DataSettings
 
 PIPELINE_VERSION = 1
@@ -125,11 +126,12 @@ def run(settings: DataSettings, out: str | Path, progress: bool | None = None) -
 
 
 def _fingerprint(settings: DataSettings, sources: list[SourceFile], exclude: set[str], extra: str = "") -> str:
-    data = settings.model_dump(mode="json", exclude=exclude)
-    data["_sources"] = [(s.label, s.size(), s.path.stat().st_mtime_ns) for s in sources]
-    data["_version"] = [murmur.__version__, PIPELINE_VERSION]
-    data["_extra"] = hashlib.sha256(extra.encode()).hexdigest()
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    """Every data setting but those in `exclude` (a new setting is covered without a list to edit), the
+    sources' sizes and times, the code's version, and `extra`."""
+    return digest({"settings": settings_by_key(settings, ignore=exclude),
+                   "sources": [(s.label, s.size(), s.path.stat().st_mtime_ns) for s in sources],
+                   "version": [murmur.__version__, PIPELINE_VERSION],
+                   "extra": hashlib.sha256(extra.encode()).hexdigest()})
 
 
 def _read_stats(out: Path) -> dict | None:
