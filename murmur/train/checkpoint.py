@@ -61,37 +61,78 @@ def step_name(step: int) -> str:
 
 # --- safe loading -------------------------------------------------------------------------------
 
-_ALLOWED_GLOBALS = {
-    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
-    ("collections", "OrderedDict"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+# Exactly the globals a DCP `.metadata` written by torch 2.13 refers to (listed from real checkpoints
+# with pickletools), plus the torch dtypes. A name is looked up as written, so a dotted name (which
+# pickle would walk attribute by attribute, e.g. metadata -> os -> system) never matches.
+_METADATA_RECORDS = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
 }
+_TORCH_DTYPES = {name for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Accepts DCP's metadata records, torch dtypes and sizes; refuses every other global."""
+    """Builds DCP's metadata records, torch dtypes and sizes; refuses every other global."""
 
     def find_class(self, module: str, name: str):
-        if module == "torch.distributed.checkpoint.metadata" and not name.startswith("__"):
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
+        if module == "torch" and name in _TORCH_DTYPES:
             return getattr(torch, name)
-        if (module, name) in _ALLOWED_GLOBALS:
+        if (module, name) in _METADATA_RECORDS:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a checkpoint never "
                                      "needs; refusing to load it")
 
 
+def _check_index(metadata: Any, step_dir: Path) -> None:
+    """The index is DCP's, and every data file it names is a file inside the step folder."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, Metadata, TensorProperties,
+                                                       TensorStorageMetadata)
+
+    from murmur.confine import confined, relative_name
+
+    where = step_dir / ".metadata"
+    entries, storage = getattr(metadata, "state_dict_metadata", None), getattr(metadata, "storage_data", None)
+    if not isinstance(metadata, Metadata) or not isinstance(entries, dict) or not isinstance(storage, dict):
+        raise MurmurError(f"{where} is not a DCP checkpoint index ({type(metadata).__name__}); "
+                          "the checkpoint is corrupt or was not written by Murmur")
+    for fqn, entry in entries.items():
+        tensor_entry = isinstance(entry, TensorStorageMetadata) and isinstance(entry.size, torch.Size) \
+            and isinstance(entry.properties, TensorProperties) and isinstance(entry.properties.dtype, torch.dtype)
+        if not isinstance(fqn, str) or not (tensor_entry or isinstance(entry, BytesStorageMetadata)):
+            raise MurmurError(f"{where} describes {str(fqn)[:200]!r} with a malformed record; the checkpoint is corrupt")
+    names = set()
+    for info in storage.values():
+        if not isinstance(info, _StorageInfo) or type(getattr(info, "offset", None)) is not int \
+                or type(getattr(info, "length", None)) is not int or info.offset < 0 or info.length < 0:
+            raise MurmurError(f"{where} holds a malformed storage entry; the checkpoint is corrupt")
+        names.add(relative_name(getattr(info, "relative_path", None), str(where)))
+    root = step_dir.resolve()
+    for name in names:
+        confined(root, step_dir / name, f"data file of {where}")
+
+
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's file reader, reading `.metadata` with the restricted unpickler."""
+    """DCP's file reader, reading `.metadata` with the restricted unpickler and only files in its folder."""
 
     def read_metadata(self, *args: Any, **kwargs: Any):
-        path = Path(self.path) / ".metadata"
+        from murmur.confine import confined
+
+        step_dir = Path(self.path)
+        path = confined(step_dir.resolve(), step_dir / ".metadata", "checkpoint index")
         try:
             with open(path, "rb") as handle:
                 metadata = _MetadataUnpickler(handle).load()
-        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
-            raise MurmurError(f"{path} is not a readable checkpoint index: {err}") from None
+        except OSError as err:
+            raise MurmurError(f"{path} cannot be read: {err}") from None
+        except Exception as err:  # find_class admits only DCP's records: anything else is a malformed file
+            raise MurmurError(f"{path} is not a readable checkpoint index: {type(err).__name__}: {err}") from None
+        _check_index(metadata, step_dir)
         from torch.distributed.checkpoint.metadata import StorageMeta
 
         if getattr(metadata, "storage_meta", None) is None:
@@ -111,6 +152,31 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _check_model_fits(metadata: Any, model: nn.Module, step_dir: Path) -> None:
+    """Before any weight is allocated: the index holds each of `model`'s (meta) tensors at the shape the
+    settings imply, and its data files are at least as large as those tensors, so neither murmur.json nor
+    the index can ask for more memory than the checkpoint holds."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    # A tied head shares the embedding's storage: count its bytes once.
+    shared = set(dict(model.named_parameters(remove_duplicate=False))) - set(dict(model.named_parameters()))
+    claimed = 0
+    for name, tensor in model.state_dict().items():
+        entry = metadata.state_dict_metadata.get(f"model.{name}")
+        if not isinstance(entry, TensorStorageMetadata):
+            raise MurmurError(f"{step_dir} holds no tensor model.{name}, which {META_FILE}'s model settings need")
+        if tuple(entry.size) != tuple(tensor.shape):
+            raise MurmurError(f"{step_dir / META_FILE} implies model.{name} of shape {tuple(tensor.shape)}, the "
+                              f"checkpoint holds {tuple(entry.size)}; the settings do not belong to these weights")
+        if name not in shared:
+            claimed += tensor.numel() * entry.properties.dtype.itemsize
+    files = {info.relative_path for info in metadata.storage_data.values()}
+    held = sum((step_dir / name).stat().st_size for name in files if (step_dir / name).is_file())
+    if claimed > held:
+        raise MurmurError(f"{step_dir / '.metadata'} claims {claimed} bytes of weights, its data files hold {held} "
+                          "bytes; the checkpoint is corrupt or truncated")
 
 
 def _dcp_load(state: dict, path: Path) -> None:
@@ -133,7 +199,10 @@ def latest_step_dir(checkpoints_dir: Path) -> Path | None:
     pointer = Path(checkpoints_dir) / LATEST
     if not pointer.is_file():
         return None
-    target = Path(checkpoints_dir) / pointer.read_text().strip()
+    name = pointer.read_text().strip()
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise MurmurError(f"{pointer} names {name[:200]!r}; `latest` must name a step folder beside it")
+    target = Path(checkpoints_dir) / name
     if not (target / META_FILE).is_file():
         raise MurmurError(f"{pointer} names {target.name}, which is not a complete checkpoint; "
                           "delete the pointer to start over, or point it at an existing step folder")
@@ -193,13 +262,26 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu", dty
     step_dir = _resolve_step_dir(Path(path))
     if step_dir is None:
         raise MurmurError(f"{path} holds no Murmur checkpoint (no checkpoints/latest or step folder)")
+    from murmur.confine import confined
+
+    confined(Path(path).resolve(), step_dir, "checkpoint step folder")
     meta = read_meta(step_dir)
     try:
         settings = ModelSettings.model_validate(meta["model"])
-    except (KeyError, ValueError) as err:
+    except (KeyError, TypeError, ValueError) as err:
         raise MurmurError(f"{step_dir / META_FILE} has no valid model settings: {err}") from None
-    with torch.device("meta"):
-        model = Transformer(settings)
+    metadata = SafeFileSystemReader(str(step_dir)).read_metadata()
+    # Building even a meta model costs memory per layer: check the layer count against the index first.
+    stored_layers = {name.split(".")[2] for name in metadata.state_dict_metadata if name.startswith("model.layers.")}
+    if stored_layers != {str(i) for i in range(settings.n_layers)}:
+        raise MurmurError(f"{step_dir / META_FILE} says n_layers={settings.n_layers}, the checkpoint holds "
+                          f"{len(stored_layers)} layers; the settings do not belong to these weights")
+    try:
+        with torch.device("meta"):
+            model = Transformer(settings)
+    except (RuntimeError, ValueError, OverflowError) as err:
+        raise MurmurError(f"{step_dir / META_FILE}: the model settings describe no buildable model: {err}") from None
+    _check_model_fits(metadata, model, step_dir)
     model.to_empty(device="cpu")
     model.init_weights()  # reties shared weights and rebuilds rope; the values are replaced below
     state = {"model": model.state_dict()}
