@@ -4,12 +4,18 @@ A Hugging Face directory holds `config.json`, the weights in `model.safetensors`
 by `model.safetensors.index.json`, and usually a tokenizer. Murmur's parameter names are Hugging
 Face's without the `model.` prefix, so the weight mapping is a rename. Pickled weights
 (`pytorch_model.bin`) are refused: unpickling a file a user hands in can run arbitrary code.
+
+A directory may come from anyone: every file is read only if it resolves inside the directory
+(murmur.confine), config.json values are checked for kind and range and named when wrong, and the
+layer count is checked against the weights before a model (even on the meta device) is built.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from murmur.confine import confined, folder_root, relative_name
 from murmur.errors import MurmurError
 from murmur.model import Transformer
 from murmur.settings.model import ModelSettings, RopeScaling
@@ -35,9 +42,10 @@ def is_hf_dir(path: str | Path) -> bool:
     if not config.is_file():
         return False
     try:
-        return "model_type" in json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return False
+    return isinstance(data, dict) and "model_type" in data
 
 
 def read_hf_config(directory: str | Path) -> dict[str, Any]:
@@ -48,83 +56,130 @@ def read_hf_config(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise MurmurError(f"{directory} has no config.json; a Hugging Face model directory needs one")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(confined(folder_root(directory), path, "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MurmurError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise MurmurError(f"{path} must hold a JSON object (found a {type(config).__name__})")
+    return config
 
 
-def _rope_from_hf(config: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+_LARGEST = 2**31 - 1  # no dimension, length or window of a real model comes near it
+
+
+def _value(config: dict[str, Any], key: str, kinds: tuple[type, ...], source: str, default: Any = None,
+           label: str | None = None) -> Any:
+    """config[key], or `default` when absent or null, provided it is of `kinds` (a bool is not a number
+    here) and, for numbers, finite and within 0.._LARGEST."""
+    value = config.get(key)
+    if value is None:
+        return default
+    label = label or key
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise MurmurError(f"{source}: {label} is {value!r:.80}; expected {' or '.join(k.__name__ for k in kinds)}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and not (math.isfinite(value) and 0 <= value <= _LARGEST):
+        raise MurmurError(f"{source}: {label} is {value!r:.80}; expected a finite number from 0 to {_LARGEST}")
+    return value
+
+
+def _required(config: dict[str, Any], key: str, source: str, label: str | None = None) -> Any:
+    value = _value(config, key, (int, float), source, label=label)
+    if value is None:
+        raise MurmurError(f"{source}: missing {label or key}")
+    return value
+
+
+def _rope_from_hf(config: dict[str, Any], source: str = "config.json") -> tuple[float, RopeScaling | None]:
     # transformers 5 writes `rope_parameters` (theta inside); older versions `rope_theta` + `rope_scaling`.
-    params = config.get("rope_parameters") or {}
-    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
-    scaling = config.get("rope_scaling") or (params if params.get("rope_type") not in (None, "default") else None)
+    params = _value(config, "rope_parameters", (dict,), source, {})
+    theta = float(_value(params, "rope_theta", (int, float), source, label="rope_parameters.rope_theta")
+                  or _value(config, "rope_theta", (int, float), source, 10000.0))
+    scaling_key = "rope_scaling"
+    scaling = _value(config, "rope_scaling", (dict,), source)
+    if not scaling and params.get("rope_type") not in (None, "default"):
+        scaling, scaling_key = params, "rope_parameters"
     if not scaling:
-        return float(theta), None
-    kind = scaling.get("rope_type") or scaling.get("type")
+        return theta, None
+    kind = _value(scaling, "rope_type", (str,), source, label=f"{scaling_key}.rope_type") \
+        or _value(scaling, "type", (str,), source, label=f"{scaling_key}.type")
     if kind in (None, "default"):
-        return float(theta), None
-    if kind == "llama3":
-        return float(theta), RopeScaling(
-            type="llama3", factor=scaling["factor"], low_freq_factor=scaling["low_freq_factor"],
-            high_freq_factor=scaling["high_freq_factor"],
-            original_max_seq_len=scaling["original_max_position_embeddings"])
-    if kind == "linear":
-        return float(theta), RopeScaling(type="linear", factor=scaling["factor"])
-    raise MurmurError(f"config.json: rope scaling type {kind!r} is not supported; supported: default, linear, llama3")
+        return theta, None
+
+    def number(key: str) -> float:
+        return _required(scaling, key, source, label=f"{scaling_key}.{key}")
+
+    try:
+        if kind == "llama3":
+            return theta, RopeScaling(
+                type="llama3", factor=number("factor"), low_freq_factor=number("low_freq_factor"),
+                high_freq_factor=number("high_freq_factor"),
+                original_max_seq_len=int(number("original_max_position_embeddings")))
+        if kind == "linear":
+            return theta, RopeScaling(type="linear", factor=number("factor"))
+    except ValueError as err:
+        raise MurmurError(f"{source}: {scaling_key}: {err}") from None
+    raise MurmurError(f"{source}: rope scaling type {kind!r:.80} is not supported; supported: default, linear, llama3")
 
 
 def settings_from_hf_config(config: dict[str, Any], source: str = "config.json") -> ModelSettings:
     """ModelSettings equivalent to a Hugging Face config, or an error naming what is unsupported."""
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_TYPES:
-        raise MurmurError(f"{source}: model_type {model_type!r} is not supported; supported: "
+        raise MurmurError(f"{source}: model_type {model_type!r:.80} is not supported; supported: "
                           f"{', '.join(SUPPORTED_TYPES)}")
     act = config.get("hidden_act", "silu")
     if act != "silu":
-        raise MurmurError(f"{source}: hidden_act {act!r} is not supported; Murmur's MLP is SwiGLU (silu)")
+        raise MurmurError(f"{source}: hidden_act {act!r:.80} is not supported; Murmur's MLP is SwiGLU (silu)")
     if config.get("mlp_bias"):
         raise MurmurError(f"{source}: mlp_bias=true is not supported")
     if model_type in ("llama", "mistral") and config.get("attention_bias"):
         raise MurmurError(f"{source}: attention_bias=true on {model_type} (bias on o_proj) is not supported")
-    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                           "vocab_size") if k not in config]
+    required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    missing = [k for k in required if config.get(k) is None]
     if missing:
         raise MurmurError(f"{source}: missing {', '.join(missing)}")
-    theta, scaling = _rope_from_hf(config)
-    max_len = config.get("max_position_embeddings", 2048)
+    size = {key: _value(config, key, (int,), source) for key in required + (
+        "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")}
+    theta, scaling = _rope_from_hf(config, source)
+    max_len = size["max_position_embeddings"] or 2048
     # Sliding-window attention never triggers within the window: capping the context keeps outputs exact.
-    window = config.get("sliding_window")
+    window = size["sliding_window"]
     if window and (model_type == "mistral" or config.get("use_sliding_window")):
         max_len = min(max_len, window)
     try:
         return ModelSettings(
-            vocab_size=config["vocab_size"], dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
-            n_heads=config["num_attention_heads"],
-            n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-            head_dim=config.get("head_dim"), ffn_dim=config["intermediate_size"], max_seq_len=max_len,
-            rope_theta=theta, rope_scaling=scaling, norm_eps=config.get("rms_norm_eps", 1e-6),
+            vocab_size=size["vocab_size"], dim=size["hidden_size"], n_layers=size["num_hidden_layers"],
+            n_heads=size["num_attention_heads"],
+            n_kv_heads=size["num_key_value_heads"] or size["num_attention_heads"],
+            head_dim=size["head_dim"], ffn_dim=size["intermediate_size"], max_seq_len=max_len,
+            rope_theta=theta, rope_scaling=scaling, norm_eps=_value(config, "rms_norm_eps", (int, float), source, 1e-6),
             qk_norm=model_type == "qwen3", attn_bias=model_type == "qwen2",
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-            init_std=config.get("initializer_range", 0.02))
+            init_std=_value(config, "initializer_range", (int, float), source, 0.02))
     except ValueError as err:
         raise MurmurError(f"{source}: inconsistent shape: {err}") from None
 
 
 def _weight_files(directory: Path) -> list[Path]:
+    """The weight files of `directory`, each resolved and inside it (an index may not name a file elsewhere)."""
+    root = folder_root(directory)
     index = directory / INDEX_NAME
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            weight_map = json.loads(confined(root, index, INDEX_NAME).read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise MurmurError(f"{index} is not a valid safetensors index (needs a weight_map): {err}") from None
-        files = [directory / name for name in sorted(set(weight_map.values()))]
-        absent = [f.name for f in files if not f.is_file()]
+        if not isinstance(weight_map, dict):
+            raise MurmurError(f"{index}: weight_map must be an object mapping tensor names to shard files")
+        names = sorted({relative_name(name, str(index)) for name in weight_map.values()})
+        absent = [name for name in names if not (directory / name).is_file()]
         if absent:
             raise MurmurError(f"{index} lists shards that are missing: {', '.join(absent)}")
-        return files
+        return [confined(root, directory / name, f"shard {name} of {INDEX_NAME}") for name in names]
     single = directory / "model.safetensors"
     if single.is_file():
-        return [single]
+        return [confined(root, single, "model.safetensors")]
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
         raise MurmurError(f"{directory} holds only pickled weights (.bin/.pt); Murmur loads safetensors only. "
                           "Convert them with transformers' save_pretrained(safe_serialization=True)")
@@ -144,9 +199,17 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+_LAYER_NAME = re.compile(r"(?:model\.)?layers\.(\d+)\.")
+
+
 def hf_to_murmur_state(tensors: dict[str, torch.Tensor], settings: ModelSettings, source: str) -> dict:
     """Rename Hugging Face tensor names to Murmur's and check every name and shape."""
-    model = _meta_model(settings)
+    # Building even a meta model costs memory per layer: check the count against the weights first.
+    layers = {int(m.group(1)) for m in map(_LAYER_NAME.match, tensors) if m}
+    if layers != set(range(settings.n_layers)):
+        raise MurmurError(f"{source}: config.json says num_hidden_layers={settings.n_layers}, the weights hold "
+                          f"{len(layers)} layers")
+    model = _meta_model(settings, source)
     expected = {name: p.shape for name, p in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
@@ -171,9 +234,12 @@ def hf_to_murmur_state(tensors: dict[str, torch.Tensor], settings: ModelSettings
     return state
 
 
-def _meta_model(settings: ModelSettings) -> Transformer:
-    with torch.device("meta"):
-        return Transformer(settings)
+def _meta_model(settings: ModelSettings, source: str = "config.json") -> Transformer:
+    try:
+        with torch.device("meta"):
+            return Transformer(settings)
+    except (RuntimeError, ValueError, OverflowError) as err:
+        raise MurmurError(f"{source}: the settings describe no buildable model: {err}") from None
 
 
 def build_from_state(settings: ModelSettings, state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
@@ -235,19 +301,33 @@ def hf_config_from_settings(settings: ModelSettings, special_tokens: dict[str, i
     return config
 
 
+def _tokenizer_json(tokenizer_dir: Path, name: str) -> dict[str, Any]:
+    path = confined(folder_root(tokenizer_dir), tokenizer_dir / name, f"tokenizer file {name}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MurmurError(f"tokenizer file {tokenizer_dir / name} is not readable JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise MurmurError(f"tokenizer file {tokenizer_dir / name} must hold a JSON object")
+    return data
+
+
 def special_token_ids(tokenizer_dir: str | Path | None) -> dict[str, int]:
-    """bos/eos/pad token ids for config.json, read from a tokenizer directory's tokenizer_config.json."""
+    """bos/eos/pad token ids for config.json, read from a tokenizer directory's tokenizer_config.json.
+
+    Added-token entries that are not {"content": str, "id": int} are ignored: they name no special token."""
     if tokenizer_dir is None or not (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
         return {}
-    config = json.loads((Path(tokenizer_dir) / "tokenizer_config.json").read_text())
-    added = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text()).get("added_tokens", [])
-    ids = {t["content"]: t["id"] for t in added}
+    config = _tokenizer_json(Path(tokenizer_dir), "tokenizer_config.json")
+    added = _tokenizer_json(Path(tokenizer_dir), "tokenizer.json").get("added_tokens")
+    ids = {t["content"]: t["id"] for t in added if isinstance(t, dict) and isinstance(t.get("content"), str)
+           and type(t.get("id")) is int} if isinstance(added, list) else {}
     out = {}
     for key in ("bos_token", "eos_token", "pad_token"):
         token = config.get(key)
         if isinstance(token, dict):
             token = token.get("content")
-        if token in ids:
+        if isinstance(token, str) and token in ids:
             out[f"{key}_id"] = ids[token]
     return out
 
@@ -283,9 +363,10 @@ def save_hf_model(model: Transformer, out_dir: str | Path, tokenizer_dir: str | 
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _write_weights(state, tmp, max_shard_bytes)
         if tokenizer_dir is not None:
+            root = folder_root(tokenizer_dir)
             for name in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).is_file():
-                    shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+                if (Path(tokenizer_dir) / name).is_file():  # a link out (to a key, say) must not be exported
+                    shutil.copy2(confined(root, Path(tokenizer_dir) / name, f"tokenizer file {name}"), tmp / name)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")
             shutil.rmtree(old, ignore_errors=True)

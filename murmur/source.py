@@ -47,6 +47,9 @@ def load_model(src: str | Path, device: str | torch.device = "cpu", dtype: torch
         model, settings, tok = checkpoint.load_for_inference(path, device=device, dtype=dtype)
         return LoadedModel(model, settings, tok, "checkpoint", path)
     if path.is_dir() and (path / "model").is_dir() and hf.is_hf_dir(path / "model"):
+        from murmur.confine import confined
+
+        confined(path.resolve(), path / "model", "the run's model folder")  # a run may not lead elsewhere
         return load_model(path / "model", device=device, dtype=dtype)
     if path.is_dir() and (path / "config.json").is_file():
         hf.load_hf_model(path)  # raises the precise reason (bad JSON, missing model_type, ...)
