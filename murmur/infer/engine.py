@@ -33,7 +33,7 @@ import torch
 
 from murmur import accel
 from murmur.errors import MurmurError
-from murmur.infer.kv_cache import DecodeView, SlotKVCache
+from murmur.infer.kv_cache import DecodeView, SlotKVCache, bytes_per_position, plan_cache
 from murmur.infer.sampling import SamplingParams, TokenChoice, make_generator, sample
 from murmur.infer.text import IncrementalDetokenizer, StopMatcher
 from murmur.model import Transformer
@@ -106,11 +106,17 @@ class Request:
 
 
 class PrefixStore:
-    """Keys/values of recently seen prompt prefixes (a shared system prompt), least recently used out."""
+    """Keys/values of recently seen prompt prefixes (a shared system prompt), least recently used out.
 
-    def __init__(self, capacity: int):
+    Bounded in number (`capacity`) and in bytes (`max_bytes`): callers choose the prefixes, so many long
+    distinct system prompts must not grow memory past what was budgeted with the cache.
+    """
+
+    def __init__(self, capacity: int, max_bytes: int):
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self.entries: OrderedDict[tuple[int, ...], tuple[list[torch.Tensor], list[torch.Tensor]]] = OrderedDict()
+        self.bytes = 0
         self.hits = 0
 
     def get(self, prefix: tuple[int, ...]):
@@ -121,27 +127,43 @@ class PrefixStore:
         return entry
 
     def put(self, prefix: tuple[int, ...], keys, values) -> None:
+        old = self.entries.pop(prefix, None)
+        if old is not None:
+            self.bytes -= _nbytes(old)
         self.entries[prefix] = (keys, values)
-        self.entries.move_to_end(prefix)
-        while len(self.entries) > self.capacity:
-            self.entries.popitem(last=False)
+        self.bytes += _nbytes((keys, values))
+        while self.entries and (len(self.entries) > self.capacity or self.bytes > self.max_bytes):
+            _, evicted = self.entries.popitem(last=False)
+            self.bytes -= _nbytes(evicted)
+
+
+def _nbytes(entry: tuple[list[torch.Tensor], list[torch.Tensor]]) -> int:
+    return sum(t.numel() * t.element_size() for tensors in entry for t in tensors)
 
 
 class Engine:
     """Serve one model to many requests at once. See the module docstring for how to drive it."""
 
     def __init__(self, model: Transformer, tokenizer, *, max_batch_size: int = 16, max_seq_len: int | None = None,
-                 max_queue: int = 256, prefix_cache: int = 0, stuck_after_s: float = 30.0, compile: bool = False):
+                 max_queue: int = 256, prefix_cache: int = 0, stuck_after_s: float = 30.0, compile: bool = False,
+                 kv_cache_bytes: int | None = None, kv_cache_memory_fraction: float = 0.5):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
-        self.max_seq_len = min(max_seq_len or model.settings.max_seq_len, model.settings.max_seq_len)
-        self.max_batch_size = max_batch_size
+        # The cache is fitted to a budget before anything is allocated; it may cut the context or the batch.
+        self.cache_plan = plan_cache(model.settings, self.dtype, max_batch_size=max_batch_size,
+                                     max_seq_len=max_seq_len, budget_bytes=kv_cache_bytes,
+                                     memory_fraction=kv_cache_memory_fraction, device=self.device,
+                                     reserve_slots=1 if prefix_cache > 0 else 0)
+        log.log(logging.WARNING if self.cache_plan.shrunk else logging.INFO, "%s", self.cache_plan.describe())
+        self.max_seq_len = self.cache_plan.max_seq_len
+        self.max_batch_size = max_batch_size = self.cache_plan.max_batch_size
         self.max_queue = max_queue
         self.stuck_after_s = stuck_after_s
         self.cache = SlotKVCache(model.settings, max_batch_size, self.max_seq_len, self.device, self.dtype)
-        self.prefixes = PrefixStore(prefix_cache) if prefix_cache > 0 else None
+        slot_bytes = self.max_seq_len * bytes_per_position(model.settings, self.dtype)
+        self.prefixes = PrefixStore(prefix_cache, max_bytes=slot_bytes) if prefix_cache > 0 else None
         self._key_positions = torch.arange(self.max_seq_len, device=self.device)
         if compile and self.device.type == "cpu" and (why := accel.cpu_compile_unavailable()):
             log.warning("serving without compiling the decode step: %s", why)

@@ -5,14 +5,116 @@ joining or leaving the batch never allocates or moves memory. Before a prefill p
 the cache to the slots taking part and where each one's new tokens start; the model then calls
 `update` once per layer (the `KVCache` protocol of `murmur.model`). Decode steps go through
 `DecodeView`, which reads the same storage in place.
+
+How large it may be is decided before anything is allocated (`plan_cache`): a model's config can claim
+any context (1,000,000 positions is a few bytes of JSON), so the cache is fitted to a budget taken from
+the settings or from the memory free at start-up, never to the config alone.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
+from murmur.errors import MurmurError
 from murmur.settings.model import ModelSettings
+
+# Cutting the context to fit the budget stops here; below it the batch gives way instead, since a few
+# requests with a useful context serve better than many that can hold only a line or two.
+MIN_SHRUNK_CONTEXT = 2048
+# When the free memory cannot be read (no /proc, no sysconf figure): a budget small enough for any host.
+FALLBACK_MEMORY_BYTES = 2 * 2**30
+
+
+def bytes_per_position(settings: ModelSettings, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one position of one sequence takes, over all layers."""
+    return 2 * settings.n_layers * settings.kv_heads * settings.attention_head_dim * dtype.itemsize
+
+
+def available_memory(device: torch.device, meminfo: str | Path = "/proc/meminfo") -> int:
+    """Bytes free for new allocations on `device`: free device memory on CUDA, else the system's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path(meminfo).read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # the kernel reports kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return FALLBACK_MEMORY_BYTES
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """What the KV cache holds and why: `max_batch_size` slots of `max_seq_len` positions, `bytes` in all."""
+
+    max_batch_size: int
+    max_seq_len: int
+    bytes: int
+    budget: int
+    shrunk: bool
+    reason: str
+
+    def describe(self) -> str:
+        return (f"KV cache: max_batch_size={self.max_batch_size} max_seq_len={self.max_seq_len} "
+                f"{self.bytes:,} bytes of a {self.budget:,}-byte budget; {self.reason}")
+
+
+def plan_cache(settings: ModelSettings, dtype: torch.dtype, *, max_batch_size: int, max_seq_len: int | None = None,
+               budget_bytes: int | None = None, memory_fraction: float = 0.5,
+               device: torch.device | None = None, reserve_slots: int = 0) -> CachePlan:
+    """Choose the slots and context of the KV cache so that it fits its budget.
+
+    The context is the model's, or `max_seq_len` when that is set and smaller. The budget is `budget_bytes`,
+    else `memory_fraction` of the memory free on `device`; `reserve_slots` more slots' worth of it is kept for
+    memory sized like a slot (the prefix store). When the cache does not fit, a context the operator did not
+    ask for is cut first, down to MIN_SHRUNK_CONTEXT positions, then the batch; when one slot does not fit
+    either, the error says which setting to change.
+    """
+    if budget_bytes is None and not 0 < memory_fraction <= 1:
+        raise MurmurError(f"serve.kv_cache_memory_fraction must be in (0, 1], got {memory_fraction}")
+    per_position = bytes_per_position(settings, dtype)
+    model_len = settings.max_seq_len
+    asked = max_seq_len is not None and max_seq_len < model_len
+    length = min(max_seq_len or model_len, model_len)
+    if budget_bytes is not None:
+        budget, source = budget_bytes, "serve.kv_cache_bytes"
+    else:
+        free = available_memory(device or torch.device("cpu"))
+        budget = int(free * memory_fraction)
+        source = f"serve.kv_cache_memory_fraction={memory_fraction:g} of {free:,} bytes free"
+    batch = max_batch_size
+
+    def fits(slots: int, positions: int) -> bool:
+        return (slots + reserve_slots) * positions * per_position <= budget
+
+    reasons = []
+    if not fits(batch, length) and not asked:
+        cut = max(min(model_len, MIN_SHRUNK_CONTEXT), budget // ((batch + reserve_slots) * per_position))
+        reasons.append(f"the model's context of {model_len:,} positions cut to {min(cut, length):,}")
+        length = min(cut, length)
+    if not fits(batch, length):
+        batch = budget // (length * per_position) - reserve_slots
+        if batch < 1:
+            need = (1 + reserve_slots) * length * per_position
+            raise MurmurError(
+                f"the KV cache budget ({budget:,} bytes, from {source}) cannot hold one request of {length:,} "
+                f"positions ({need:,} bytes); raise serve.kv_cache_memory_fraction or set serve.kv_cache_bytes, "
+                "lower serve.max_seq_len, or free memory")
+        reasons.append(f"max_batch_size {max_batch_size} cut to {batch}")
+    if reasons:
+        reason = " and ".join(reasons) + f" to fit the budget ({source})"
+    else:
+        whose = "the asked-for" if asked else "the model's"
+        reason = f"{whose} context at max_batch_size {batch} fits ({source})"
+    return CachePlan(batch, length, batch * length * per_position, budget, bool(reasons), reason)
 
 
 class SlotKVCache:
@@ -24,6 +126,7 @@ class SlotKVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(settings.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(settings.n_layers)]
         self.max_len, self.device = max_len, device
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.k + self.v)
         self._slots: Tensor | None = None
         self._rows: list[tuple[int, int]] = []  # (slot, start) per row, as Python ints: no device sync per layer
         self._contiguous: int | None = None

@@ -26,7 +26,9 @@ def build_engine(src: str | Path, settings: ServeSettings):
     engine = Engine.from_source(src, device=device, dtype=resolve_dtype(settings.dtype, device),
                                 max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,
                                 max_queue=settings.max_queue, prefix_cache=settings.prefix_cache,
-                                stuck_after_s=settings.stuck_after_s, compile=settings.compile)
+                                stuck_after_s=settings.stuck_after_s, compile=settings.compile,
+                                kv_cache_bytes=settings.kv_cache_bytes,
+                                kv_cache_memory_fraction=settings.kv_cache_memory_fraction)
     engine.warmup()  # compile before the first request, while /health still says "loading"
     return engine
 

@@ -23,6 +23,9 @@ class ServeSettings(Section):
     compile: bool = Field(False, description="compile the decode step with torch.compile: faster decoding "
                           "after a warm-up compilation at start-up (15-20 s for tiny-cpu on 2 CPU cores)")
     max_seq_len: int | None = Field(None, ge=2, description="context per request; default the model's")
+    kv_cache_memory_fraction: float = Field(0.5, gt=0, le=1, description="share of the memory free at start-up "
+                                            "(GPU: free device memory; CPU: MemAvailable) the KV cache may take")
+    kv_cache_bytes: int | None = Field(None, ge=1, description="KV-cache budget in bytes, instead of the fraction")
     prefix_cache: int = Field(8, ge=0, description="system-prompt prefixes whose keys/values are kept; 0 = off")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
     default_max_tokens: int | None = Field(None, ge=1, description="when a request gives none; None = to context")
