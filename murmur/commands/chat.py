@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     except MurmurError as err:
         raise MurmurError(f"bad sampling option: {err}") from None
     engine = Engine.from_source(args.src, device=device, max_batch_size=1)  # bf16 on CUDA, float32 on CPU
-    print(f"chatting with {args.src} on {device}; {HELP}", file=sys.stderr)
+    # The context may be shorter than the model's when its KV cache had to fit the memory free now.
+    print(f"chatting with {args.src} on {device} ({engine.max_seq_len:,}-token context); {HELP}", file=sys.stderr)
 
     def write(text: str) -> None:
         sys.stdout.write(text)
