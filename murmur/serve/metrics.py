@@ -2,6 +2,7 @@
 
 Counters and histograms are updated from the HTTP handlers and from the engine's thread, hence the
 lock. Queue depth and running batch size are read from the engine when `/metrics` is scraped.
+Every label has a fixed set of values (anything else is "other"), so no client can make a series.
 """
 
 from __future__ import annotations
@@ -9,9 +10,33 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import defaultdict
+from http import HTTPStatus
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+ROUTES = {"/", "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/report",
+          "/openapi.json"}
+METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+STATUSES = {status.value for status in HTTPStatus} | {499}  # 499: the client went away
+
+
+def route_label(path: str) -> str:
+    """The path as a label: a route of the server, `/ui/*`, `/report/*`, or "other"."""
+    if path in ROUTES:
+        return path
+    for prefix in ("/ui/", "/report/"):
+        if path.startswith(prefix):
+            return prefix + "*"
+    return "other"
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else "other"
+
+
+def status_label(status: int) -> str:
+    return str(status) if status in STATUSES else "other"
 
 
 class Histogram:
@@ -46,15 +71,16 @@ class Metrics:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
+        self.requests: dict[tuple[str, str, str], int] = defaultdict(int)
         self.request_latency = Histogram(LATENCY_BUCKETS)
         self.time_to_first_token = Histogram(LATENCY_BUCKETS)
         self.inter_token_latency = Histogram(TOKEN_LATENCY_BUCKETS)
 
     def observe_request(self, method: str, path: str, status: int, seconds: float) -> None:
-        """An HTTP request finished (its whole response sent)."""
+        """An HTTP request finished (its whole response sent); `method` and `path` as the client sent them."""
+        path = route_label(path)
         with self.lock:
-            self.requests[(method, path, status)] += 1
+            self.requests[(method_label(method), path, status_label(status))] += 1
             if path.startswith("/v1/"):
                 self.request_latency.observe(seconds)
 
