@@ -60,12 +60,11 @@ def serve(src: str | Path, settings: ServeSettings) -> None:
 
     from murmur.accel import resolve_device
     from murmur.serve.api import create_app
+    from murmur.serve.connections import uvicorn_config
 
     if not Path(src).exists():
         raise MurmurError(f"{src} does not exist; pass a Hugging Face model directory or a Murmur run folder")
     resolve_device(settings.device)  # fail now, not in the background
     app = create_app(settings, model_name=settings.model_name or served_name(src),
                      loader=lambda: build_engine(src, settings), report_dir=report_dir_of(src))
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                            timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None)
-    uvicorn.Server(config).run()
+    uvicorn.Server(uvicorn_config(app, settings)).run()

@@ -1,4 +1,11 @@
-"""ASGI middleware of the server: refuse oversized bodies (413), read /v1 bodies as JSON, count requests.
+"""ASGI middleware of the server: what every request passes before a handler sees it, and what every
+page carries on its way out.
+
+In order: the Host header is one this server answers to (421; a web page that rebinds its own DNS name
+to 127.0.0.1 sends its own name); beyond `max_connections` open connections only /health and /metrics
+are served (503); /v1 bodies are declared JSON (415; the content types a page may send cross-origin
+without asking are all refused); a body is within `max_body_bytes` (413) and arrives within
+`body_timeout_s` (408). Every HTML response gets the page security headers. Requests are counted.
 
 Written as plain ASGI rather than Starlette's BaseHTTPMiddleware, which would buffer streamed
 responses and hide client disconnects from the handlers.
@@ -6,37 +13,98 @@ responses and hide client disconnects from the handlers.
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
 import time
 
-ROUTES = {"/", "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/report",
-          "/openapi.json", "/docs"}
+from murmur.serve.connections import OPEN_CONNECTIONS
+
 DRAIN_FACTOR = 64  # read at most this many times the limit of an oversized body before answering
+BODY_METHODS = {"POST", "PUT", "PATCH"}
+UNCAPPED = {"/health", "/metrics"}  # answered even beyond max_connections: they are cheap and tell the state
+# Pages load scripts and styles from this server only, and no other site may frame them: model output
+# can never run code, and no page can be overlaid by another to trick a click.
+PAGE_SECURITY_HEADERS = [
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; object-src 'none'; "
+                                 b"base-uri 'none'; frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+]
 
 
-def route_label(path: str) -> str:
-    """The path as a metrics label, with unknown paths folded so that scanners cannot explode the series."""
-    if path in ROUTES:
-        return path
-    for prefix in ("/ui/", "/report/"):
-        if path.startswith(prefix):
-            return prefix + "*"
-    return "other"
+def host_name(header: str) -> str:
+    """The name or address of a Host header, without port, brackets or trailing dot, lower-cased."""
+    value = header.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        return value[1:end] if end > 0 else value
+    name, colon, port = value.rpartition(":")
+    if colon and ":" not in name and port.isascii() and port.isdigit():
+        value = name
+    return value.rstrip(".")
 
 
-def json_content_type(scope):
-    """The API's bodies are JSON whatever the client declared (`curl -d` sends a form content type)."""
-    headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
-    return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+class AllowedHosts:
+    """Host names a browser may have used to reach this server, so that DNS rebinding cannot.
+
+    Always allowed: address literals (a rebinding attack needs a name), `localhost` and `*.localhost`
+    (browsers resolve those to loopback themselves), and the bind address. `--allowed-hosts` adds names;
+    `*` allows any.
+    """
+
+    def __init__(self, bind_host: str, allowed: list[str]):
+        self.any = "*" in allowed
+        self.names = {host_name(name) for name in allowed} | {"localhost", host_name(bind_host)}
+
+    def allows(self, header: str | None) -> bool:
+        if self.any or header is None:  # no Host at all: HTTP/1.0, which no browser sends
+            return True
+        name = host_name(header)
+        if name in self.names or name.endswith(".localhost"):
+            return True
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return True
+
+
+def is_json(content_type: bytes | None) -> bool:
+    media = (content_type or b"").split(b";")[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+def with_page_headers(message):
+    """An HTML response's start message with the page security headers it does not already have."""
+    headers = list(message.get("headers") or [])
+    content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
+    if not content_type.lower().startswith(b"text/html"):
+        return message
+    present = {k.lower() for k, _ in headers}
+    return {**message, "headers": headers + [(k, v) for k, v in PAGE_SECURITY_HEADERS if k not in present]}
+
+
+async def send_error(send, status: int, message: str, code: str, headers: list[tuple[bytes, bytes]] = ()):
+    """A refusal in OpenAI's error shape, sent as raw ASGI."""
+    kind = "service_unavailable" if status == 503 else "invalid_request_error"
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class ServerMiddleware:
-    """Body-size limit and request metrics around the whole app."""
+    """Host, connection, content-type, body-size and body-time checks, page headers and request metrics."""
 
-    def __init__(self, app, metrics, max_body_bytes: int):
+    def __init__(self, app, metrics, *, max_body_bytes: int, body_timeout_s: float, max_connections: int,
+                 allowed_hosts: AllowedHosts):
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+        self.max_connections = max_connections
+        self.allowed_hosts = allowed_hosts
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -48,25 +116,53 @@ class ServerMiddleware:
         async def send_counted(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                message = with_page_headers(message)
             await send(message)
 
-        if scope.get("method") == "POST" and scope.get("path", "").startswith("/v1/"):
-            scope = json_content_type(scope)
         try:
-            receive = await self._limited_body(scope, receive)
-            if receive is None:
-                await self._too_large(send_counted)
-                return
-            await self.app(scope, receive, send_counted)
+            await self._checked(scope, receive, send_counted)
         finally:
-            self.metrics.observe_request(scope.get("method", ""), route_label(scope.get("path", "")), status["code"],
+            self.metrics.observe_request(scope.get("method", ""), scope.get("path", ""), status["code"],
                                          time.monotonic() - start)
 
-    async def _limited_body(self, scope, receive):
+    async def _checked(self, scope, receive, send):
+        headers = dict(scope.get("headers") or [])
+        method, path = scope.get("method"), scope.get("path", "")
+        host = headers.get(b"host")
+        if not self.allowed_hosts.allows(None if host is None else host.decode("latin-1")):
+            shown = host.decode("latin-1")[:100]
+            await send_error(send, 421, f"This server does not answer to the Host {shown!r}. If that is how "
+                             "clients reach it, start it with --allowed-hosts NAME (this check keeps web pages "
+                             "from reaching a local server through DNS rebinding).", "invalid_host")
+            return
+        if scope.get(OPEN_CONNECTIONS, 0) > self.max_connections and path not in UNCAPPED:
+            await send_error(send, 503, f"The server has more than {self.max_connections} open connections; "
+                             "retry shortly.", "too_many_connections",
+                             [(b"connection", b"close"), (b"retry-after", b"1")])
+            return
+        if method in BODY_METHODS and path.startswith("/v1/") and not is_json(headers.get(b"content-type")):
+            declared = (headers.get(b"content-type") or b"none").decode("latin-1")[:100]
+            await send_error(send, 415, f"The request body must be JSON sent with 'Content-Type: "
+                             f"application/json' (this request declared {declared!r}); with curl, add "
+                             "-H 'Content-Type: application/json'.", "unsupported_media_type")
+            return
+        if method in BODY_METHODS:
+            try:
+                async with asyncio.timeout(self.body_timeout_s):
+                    receive = await self._limited_body(headers, receive)
+            except TimeoutError:
+                await send_error(send, 408, f"The request body did not arrive within {self.body_timeout_s:g} "
+                                 "seconds.", "request_timeout", [(b"connection", b"close")])
+                return
+            if receive is None:
+                await send_error(send, 413, f"The request body is larger than this server's limit of "
+                                 f"{self.max_body_bytes} bytes.", "request_too_large")
+                return
+        await self.app(scope, receive, send)
+
+    async def _limited_body(self, headers, receive):
         """A receive that replays the body when it is within the limit; None when it is not."""
-        if scope.get("method") not in ("POST", "PUT", "PATCH"):
-            return receive
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        declared = headers.get(b"content-length")
         try:
             too_big = declared is not None and int(declared) > self.max_body_bytes
         except ValueError:
@@ -100,11 +196,3 @@ class ServerMiddleware:
             return await receive()
 
         return replay
-
-    async def _too_large(self, send):
-        body = json.dumps({"error": {
-            "message": f"The request body is larger than this server's limit of {self.max_body_bytes} bytes.",
-            "type": "invalid_request_error", "param": None, "code": "request_too_large"}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
