@@ -4,19 +4,26 @@ Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /he
 GET / (chat page), GET /report (the evaluation report of a run folder, when there is one).
 
 Every request is validated, and its generation submitted to the engine, before the first byte of
-the response is sent, so all refusals carry a proper status in OpenAI's error shape. A client that
-disconnects (or presses stop in the page) aborts its requests in the engine at once.
+the response is sent, so all refusals carry a proper status in OpenAI's error shape. The work a
+request asks for (prompts, choices, characters, reply tokens) is checked against the settings before
+any of it is done. A client that disconnects (or presses stop in the page) aborts its requests in the
+engine at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import json
+import logging
+import os
 import re
+import stat
 import threading
 import time
 import uuid
-from collections import defaultdict, deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,6 +31,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import (
     FileResponse,
     JSONResponse,
@@ -38,7 +46,7 @@ from murmur.errors import MurmurError
 from murmur.infer.engine import Engine, EngineBusy, EngineClosed, StepOutput
 from murmur.infer.sampling import SamplingParams
 from murmur.serve.metrics import Metrics
-from murmur.serve.middleware import ServerMiddleware
+from murmur.serve.middleware import AllowedHosts, ServerMiddleware
 from murmur.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -46,12 +54,13 @@ from murmur.serve.schemas import (
 )
 from murmur.settings.serve import ServeSettings
 
+log = logging.getLogger("murmur.serve")
+
 UI_DIR = Path(__file__).parent / "ui"
-# The page and the report load scripts and styles from this server only: model output can never run code.
-PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
-                                           "base-uri 'none'; frame-ancestors 'none'",
-                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+# ServerMiddleware adds the Content-Security-Policy every HTML response carries.
+PAGE_HEADERS = {"Cache-Control": "no-cache"}
 REPORT_FILE = re.compile(r"^[A-Za-z0-9_.-]+\.(png|md)$")
+MAX_REPORT_FILE_BYTES = 50_000_000
 
 
 class APIError(Exception):
@@ -70,21 +79,50 @@ class APIError(Exception):
 
 
 class RateLimiter:
-    """At most `per_minute` requests in any sliding 60-second window, per key."""
+    """At most `per_minute` requests in any sliding 60-second window, per key.
 
-    def __init__(self, per_minute: int):
+    Keys are client addresses or valid API keys, never anything a caller can make up. The table holds
+    at most `max_keys`: keys idle for a minute are dropped, and beyond that the least recently seen.
+    """
+
+    WINDOW_S = 60.0
+
+    def __init__(self, per_minute: int, max_keys: int = 10_000, clock: Callable[[], float] = time.monotonic):
         self.per_minute = per_minute
-        self.seen: dict[str, deque[float]] = defaultdict(deque)
+        self.max_keys = max_keys
+        self.clock = clock
+        self.windows: OrderedDict[str, deque[float]] = OrderedDict()  # least recently seen first
         self.lock = threading.Lock()
+
+    @staticmethod
+    def client_key(host: str) -> str:
+        """The key of a client address: the address, or its /64 network for IPv6 (which one host may own)."""
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return host
+        if address.version == 6:
+            if address.ipv4_mapped is not None:
+                return str(address.ipv4_mapped)
+            return str(ipaddress.ip_network(f"{address}/64", strict=False))
+        return str(address)
 
     def allow(self, key: str) -> bool:
         if self.per_minute <= 0:
             return True
-        now = time.monotonic()
+        now = self.clock()
         with self.lock:
-            window = self.seen[key]
-            while window and now - window[0] > 60:
+            while self.windows:  # forget keys idle for a whole window
+                oldest = next(iter(self.windows.values()))
+                if oldest and now - oldest[-1] <= self.WINDOW_S:
+                    break
+                self.windows.popitem(last=False)
+            window = self.windows.pop(key, None) or deque()
+            self.windows[key] = window
+            while window and now - window[0] > self.WINDOW_S:
                 window.popleft()
+            while len(self.windows) > self.max_keys:
+                self.windows.popitem(last=False)
             if len(window) >= self.per_minute:
                 return False
             window.append(now)
@@ -102,8 +140,8 @@ class ServerState:
         self.loader = loader
         self.load_error: str | None = None
         self.report_dir = report_dir
-        self.keys = set(settings.api_keys)
-        self.limiter = RateLimiter(settings.rate_limit_per_minute)
+        self.keys = [key.encode() for key in dict.fromkeys(settings.api_keys)]
+        self.limiter = RateLimiter(settings.rate_limit_per_minute, max_keys=settings.rate_limit_max_clients)
         self.metrics = Metrics()
         self.created = int(time.time())
         if engine is not None:
@@ -119,18 +157,105 @@ class ServerState:
             self._attach(self.loader())
         except Exception as err:  # noqa: BLE001 - reported by /health and every request
             self.load_error = f"{type(err).__name__}: {err}"
+            log.error("the model failed to load: %s", self.load_error)
 
-    def require_engine(self) -> Engine:
+    def valid_key(self, key: str) -> bool:
+        """Whether `key` is a configured API key; every key is compared, each in constant time."""
+        given = key.encode()
+        matches = [hmac.compare_digest(known, given) for known in self.keys]
+        return any(matches)
+
+    def authenticated(self, request: Request) -> bool:
+        """Whether the request carries a valid API key (never true on a server without keys)."""
+        return bool(self.keys) and self.valid_key(bearer_key(request))
+
+    def require_engine(self, detailed: bool = False) -> Engine:
+        """The engine, or 503. Why it failed to load (paths, exception text) is told to `detailed` callers only."""
         if self.engine is None:
-            message = (f"the model failed to load: {self.load_error}" if self.load_error
-                       else "the model is still loading; retry in a few seconds")
-            raise APIError(503, message, type="service_unavailable", code="model_loading")
+            if self.load_error is None:
+                raise APIError(503, "the model is still loading; retry in a few seconds",
+                               type="service_unavailable", code="model_loading")
+            reason = (f": {self.load_error}" if detailed
+                      else "; the server's log says why (so does /health, asked with an API key)")
+            raise APIError(503, f"the model failed to load{reason}", type="service_unavailable",
+                           code="model_failed")
         return self.engine
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
             raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}' "
                                 "(see GET /v1/models)", param="model", code="model_not_found")
+
+
+def bearer_key(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    return header[7:].strip() if header[:7].lower() == "bearer " else ""
+
+
+# ---- checks of a request's body, before any work -----------------------------------------------
+
+def surrogate_at(value: Any, path: str) -> str | None:
+    """The path of the first string in `value` holding a lone surrogate code point (not text), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = surrogate_at(item, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
+
+
+def check_text(body: SamplingFields) -> None:
+    where = surrogate_at(body.model_dump(), "")
+    if where:
+        raise APIError(400, f"{where} holds a lone surrogate code point (an unpaired \\ud800-\\udfff escape), "
+                            "which is not text: send the character itself or a valid surrogate pair.",
+                       param=where, code="invalid_value")
+
+
+def check_work(settings: ServeSettings, *, prompts: int, n: int, chars: int, max_tokens: int | None,
+               prompt_param: str, max_param: str) -> None:
+    """Refuse a request asking for more work than the settings allow, before any is done."""
+    if n > settings.max_n:
+        raise APIError(400, f"n is {n}; this server gives at most {settings.max_n} choices per request "
+                            "(serve.max_n).", param="n", code="invalid_value")
+    if prompts > settings.max_prompts:
+        raise APIError(400, f"prompt holds {prompts} prompts; this server takes at most {settings.max_prompts} "
+                            "per request (serve.max_prompts). Send them in several requests.",
+                       param="prompt", code="invalid_value")
+    if prompts * n > settings.max_choices:
+        raise APIError(400, f"{prompts} prompts x n={n} asks for {prompts * n} completions; this server makes at "
+                            f"most {settings.max_choices} per request (serve.max_choices).",
+                       param="n", code="invalid_value")
+    if chars > settings.max_prompt_chars:
+        raise APIError(400, f"{prompt_param} holds {chars} characters; this server takes at most "
+                            f"{settings.max_prompt_chars} per request (serve.max_prompt_chars).",
+                       param=prompt_param, code="invalid_value")
+    if max_tokens is not None and max_tokens > settings.max_reply_tokens:
+        raise APIError(400, f"{max_param} is {max_tokens}; this server generates at most "
+                            f"{settings.max_reply_tokens} tokens per choice (serve.max_reply_tokens).",
+                       param=max_param, code="invalid_value")
+
+
+def read_report_file(report_dir: Path, name: str) -> bytes | None:
+    """The bytes of report file `name`: a regular file directly in `report_dir`, not a link, folder or pipe."""
+    if not REPORT_FILE.match(name):
+        return None
+    try:
+        fd = os.open(report_dir / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_REPORT_FILE_BYTES:
+        os.close(fd)
+        return None
+    with os.fdopen(fd, "rb") as file:
+        return file.read(MAX_REPORT_FILE_BYTES)
 
 
 # ---- conversions between API bodies and engine calls -------------------------------------------
@@ -294,10 +419,16 @@ def create_app(settings: ServeSettings | None = None, engine: Engine | None = No
         if state.engine is not None:
             await asyncio.to_thread(state.engine.shutdown, 0.0)
 
-    app = FastAPI(title="Murmur", version="1", lifespan=lifespan,
+    # No /docs or /redoc: their pages run inline scripts from a CDN, which the pages' CSP forbids.
+    app = FastAPI(title="Murmur", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible chat and text completions over a Murmur model.")
     app.state.murmur = state
-    app.add_middleware(ServerMiddleware, metrics=state.metrics, max_body_bytes=settings.max_body_bytes)
+    if settings.allowed_origins:  # inside ServerMiddleware: a preflight passes the Host check first
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+    app.add_middleware(ServerMiddleware, metrics=state.metrics, max_body_bytes=settings.max_body_bytes,
+                       body_timeout_s=settings.body_timeout_s, max_connections=settings.max_connections,
+                       allowed_hosts=AllowedHosts(settings.host, settings.allowed_hosts))
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, err: APIError):
@@ -325,22 +456,33 @@ def create_app(settings: ServeSettings | None = None, engine: Engine | None = No
     async def on_crash(request: Request, err: Exception):
         return APIError(500, f"internal error: {type(err).__name__}", type="server_error").response()
 
-    async def authorize(request: Request) -> str:
-        header = request.headers.get("authorization", "")
-        key = header[7:].strip() if header[:7].lower() == "bearer " else ""
-        if state.keys and key not in state.keys:
-            what = "a wrong API key was given" if key else "no API key was given"
-            raise APIError(401, f"Incorrect API key: {what}. Send 'Authorization: Bearer YOUR_KEY'.",
-                           code="invalid_api_key")
-        who = key or (request.client.host if request.client else "anonymous")
+    def limit(who: str) -> None:
         if not state.limiter.allow(who):
             raise APIError(429, f"Rate limit reached: {state.limiter.per_minute} requests per minute. Retry later.",
                            type="rate_limit_exceeded", code="rate_limit_exceeded")
-        return who
+
+    async def authorize(request: Request) -> None:
+        """401 without a valid key (when keys are configured); 429 over the rate limit.
+
+        The limit is kept per valid key, or per client address: never per a value the caller made up,
+        which would let each made-up value start a fresh allowance. Wrong keys count against the address.
+        """
+        address = RateLimiter.client_key(request.client.host if request.client else "unknown")
+        if not state.keys:
+            limit(address)
+            return
+        key = bearer_key(request)
+        if not state.valid_key(key):
+            limit(address)
+            what = "a wrong API key was given" if key else "no API key was given"
+            raise APIError(401, f"Incorrect API key: {what}. Send 'Authorization: Bearer YOUR_KEY'.",
+                           code="invalid_api_key")
+        limit(f"key:{key}")
 
     def begin(body: ChatCompletionRequest | CompletionRequest) -> Engine:
         """The checks both generation routes make first; returns the engine to generate with."""
-        engine = state.require_engine()
+        check_text(body)
+        engine = state.require_engine(detailed=bool(state.keys))  # with keys, `authorize` let only key holders in
         state.check_model(body.model)
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
@@ -364,14 +506,17 @@ def create_app(settings: ServeSettings | None = None, engine: Engine | None = No
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": message_text(
             [p.model_dump() for p in m.content] if isinstance(m.content, list) else m.content)}
             for m in body.messages]
+        max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        check_work(state.settings, prompts=1, n=body.n, chars=sum(len(m["content"]) for m in messages),
+                   max_tokens=body.max_completion_tokens or body.max_tokens, prompt_param="messages",
+                   max_param=max_param)
         try:
             ids, prefix_len = engine.encode_prompt(messages)
         except MurmurError as err:
             raise APIError(400, str(err), param="messages") from None
-        max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = check_lengths(engine, len(ids), body.max_completion_tokens or body.max_tokens,
                                    "messages", max_param)
-        default_max = _default_max(engine, len(ids), state.settings.default_max_tokens)
+        default_max = _default_max(engine, len(ids), state.settings)
         params = [sampling_params(body, max_tokens, default_max, i, body.logprobs, body.top_logprobs or 0)
                   for i in range(body.n)]
         generation = Generation(engine)
@@ -397,13 +542,17 @@ def create_app(settings: ServeSettings | None = None, engine: Engine | None = No
         """Continue text (OpenAI's legacy Completions): a prompt, several prompts, or token ids."""
         engine = begin(body)
         prompts = body.prompt
-        if isinstance(prompts, list) and prompts and isinstance(prompts[0], int):
+        token_ids = isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int)
+        texts = [] if token_ids else [prompts] if isinstance(prompts, str) else prompts
+        check_work(state.settings, prompts=1 if token_ids else len(texts), n=body.n,
+                   chars=sum(len(t) for t in texts), max_tokens=body.max_tokens, prompt_param="prompt",
+                   max_param="max_tokens")
+        if token_ids:
             vocab = engine.model.settings.vocab_size
             if any(not 0 <= t < vocab for t in prompts):
                 raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
             encoded = [list(prompts)]
         else:
-            texts = [prompts] if isinstance(prompts, str) else prompts
             if not texts:
                 raise APIError(400, "prompt is an empty list; send at least one prompt", param="prompt")
             encoded = [engine.tokenizer.encode(t) for t in texts]
@@ -411,7 +560,7 @@ def create_app(settings: ServeSettings | None = None, engine: Engine | None = No
         for ids in encoded:
             max_tokens = check_lengths(engine, len(ids), body.max_tokens, "prompt", "max_tokens")
             want = body.logprobs is not None
-            default_max = _default_max(engine, len(ids), state.settings.default_max_tokens)
+            default_max = _default_max(engine, len(ids), state.settings)
             for i in range(body.n):
                 requested.append(((ids, 0), sampling_params(body, max_tokens, default_max, i, want,
                                                             body.logprobs or 0)))
@@ -434,9 +583,11 @@ def create_app(settings: ServeSettings | None = None, engine: Engine | None = No
                 "usage": _usage(prompt_tokens, completion_tokens)}
 
     @app.get("/health")
-    async def health():
-        """200 when the engine answers a one-token probe in time; 503 while loading or when it is stuck."""
-        engine = state.require_engine()
+    async def health(request: Request):
+        """200 when the engine answers a one-token probe in time; 503 while loading, failed or stuck.
+        Why it failed (paths, exception text) is told only to a request with a valid API key."""
+        detailed = state.authenticated(request)
+        engine = state.require_engine(detailed)
         if engine.is_stuck():
             raise APIError(503, f"the engine has made no progress for {engine.stuck_after_s:.0f}s",
                            type="service_unavailable", code="engine_stuck")
@@ -456,7 +607,8 @@ def create_app(settings: ServeSettings | None = None, engine: Engine | None = No
                                     f"{state.settings.health_timeout_s:g}s", type="service_unavailable",
                                code="engine_stuck") from None
             if result[0][1].finish_reason == "error":
-                raise APIError(503, f"the engine failed a probe: {result[0][1].error}", type="service_unavailable",
+                reason = f": {result[0][1].error}" if detailed else "; the server's log says why"
+                raise APIError(503, f"the engine failed a probe{reason}", type="service_unavailable",
                                code="engine_failed")
         return {"status": "ok", "model": state.model_name, "running": engine.num_running,
                 "waiting": engine.num_waiting}
@@ -472,27 +624,29 @@ def create_app(settings: ServeSettings | None = None, engine: Engine | None = No
 
     @app.api_route("/report", methods=["GET", "HEAD"], include_in_schema=False)
     async def report_page():
-        if state.report_dir is None or not (state.report_dir / "report.md").is_file():
+        report = state.report_dir / "report.md" if state.report_dir is not None else None
+        if report is None or not report.exists() or not stat.S_ISREG(report.lstat().st_mode):
             raise APIError(404, "no report here: serve a run folder after `murmur eval` wrote report/report.md",
                            type="not_found")
         return FileResponse(UI_DIR / "report.html", headers=PAGE_HEADERS)
 
     @app.get("/report/{name}", include_in_schema=False)
     async def report_file(name: str):
-        path = state.report_dir / name if state.report_dir is not None and REPORT_FILE.match(name) else None
-        if path is None or not path.is_file():
-            raise APIError(404, f"report file {name!r} not found", type="not_found")
+        content = read_report_file(state.report_dir, name) if state.report_dir is not None else None
+        if content is None:
+            raise APIError(404, f"report file {name[:100]!r} not found", type="not_found")
         media = "image/png" if name.endswith(".png") else "text/plain; charset=utf-8"
-        return FileResponse(path, media_type=media, headers={"X-Content-Type-Options": "nosniff"})
+        return Response(content, media_type=media, headers={"X-Content-Type-Options": "nosniff"})
 
     app.mount("/ui", StaticFiles(directory=UI_DIR), name="ui")
     return app
 
 
-def _default_max(engine: Engine, prompt_len: int, configured: int | None) -> int:
-    """Reply length for a request that gives none: the configured default, capped by the room left."""
-    room = engine.max_seq_len - prompt_len
-    return min(configured, room) if configured else room
+def _default_max(engine: Engine, prompt_len: int, settings: ServeSettings) -> int:
+    """Reply length for a request that gives none: the configured default, capped by the room left and by
+    the most any request may ask for."""
+    room = min(engine.max_seq_len - prompt_len, settings.max_reply_tokens)
+    return min(settings.default_max_tokens, room) if settings.default_max_tokens else room
 
 
 def _choices(result, make_choice) -> tuple[list[dict], int]:

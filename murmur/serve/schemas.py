@@ -2,6 +2,8 @@
 
 Fields follow OpenAI's names and ranges; `top_k`, `min_p`, `repetition_penalty` and `ignore_eos`
 are extras in the manner of vLLM. Unknown fields are ignored, as OpenAI-compatible servers do.
+Limits that depend on the server's settings (n, prompts, characters, max_tokens) are checked by the
+handlers in `murmur.serve.api`, before any work, not here.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(None, ge=0, le=1)
     max_tokens: int | None = Field(None, ge=1, le=INT64)
     stop: StrictStr | list[StrictStr] | None = Field(None, description="up to 16 strings that end the output")
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, le=INT64, description="choices to generate; at most serve.max_n (default 16)")
     seed: int | None = Field(None, ge=-INT64, le=INT64)
     user: StrictStr | None = None
     top_k: int | None = Field(None, ge=0, le=INT64)
