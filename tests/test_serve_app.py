@@ -21,6 +21,7 @@ from murmur.settings.serve import ServeSettings
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 LONG = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+LOCAL = "http://localhost"  # the Host a local client sends; TestClient's default, "testserver", is refused
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +34,7 @@ def model(tokenizer):
 
 def test_per_key_rate_limit_gives_429(model, tokenizer):
     app = create_app(ServeSettings(rate_limit_per_minute=2, api_keys=["a", "b"]), engine=Engine(model, tokenizer))
-    with TestClient(app) as http:
+    with TestClient(app, base_url=LOCAL) as http:
         for _ in range(2):
             assert http.get("/v1/models", headers={"Authorization": "Bearer a"}).status_code == 200
         limited = http.get("/v1/models", headers={"Authorization": "Bearer a"})
@@ -44,7 +45,7 @@ def test_per_key_rate_limit_gives_429(model, tokenizer):
 def test_full_queue_gives_429(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch_size=1, max_queue=1)
     gate = threading.Event()
-    with TestClient(create_app(engine=engine)) as http:
+    with TestClient(create_app(engine=engine), base_url=LOCAL) as http:
         ids = tokenizer.encode("hello")
         first = engine.submit(ids, LONG, lambda out: gate.wait(5))  # holds the engine thread in its sink
         deadline = time.monotonic() + 10
@@ -65,7 +66,7 @@ def test_503_while_loading_then_ready(model, tokenizer):
         ready.wait(10)
         return Engine(model, tokenizer)
 
-    with TestClient(create_app(loader=loader)) as http:
+    with TestClient(create_app(loader=loader), base_url=LOCAL) as http:
         health = http.get("/health")
         assert health.status_code == 503 and health.json()["error"]["code"] == "model_loading"
         assert http.post("/v1/chat/completions", json=CHAT).status_code == 503
@@ -92,7 +93,7 @@ def test_a_stuck_engine_is_not_healthy(model, tokenizer):
     stuck.gate = threading.Event()
     engine = Engine(stuck, tokenizer, stuck_after_s=0.2)
     settings = ServeSettings(health_timeout_s=0.5)
-    with TestClient(create_app(settings, engine=engine)) as http:
+    with TestClient(create_app(settings, engine=engine), base_url=LOCAL) as http:
         engine.submit(tokenizer.encode("hello"), SamplingParams(max_tokens=2), lambda out: None)
         time.sleep(0.4)
         health = http.get("/health")
@@ -113,7 +114,7 @@ def test_report_of_a_run_folder_is_served_safely(tmp_path, model, tokenizer):
     (tmp_path / "secret.md").write_text("no")
     assert report_dir_of(run / "model") == run / "report" and served_name(run / "model") == "myrun"
     assert report_dir_of(tmp_path / "elsewhere") is None
-    with TestClient(create_app(engine=Engine(model, tokenizer), report_dir=run / "report")) as http:
+    with TestClient(create_app(engine=Engine(model, tokenizer), report_dir=run / "report"), base_url=LOCAL) as http:
         page = http.get("/report")
         assert page.status_code == 200 and "text/html" in page.headers["content-type"]
         assert http.head("/report").status_code == 200  # the chat page shows its link when this answers
@@ -122,7 +123,7 @@ def test_report_of_a_run_folder_is_served_safely(tmp_path, model, tokenizer):
         assert http.get("/report/loss.png").headers["content-type"] == "image/png"
         assert http.get("/report/..%2Fsecret.md").status_code == 404
         assert http.get("/report/missing.png").status_code == 404
-    with TestClient(create_app(engine=Engine(model, tokenizer))) as http:
+    with TestClient(create_app(engine=Engine(model, tokenizer)), base_url=LOCAL) as http:
         assert http.get("/report").status_code == 404 and http.head("/report").status_code == 404
         assert "Murmur chat" in http.get("/").text
 
@@ -177,7 +178,7 @@ def test_a_failure_after_streaming_began_is_an_error_event(model, tokenizer):
     failing.load_state_dict(model.state_dict())
     engine = Engine(failing, tokenizer)
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "ignore_eos": True}
-    with TestClient(create_app(engine=engine)) as http:
+    with TestClient(create_app(engine=engine), base_url=LOCAL) as http:
         with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
             assert r.status_code == 200
             events = [e for e in r.read().decode().split("\n\n") if e]
