@@ -53,7 +53,10 @@ class Cleaner:
         if policy == "remove":
             return ""
         if policy == "domain":
-            host = (urlparse(url if "://" in url else "http://" + url).hostname or "").removeprefix("www.")
+            try:
+                host = (urlparse(url if "://" in url else "http://" + url).hostname or "").removeprefix("www.")
+            except ValueError:  # 'http://[::1' and other hosts urlparse refuses: a post must not end the run
+                host = ""
             if host and host not in SHORTENERS:
                 return host
         return "<url>"

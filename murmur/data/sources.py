@@ -3,6 +3,11 @@ the pipeline can account for everything it read.
 
 A source is `FORMAT:PATH`; PATH may be a glob, and files may be gzip- or zstd-compressed (detected by their
 magic bytes, not their names). Missing files are reported before any work starts.
+
+Every file is hostile until read: a line is read to at most `max_record_bytes` (the rest of a longer one is
+skipped in bounded pieces), JSON nested deeper than `max_json_depth` is refused before the parser recurses into
+it, and fields of the wrong type or with unencodable text never reach the batch step. Whatever cannot be used
+becomes one quarantined record, and reading goes on with the next one.
 """
 
 from __future__ import annotations
@@ -11,16 +16,17 @@ import csv
 import glob
 import gzip
 import io
-import itertools
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-import zstandard
+import numpy as np
+import pyarrow as pa
 
 from murmur.data.records import Post, Quarantined
 from murmur.errors import MurmurError
@@ -42,8 +48,11 @@ DEFAULT_COLUMNS = {
 }
 
 Record = Post | Quarantined
-# What reading a damaged compressed file raises (zstandard's error is not an OSError).
-STREAM_ERRORS = (EOFError, OSError, ValueError, zstandard.ZstdError)
+# What reading a damaged compressed file raises (gzip: EOFError, OSError; Arrow's zstd: OSError, ValueError).
+STREAM_ERRORS = (EOFError, OSError, ValueError)
+SKIP_PIECE = 1 << 16  # the rest of an over-long line is read past in pieces of this size
+# Entity offsets beyond this point at no text a record may hold.
+MAX_OFFSET = 2**31 - 1
 
 
 def chitchat_path() -> Path:
@@ -119,47 +128,13 @@ class CountingFile(io.RawIOBase):
         super().close()
 
 
-class ZstdFrames(io.RawIOBase):
-    """Decompresses every zstd frame of a stream, and raises EOFError when the last frame is cut short
-    (zstandard's own stream reader returns a truncated file's readable part, or nothing, without a word)."""
-
-    def __init__(self, source: io.BufferedIOBase):
-        self._source = source
-        self._decompressor = zstandard.ZstdDecompressor().decompressobj()
-        self._pending = b""
-        self._in_frame = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        while not self._pending:
-            chunk = self._source.read(1 << 16)
-            if not chunk:
-                if self._in_frame:
-                    raise EOFError("zstd stream ended before the end of its frame")
-                return 0
-            while chunk:
-                self._in_frame = True
-                self._pending += self._decompressor.decompress(chunk)
-                if not self._decompressor.eof:
-                    break
-                # A frame ended: whatever follows is the next frame.
-                chunk = self._decompressor.unused_data
-                self._decompressor = zstandard.ZstdDecompressor().decompressobj()
-                self._in_frame = False
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        return n
-
-    def close(self) -> None:
-        self._source.close()
-        super().close()
-
-
 def open_binary(path: Path) -> tuple[io.BufferedIOBase, CountingFile]:
-    """The decompressed byte stream of a file (plain, gzip or zstd), and the counting raw file under it."""
+    """The decompressed byte stream of a file (plain, gzip or zstd), and the counting raw file under it.
+
+    Both decompressors produce output only as it is read, so a small file that expands to gigabytes costs no
+    more memory than any other. Arrow's zstd reader (unlike zstandard's stream reader) reads every frame and
+    raises on a stream cut short inside one.
+    """
     with open(path, "rb") as probe:
         head = probe.read(4)
     raw = CountingFile(path)
@@ -167,8 +142,114 @@ def open_binary(path: Path) -> tuple[io.BufferedIOBase, CountingFile]:
     if head.startswith(GZIP_MAGIC):
         return gzip.GzipFile(fileobj=buffered, mode="rb"), raw
     if head.startswith(ZSTD_MAGIC):
-        return io.BufferedReader(ZstdFrames(buffered), 1 << 20), raw
+        return io.BufferedReader(pa.CompressedInputStream(buffered, "zstd"), 1 << 20), raw
     return buffered, raw
+
+
+def skip_line(stream: io.BufferedIOBase) -> tuple[int, bool]:
+    """Read past the rest of a line in bounded pieces: (how many double quotes it held, whether the stream
+    ended). CSV needs the quotes: a line break inside a quoted field does not end the record."""
+    quotes = 0
+    while True:
+        piece = stream.readline(SKIP_PIECE)
+        quotes += piece.count(b'"')
+        if not piece:
+            return quotes, True
+        if piece.endswith(b"\n"):
+            return quotes, False
+
+
+# JSON nesting, counted without parsing: escapes go first (so \" is no quote), then everything but quotes
+# and brackets, then strings (brackets inside them are text); what is left are the brackets that nest.
+_JSON_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_JSON_STRING = re.compile(rb'"[^"]*"')
+_NOT_JSON_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
+_JSON_STEP = np.zeros(256, dtype=np.int8)
+_JSON_STEP[list(b"[{")] = 1
+_JSON_STEP[list(b"]}")] = -1
+_DEPTH_CHUNK = 1 << 22
+
+
+def nests_deeper_than(data: bytes, limit: int) -> bool:
+    """Whether UTF-8 JSON text nests more than `limit` levels deep (json.loads recurses once per level, so a
+    line of 30,000 brackets would end the run with RecursionError). Linear, in C and numpy; text with at most
+    `limit` opening brackets in all, nearly every record, is answered by two counts."""
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return False
+    structure = _JSON_STRING.sub(b"", _JSON_ESCAPE.sub(b"", data).translate(None, _NOT_JSON_STRUCTURE))
+    steps = _JSON_STEP[np.frombuffer(structure, dtype=np.uint8)]
+    depth = 0
+    for start in range(0, steps.size, _DEPTH_CHUNK):
+        running = np.cumsum(steps[start:start + _DEPTH_CHUNK], dtype=np.int64) + depth
+        if running.max() > limit:
+            return True
+        depth = int(running[-1])
+    return False
+
+
+class CsvRecordTooLarge(Exception):
+    """A CSV record grew past the limit; the reader has already read past the rest of it."""
+
+    def __init__(self, head: bytes):
+        super().__init__("CSV record over max_record_bytes")
+        self.head = head
+
+
+class CsvLines:
+    """The lines of a CSV byte stream, as csv.reader pulls them, with each record held to `limit` bytes.
+
+    csv.reader takes one line at a time and returns a row at a line end outside quotes. This counts the bytes
+    and double quotes handed out since the last row (`row_ended()` is called at each one); a record that grows
+    past the limit is read past to its end (a line end after an even number of quotes) in bounded pieces, and
+    CsvRecordTooLarge is raised; the reader then starts afresh at the next record. Line ends are \\n, \\r\\n or
+    \\r, as a text file opened with newline="" would give them.
+    """
+
+    def __init__(self, stream: io.BufferedIOBase, limit: int):
+        self._stream = stream
+        self._limit = limit
+        self._pieces: list[bytes] = []  # the rest of a line split at lone \r
+        self.line_number = 0
+        self._record_bytes = 0
+        self._record_quotes = 0
+
+    def __iter__(self) -> CsvLines:
+        return self
+
+    def row_ended(self) -> None:
+        self._record_bytes = self._record_quotes = 0
+
+    def __next__(self) -> str:
+        if self._pieces:
+            line = self._pieces.pop(0)
+        else:
+            budget = self._limit - self._record_bytes
+            line = self._stream.readline(budget + 1)
+            if not line:
+                raise StopIteration
+            if len(line) > budget:
+                self._skip_record(line)
+            if b"\r" in line[:-1]:
+                self._pieces = line.splitlines(keepends=True)
+                line = self._pieces.pop(0)
+        self.line_number += 1
+        self._record_bytes += len(line)
+        self._record_quotes += line.count(b'"')
+        return line.decode("utf-8", "surrogateescape")
+
+    def _skip_record(self, head: bytes) -> None:
+        quotes = self._record_quotes + head.count(b'"')
+        ended = False
+        if not head.endswith(b"\n"):
+            more, ended = skip_line(self._stream)
+            quotes += more
+        self.line_number += 1
+        while quotes % 2 and not ended:  # inside a quoted field: the record goes on past this line
+            more, ended = skip_line(self._stream)
+            quotes += more
+            self.line_number += 1
+        self.row_ended()
+        raise CsvRecordTooLarge(head)
 
 
 class FileReader:
@@ -201,30 +282,40 @@ class FileReader:
         return Quarantined(self.source.label, line, reason, raw[: self.settings.quarantine_snippet_chars], record_id)
 
     def _lines(self) -> Iterator[tuple[int, bytes | Quarantined]]:
-        """Numbered raw lines; a truncated or corrupt compressed stream ends with a quarantined record."""
+        """Numbered raw lines, none longer than max_record_bytes + 1 bytes (a longer line is cut there, so that
+        it reads as too large, and the rest of it is skipped); a truncated or corrupt compressed stream ends
+        with a quarantined record."""
         stream, self._raw = open_binary(self.source.path)
-        number = 0
+        limit = self.settings.max_record_bytes
+        number, cut = 0, False
         try:
             while True:
                 try:
-                    line = stream.readline()
+                    if cut:
+                        skip_line(stream)
+                    line = stream.readline(limit + 1)
                 except STREAM_ERRORS as err:  # a truncated or corrupt gzip/zstd stream
                     yield number + 1, self._bad(number + 1, "truncated_or_corrupt_file", str(err))
                     return
                 if not line:
                     return
+                cut = len(line) > limit and not line.endswith(b"\n")
                 number += 1
                 yield number, line
         finally:
             stream.close()
+            self._raw.close()
 
     def _read_all(self) -> bytes | Quarantined:
-        chunks = []
-        for _, line in self._lines():
-            if isinstance(line, Quarantined):
-                return line
-            chunks.append(line)
-        return b"".join(chunks)
+        """The whole decompressed file, for the formats that are one JSON document."""
+        stream, self._raw = open_binary(self.source.path)
+        try:
+            return stream.read()
+        except STREAM_ERRORS as err:
+            return self._bad(1, "truncated_or_corrupt_file", str(err))
+        finally:
+            stream.close()
+            self._raw.close()
 
     def _decode_line(self, number: int, line: bytes) -> str | Quarantined | None:
         if len(line) > self.settings.max_record_bytes:
@@ -235,7 +326,22 @@ class FileReader:
             return self._bad(number, "invalid_utf8", line)
         return text if text.strip() else None
 
-    def _json_lines(self, lines) -> Iterator[tuple[int, dict | list | Quarantined]]:
+    def _parse_json(self, number: int, raw: bytes, text: str | None = None):
+        """The JSON value of `raw` (UTF-8; `text` when already decoded), or why it has none."""
+        if text is None:
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return self._bad(number, "invalid_utf8", raw)
+        if nests_deeper_than(raw, self.settings.max_json_depth):
+            return self._bad(number, f"too_deep: nested more than data.max_json_depth="
+                                     f"{self.settings.max_json_depth} levels", raw)
+        try:
+            return json.loads(text)
+        except ValueError as err:  # malformed, or a number of more than 4300 digits
+            return self._bad(number, f"malformed_json: {getattr(err, 'msg', err)}", text)
+
+    def _json_lines(self, lines) -> Iterator[tuple[int, object]]:
         for number, line in lines:
             if isinstance(line, Quarantined):
                 yield number, line
@@ -245,12 +351,16 @@ class FileReader:
                 if text is not None:
                     yield number, text
                 continue
-            try:
-                yield number, json.loads(text)
-            except json.JSONDecodeError as err:
-                yield number, self._bad(number, f"malformed_json: {err.msg}", text)
+            yield number, self._parse_json(number, line, text)
 
-    def _check_size(self, number: int, post: Post) -> Record:
+    def _finished(self, number: int, post: Post) -> Record:
+        """The post, or why it cannot be used: text no UTF-8 encoder takes (a JSON "\\ud800" escape), or too
+        much of it."""
+        fields = (post.id, post.author_id, post.text, post.lang, post.conversation_id, post.in_reply_to_id,
+                  post.quoted_id, post.retweet_of_id)
+        if any(value and _has_surrogates(value) for value in fields):
+            return self._bad(number, "invalid_utf8: a lone surrogate escape", post.text.encode("utf-8", "replace"),
+                             None if _has_surrogates(post.id) else post.id)
         if len(post.text) > self.settings.max_record_bytes:
             return self._bad(number, "too_large", post.text, post.id)
         return post
@@ -258,33 +368,42 @@ class FileReader:
     # -- X API v2 ------------------------------------------------------------------------------------------
 
     def _x_api(self) -> Iterator[Record]:
-        lines = self._lines()
-        buffered: list = []
-        for number, line in lines:
-            buffered.append((number, line))
-            if isinstance(line, Quarantined) or line.strip():
-                break
-        first = buffered[-1][1] if buffered else b""
-        looks_jsonl = isinstance(first, bytes) and _parses_as_object(first)
-        if not looks_jsonl and buffered:
-            # A pretty-printed envelope: parse the whole file; if that fails, fall back to lines.
-            rest = list(lines)
-            whole = b"".join(l for _, l in buffered + rest if isinstance(l, bytes))
-            try:
-                document = json.loads(whole.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                document = None
-            if document is not None:
+        if self._is_one_document():
+            whole = self._read_all()
+            if isinstance(whole, Quarantined):
+                yield whole
+                return
+            document = self._parse_json(1, whole)
+            if not isinstance(document, Quarantined):
                 yield from self._x_api_document(1, document)
                 return
-            lines_iter = iter(buffered + rest)
-        else:
-            lines_iter = itertools.chain(buffered, lines)
-        for number, obj in self._json_lines(lines_iter):
+            if not document.reason.startswith("malformed_json"):
+                yield document  # too deep or not UTF-8: no line of it would read either
+                return
+            # Not one document after all: read it line by line.
+        for number, obj in self._json_lines(self._lines()):
             if isinstance(obj, Quarantined):
                 yield obj
             else:
                 yield from self._x_api_document(number, obj)
+
+    def _is_one_document(self) -> bool:
+        """Whether the file is a pretty-printed envelope: its first line is the start of JSON, not all of it."""
+        lines = self._lines()
+        try:
+            for number, line in lines:
+                if isinstance(line, Quarantined):
+                    return False
+                text = self._decode_line(number, line)
+                if text is None:
+                    continue
+                if isinstance(text, Quarantined):
+                    return False
+                value = self._parse_json(number, line, text)
+                return isinstance(value, Quarantined) and value.reason.startswith("malformed_json")
+            return False
+        finally:
+            lines.close()
 
     def _x_api_document(self, number: int, document) -> Iterator[Record]:
         if isinstance(document, list):
@@ -296,7 +415,9 @@ class FileReader:
             return
         if "data" in document or "includes" in document:
             data = document.get("data") or []
-            tweets = (data if isinstance(data, list) else [data]) + list((document.get("includes") or {}).get("tweets") or [])
+            includes = document.get("includes")
+            tweets = (data if isinstance(data, list) else [data]) + \
+                _list(includes.get("tweets") if isinstance(includes, dict) else None)
             for tweet in tweets:
                 yield self._x_api_tweet(number, tweet)
             return
@@ -316,8 +437,8 @@ class FileReader:
             return self._bad(number, "no_text", json.dumps(tweet)[:1000], tweet_id)
         post = Post(id=tweet_id, author_id=_str_id(tweet.get("author_id")) or "unknown", text=text,
                     source=self.source.label, line=number, created_at=_parse_time(tweet.get("created_at")),
-                    lang=tweet.get("lang") or None, conversation_id=_str_id(tweet.get("conversation_id")))
-        for ref in tweet.get("referenced_tweets") or []:
+                    lang=_str_or_none(tweet.get("lang")), conversation_id=_str_id(tweet.get("conversation_id")))
+        for ref in _list(tweet.get("referenced_tweets")):
             if not isinstance(ref, dict):
                 continue
             kind, ref_id = ref.get("type"), _str_id(ref.get("id"))
@@ -328,11 +449,11 @@ class FileReader:
             elif kind == "retweeted":
                 post.retweet_of_id = ref_id
         if isinstance(entities, dict):
-            post.mentions = [(m["start"], m["end"], m.get("username", "")) for m in entities.get("mentions") or []
-                             if _has_span(m)]
-            post.urls = [(u["start"], u["end"], u.get("expanded_url") or u.get("url") or "")
-                         for u in entities.get("urls") or [] if _has_span(u)]
-        return self._check_size(number, post)
+            post.mentions = [(*span, _hint(m.get("username"))) for m in _list(entities.get("mentions"))
+                             if (span := _api_span(m))]
+            post.urls = [(*span, _hint(u.get("expanded_url")) or _hint(u.get("url")))
+                         for u in _list(entities.get("urls")) if (span := _api_span(u))]
+        return self._finished(number, post)
 
     # -- X account archive ----------------------------------------------------------------------------------
 
@@ -341,21 +462,16 @@ class FileReader:
         if isinstance(whole, Quarantined):
             yield whole
             return
-        try:
-            text = whole.decode("utf-8")
-        except UnicodeDecodeError:
-            yield self._bad(1, "invalid_utf8", whole)
-            return
-        start = text.find("[")
-        try:
-            items = json.loads(text[start:]) if start >= 0 else None
-        except json.JSONDecodeError as err:
-            yield self._bad(1, f"malformed_json: {err.msg}", text)
+        start = whole.find(b"[")  # after 'window.YTD.tweets.part0 = '
+        whole = whole[start:] if start >= 0 else whole
+        items = self._parse_json(1, whole) if start >= 0 else None
+        if isinstance(items, Quarantined):
+            yield items
             return
         if not isinstance(items, list):
-            yield self._bad(1, "not_an_archive: expected window.YTD.tweets.part0 = [...]", text)
+            yield self._bad(1, "not_an_archive: expected window.YTD.tweets.part0 = [...]", whole)
             return
-        author = self.settings.archive_author_id or _archive_owner(self.source.path)
+        author = self.settings.archive_author_id or _archive_owner(self.source.path, self.settings.max_json_depth)
         for index, item in enumerate(items, start=1):
             self._document = (index, len(items))
             tweet = item.get("tweet", item) if isinstance(item, dict) else None
@@ -371,17 +487,18 @@ class FileReader:
                 yield self._bad(index, "no_text", json.dumps(tweet)[:1000], tweet_id)
                 continue
             post = Post(id=tweet_id, author_id=author, text=body, source=self.source.label, line=index,
-                        created_at=_parse_time(tweet.get("created_at")), lang=tweet.get("lang") or None,
+                        created_at=_parse_time(tweet.get("created_at")), lang=_str_or_none(tweet.get("lang")),
                         in_reply_to_id=_str_id(tweet.get("in_reply_to_status_id_str")
                                                or tweet.get("in_reply_to_status_id")))
             if body.startswith("RT @"):
                 post.retweet_of_id = ""  # the archive does not name the original
-            entities = tweet.get("entities") or {}
-            post.mentions = [(int(m["indices"][0]), int(m["indices"][1]), m.get("screen_name", ""))
-                             for m in entities.get("user_mentions") or [] if _has_indices(m)]
-            post.urls = [(int(u["indices"][0]), int(u["indices"][1]), u.get("expanded_url") or u.get("url") or "")
-                         for u in entities.get("urls") or [] if _has_indices(u)]
-            yield self._check_size(index, post)
+            entities = tweet.get("entities")
+            if isinstance(entities, dict):
+                post.mentions = [(*span, _hint(m.get("screen_name"))) for m in _list(entities.get("user_mentions"))
+                                 if (span := _archive_span(m))]
+                post.urls = [(*span, _hint(u.get("expanded_url")) or _hint(u.get("url")))
+                             for u in _list(entities.get("urls")) if (span := _archive_span(u))]
+            yield self._finished(index, post)
 
     # -- generic tables -------------------------------------------------------------------------------------
 
@@ -399,10 +516,10 @@ class FileReader:
             return self._bad(number, "no_text", raw, record_id)
         post = Post(id=record_id, author_id=_str_id(values.get("author_id")) or "unknown", text=text,
                     source=self.source.label, line=number, created_at=_parse_time(values.get("created_at")),
-                    lang=values.get("lang") if isinstance(values.get("lang"), str) else None,
+                    lang=_str_or_none(values.get("lang")),
                     conversation_id=_str_id(values.get("conversation_id")),
                     in_reply_to_id=_str_id(values.get("in_reply_to_id")))
-        return self._check_size(number, post)
+        return self._finished(number, post)
 
     def _jsonl(self) -> Iterator[Record]:
         for number, obj in self._json_lines(self._lines()):
@@ -414,43 +531,71 @@ class FileReader:
                 yield self._mapped(number, obj, json.dumps(obj)[:1000])
 
     def _csv(self) -> Iterator[Record]:
+        """Rows under the header row; a record over max_record_bytes (one field or many, on one line or many)
+        is quarantined and read past in bounded memory, and the rows after it are read as usual."""
         stream, self._raw = open_binary(self.source.path)
-        text = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="")
-        csv.field_size_limit(max(self.settings.max_record_bytes * 4, 131072))
-        reader = csv.DictReader(text)
+        lines = CsvLines(stream, self.settings.max_record_bytes)
+        csv.field_size_limit(max(self.settings.max_record_bytes * 4, 131072))  # CsvLines stops records first
+        reader = csv.reader(lines)
+        header: list[str] | None = None
         try:
             while True:
                 try:
-                    row = next(reader)
+                    values = next(reader)
                 except StopIteration:
                     return
-                except (*STREAM_ERRORS, csv.Error) as err:
-                    yield self._bad(reader.line_num + 1, "truncated_or_corrupt_file", str(err))
+                except CsvRecordTooLarge as big:
+                    problem = self._bad(lines.line_number, "too_large", big.head)
+                except csv.Error as err:
+                    lines.row_ended()
+                    problem = self._bad(lines.line_number, f"malformed_csv: {err}")
+                except STREAM_ERRORS as err:
+                    yield self._bad(lines.line_number + 1, "truncated_or_corrupt_file", str(err))
                     return
-                number = reader.line_num
-                raw = ",".join(str(v) for v in row.values())
-                if any(isinstance(v, str) and _has_surrogates(v) for v in row.values()):
+                else:
+                    lines.row_ended()
+                    problem = None
+                if header is None:
+                    if problem is not None:  # without a header no row can be read: the file is one bad record
+                        yield self._bad(problem.line, f"unreadable_csv_header: {problem.reason}", problem.raw)
+                        return
+                    if values:
+                        header = values
+                    continue
+                if problem is not None:
+                    yield problem
+                    continue
+                if not values:
+                    continue  # a blank line is not a record
+                number = lines.line_number
+                raw = ",".join(values)
+                if any(_has_surrogates(v) for v in values):
                     yield self._bad(number, "invalid_utf8", raw.encode("utf-8", "replace"))
                     continue
-                if len(raw) > self.settings.max_record_bytes:
-                    yield self._bad(number, "too_large", raw)
-                    continue
-                yield self._mapped(number, row, raw)
+                yield self._mapped(number, dict(zip(header, values)), raw)
         finally:
-            text.close()
+            stream.close()
+            self._raw.close()
 
     def _parquet(self) -> Iterator[Record]:
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
             parquet = pq.ParquetFile(self.source.path)
+            batches = parquet.iter_batches(batch_size=self.settings.batch_size)
         except (pa.ArrowException, OSError) as err:  # a damaged or non-Parquet file
             yield self._bad(None, f"unreadable_parquet: {err}")
             return
         number = 0
-        for batch in parquet.iter_batches(batch_size=self.settings.batch_size):
-            for row in batch.to_pylist():
+        while True:
+            try:
+                rows = next(batches).to_pylist()
+            except StopIteration:
+                return
+            except (pa.ArrowException, OSError, ValueError) as err:  # a damaged page: its rows are lost
+                yield self._bad(number + 1, f"unreadable_parquet: {err}")
+                return
+            for row in rows:
                 number += 1
                 yield self._mapped(number, row, json.dumps(row, default=str)[:1000])
 
@@ -475,45 +620,73 @@ class FileReader:
         if isinstance(whole, Quarantined):
             yield whole
             return
-        try:
-            corpus = json.loads(whole)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            yield self._bad(1, f"malformed_json: {err}", whole)
-            return
+        corpus = self._parse_json(1, whole)
         del whole
+        if isinstance(corpus, Quarantined):
+            yield corpus
+            return
+        if not isinstance(corpus, dict):
+            yield self._bad(1, "not_a_chitchat_corpus: expected an object of conversations", json.dumps(corpus)[:1000])
+            return
         number = 0
         for position, (conversation_id, conversation) in enumerate(corpus.items(), start=1):
             self._document = (position, len(corpus))
             previous = None
-            for turn_index, turn in enumerate(conversation.get("messages") or []):
+            if not isinstance(conversation, dict):
+                number += 1
+                yield self._bad(number, "not_a_json_object", json.dumps(conversation)[:1000])
+                continue
+            for turn_index, turn in enumerate(_list(conversation.get("messages"))):
                 number += 1
                 post_id = f"{conversation_id}-{turn_index}"
-                utterances = [u for u in turn if isinstance(u, dict)]
-                text = "\n".join(u.get("text") or "" for u in utterances).strip()
+                utterances = [u for u in _list(turn) if isinstance(u, dict) and isinstance(u.get("text"), str)]
+                text = "\n".join(u["text"] for u in utterances).strip()
                 if not utterances or not text:
                     yield self._bad(number, "no_text", json.dumps(turn)[:1000], post_id)
                     continue
-                yield Post(id=post_id, author_id=str(utterances[0].get("sender") or "unknown"), text=text,
-                           source=self.source.label, line=number,
-                           created_at=_parse_time(utterances[0].get("timestamp")),
-                           conversation_id=conversation_id, in_reply_to_id=previous)
+                yield self._finished(number, Post(
+                    id=post_id, author_id=_str_id(utterances[0].get("sender")) or "unknown", text=text,
+                    source=self.source.label, line=number, created_at=_parse_time(utterances[0].get("timestamp")),
+                    conversation_id=conversation_id, in_reply_to_id=previous))
                 previous = post_id
 
 
-def _parses_as_object(line: bytes) -> bool:
-    try:
-        return isinstance(json.loads(line), dict)
-    except (ValueError, UnicodeDecodeError):
-        return False
+def _list(value) -> list:
+    """A JSON array, or nothing: a string or a number where a list belongs holds no items."""
+    return value if isinstance(value, list) else []
 
 
-def _has_span(entity) -> bool:
-    return isinstance(entity, dict) and isinstance(entity.get("start"), int) and isinstance(entity.get("end"), int)
+def _offset(value) -> int | None:
+    """An entity offset: a JSON integer, or a string of ASCII digits ('٣', '+1', ' 3' and 5,000 digits are not)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and 0 < len(value) <= 10 and value.isascii() and value.isdigit():
+        value = int(value)
+    return value if isinstance(value, int) and 0 <= value <= MAX_OFFSET else None
 
 
-def _has_indices(entity) -> bool:
+def _api_span(entity) -> tuple[int, int] | None:
+    if not isinstance(entity, dict):
+        return None
+    start, end = _offset(entity.get("start")), _offset(entity.get("end"))
+    return (start, end) if start is not None and end is not None else None
+
+
+def _archive_span(entity) -> tuple[int, int] | None:
     indices = entity.get("indices") if isinstance(entity, dict) else None
-    return isinstance(indices, list) and len(indices) == 2 and all(str(i).isdigit() for i in indices)
+    if not isinstance(indices, list) or len(indices) != 2:
+        return None
+    start, end = _offset(indices[0]), _offset(indices[1])
+    return (start, end) if start is not None and end is not None else None
+
+
+def _hint(value) -> str:
+    """An entity's handle or URL: text that can be written, else nothing."""
+    return value if isinstance(value, str) and not _has_surrogates(value) else ""
+
+
+def _str_or_none(value) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _has_surrogates(text: str) -> bool:
@@ -525,8 +698,9 @@ def _has_surrogates(text: str) -> bool:
 
 
 def _str_id(value) -> str | None:
-    """Ids as strings; ints are converted exactly, floats (which lost digits) are refused."""
-    if value is None or isinstance(value, (float, bool)):
+    """Ids as strings: strings, and integers converted exactly; floats (which lost digits), booleans, lists and
+    objects are no ids."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
         return None
     text = str(value).strip()
     return text or None
@@ -534,7 +708,7 @@ def _str_id(value) -> str | None:
 
 def _parse_time(value) -> datetime | None:
     """ISO 8601, the archive's 'Wed Oct 10 20:19:24 +0000 2018', or epoch seconds; None if unreadable."""
-    if value is None or value == "":
+    if value is None or value == "" or isinstance(value, bool) or not isinstance(value, (str, int, float, datetime)):
         return None
     try:
         if isinstance(value, datetime):
@@ -542,29 +716,36 @@ def _parse_time(value) -> datetime | None:
         elif isinstance(value, (int, float)):
             moment = datetime.fromtimestamp(value / 1000 if value > 1e11 else value, tz=UTC)
         else:
-            text = str(value).strip()
+            text = value.strip()
             try:
                 moment = datetime.fromisoformat(text)
             except ValueError:
                 moment = parsedate_to_datetime(text) if "," in text else datetime.strptime(text, "%a %b %d %H:%M:%S %z %Y")
-    except (ValueError, TypeError, OverflowError, OSError):
+    except (ValueError, TypeError, OverflowError, OSError, IndexError):
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # a time at the very edge of the calendar
+        return None
 
 
-def _archive_owner(path: Path) -> str:
+def _archive_owner(path: Path, max_depth: int) -> str:
     """The account id of an archive: from account.js beside tweets.js, else the archive's folder name."""
     account = path.parent / "account.js"
     if account.is_file():
         try:
-            text = account.read_text(encoding="utf-8")
-            items = json.loads(text[text.find("["):])
-            return str(items[0]["account"]["accountId"])
-        except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError):
+            data = account.read_bytes()
+            data = data[data.find(b"["):]
+            if not nests_deeper_than(data, max_depth):
+                owner = _str_id(json.loads(data.decode("utf-8"))[0]["account"]["accountId"])
+                if owner and not _has_surrogates(owner):
+                    return owner
+        except (ValueError, KeyError, IndexError, TypeError):
             pass
     return path.parent.name or "archive"
 
 
-__all__ = ["FileReader", "Record", "SourceFile", "chitchat_path", "open_binary", "resolve_sources"]
+__all__ = ["FileReader", "Record", "SourceFile", "chitchat_path", "nests_deeper_than", "open_binary",
+           "resolve_sources"]
