@@ -70,7 +70,7 @@ def test_minhash_finds_near_duplicates_and_exact_hash_normalises():
 
 
 def test_deletion_list_latest_event_wins():
-    deletions = parse_deletion_lines(["post:1", "account:alice", "2  # a bare id is a post", "",
+    deletions = parse_deletion_lines(["post:1", "account:alice", "# a bare id is a post:", "2", "",
                                       "restore account:alice", "restore post:3", "post:3", "delete post:4",
                                       "restore post:4"], "list")
     assert deletions.posts == {"1", "2", "3"}

@@ -30,14 +30,14 @@ from murmur.data import canaries as canary_module
 from murmur.data.batch import SURVIVOR_SCHEMA, BatchResult, band_column
 from murmur.data.compliance import (
     DELETED_POSTS_FILE,
-    DELETIONS_FILE,
     TOMBSTONES_FILE,
     Deletions,
     add_deleted_post_ids,
     add_tombstones,
-    parse_deletion_lines,
-    read_deletion_text,
+    load_deletion_events,
     record_deletions,
+    recorded_deletion_events,
+    screen_quarantine,
 )
 from murmur.data.dedup import first_occurrence
 from murmur.data.executors import make_executor
@@ -78,9 +78,9 @@ def run(settings: DataSettings, out: str | Path, progress: bool | None = None) -
     out = Path(out)
     sources = resolve_sources(settings.sources)  # a missing file is an error before any work
     # Deletions are for ever: a rebuild honours every list this output folder ever applied (purges included).
-    recorded = (out / DELETIONS_FILE).read_text(encoding="utf-8") if (out / DELETIONS_FILE).is_file() else ""
-    new_text = read_deletion_text(settings.deletions) if settings.deletions else ""
-    deletions = parse_deletion_lines((recorded + "\n" + new_text).splitlines(), "deletion lists")
+    recorded = recorded_deletion_events(out)
+    new_events = load_deletion_events(settings.deletions) if settings.deletions else []
+    deletions = Deletions.from_events(recorded + new_events)
     batch_fp = _fingerprint(settings, sources, exclude=EXECUTION_ONLY | GLOBAL_ONLY)
     full_fp = _fingerprint(settings, sources, exclude=EXECUTION_ONLY | {"deletions"},
                            extra=json.dumps([sorted(deletions.posts), sorted(deletions.accounts)]))
@@ -116,8 +116,8 @@ def run(settings: DataSettings, out: str | Path, progress: bool | None = None) -
     (out / DELETED_POSTS_FILE).unlink(missing_ok=True)
     # Record the list when it changes what is deleted (a text search would take `post:12` as already
     # recorded because `post:123` is).
-    if new_text.strip() and parse_deletion_lines(recorded.splitlines(), "recorded deletions") != deletions:
-        record_deletions(out, new_text)
+    if new_events and Deletions.from_events(recorded) != deletions:
+        record_deletions(out, new_events)
     add_tombstones(out, stats.pop("_tombstones"))
     add_deleted_post_ids(out, stats.pop("_deleted_ids"))
     write_text_atomic(out / "stats.json", json.dumps(stats, indent=2) + "\n")
@@ -288,13 +288,13 @@ def _global_step(settings: DataSettings, work: Path, n_batches: int, deletions: 
     keep = reason == 0
     roots = _roots(meta, keep) if n else np.zeros(0, dtype=np.int64)
 
-    # Quarantined records of deleted posts leave the quarantine too.
-    kept_quarantine = [q for q in quarantine if q.get("record_id") not in deletions.posts]
-    if len(kept_quarantine) != len(quarantine):
-        dropped["deleted"] += len(quarantine) - len(kept_quarantine)
-    quarantine = kept_quarantine
-
     gone = deletions.posts | set(deleted_ids)  # references to these are blanked
+    # The quarantine is screened like the posts: records of deleted posts, or whose snippet belongs to a
+    # deletion, leave it; records whose id is known keep no snippet.
+    quarantine, unquarantined, redacted = screen_quarantine(quarantine, gone, deletions.accounts, tombstones,
+                                                            settings.dedup_min_chars)
+    if unquarantined:
+        dropped["deleted"] += unquarantined
     split_counts, conversation_stats = _write_outputs(settings, work, sizes, keep, roots, meta, gone,
                                                       dropped_authors)
     canary_list = canary_module.make_canaries(settings.canaries, settings.canary_repeats, settings.seed)
@@ -307,7 +307,7 @@ def _global_step(settings: DataSettings, work: Path, n_batches: int, deletions: 
     dropped_total = {k: v for k, v in sorted(dropped.items()) if v}
     return {
         "in": stats_in, "kept": int(keep.sum()), "dropped": dropped_total, "quarantined": len(quarantine),
-        "quarantine_reasons": dict(sorted(quarantine_reasons.items())),
+        "quarantine_reasons": dict(sorted(quarantine_reasons.items())), "quarantine_redacted": redacted,
         "duplicates": dropped_total.get("duplicate", 0) + dropped_total.get("near_duplicate", 0)
         + dropped_total.get("duplicate_id", 0),
         "deleted": dropped_total.get("deleted", 0),
