@@ -441,3 +441,17 @@ def test_api_keys_are_compared_in_constant_time(model, tokenizer, monkeypatch):
         assert http.get("/v1/models", headers={"Authorization": "Bearer sec"}).status_code == 401
         assert http.get("/v1/models", headers={"Authorization": "Bearer s\u00e9cond".encode("latin-1")}
                         ).status_code == 401
+
+
+def test_command_line_flags_reach_the_settings():
+    from murmur.cli import build_parser
+    from murmur.commands.serve import settings_from_args
+
+    args = build_parser().parse_args(["serve", "run", "--allowed-hosts", "chat.example.com,api.example.com",
+                                      "--allowed-hosts", "other.example", "--allowed-origins", "https://app.example",
+                                      "--trusted-proxy", "10.0.0.1", "--set", "serve.max_connections=9"])
+    settings = settings_from_args(args)
+    assert settings.allowed_hosts == ["chat.example.com", "api.example.com", "other.example"]
+    assert settings.allowed_origins == ["https://app.example"] and settings.trusted_proxies == ["10.0.0.1"]
+    assert settings.max_connections == 9
+    assert settings_from_args(build_parser().parse_args(["serve", "run"])).allowed_hosts == []

@@ -2,7 +2,10 @@
 
 Serves /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics and the chat page at /.
 API keys come from --api-key (repeatable) and MURMUR_API_KEYS (comma-separated); with none, anyone
-may call. Any serve setting can be given as --set serve.KEY=VALUE (e.g. serve.max_batch_size=32).
+may call. Requests must name this server in their Host header: localhost, an address, the --host name,
+or one of --allowed-hosts (e.g. the name a reverse proxy forwards). Web pages of other origins may call
+the API only when --allowed-origins lists them. Any serve setting can be given as --set serve.KEY=VALUE
+(e.g. serve.max_batch_size=32, serve.max_connections=1000); docs/serve.md lists them and their limits.
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ def register(subparsers) -> None:
     p.add_argument("--compile", action="store_true", default=None,
                    help="compile the decode step (faster decoding after a warm-up at start-up)")
     p.add_argument("--rate-limit", type=int, metavar="PER_MINUTE", help="requests per minute per key (0 = off)")
+    p.add_argument("--allowed-hosts", action="append", metavar="NAME[,NAME]", help="Host names to answer to "
+                   "besides localhost, addresses and --host ('*' = any; repeatable)")
+    p.add_argument("--allowed-origins", action="append", metavar="ORIGIN[,ORIGIN]", help="web origins allowed "
+                   "to call the API from a browser, e.g. https://app.example.com (CORS; repeatable)")
+    p.add_argument("--trusted-proxy", action="append", metavar="ADDRESS", help="a reverse proxy whose "
+                   "X-Forwarded-For gives the client address (repeatable)")
     p.add_argument("--recipe", help="read the [serve] section of this recipe first")
     p.add_argument("--set", action="append", default=[], metavar="serve.KEY=VALUE", help="any serve setting")
     p.set_defaults(func=run)
@@ -41,12 +50,21 @@ def settings_from_args(args: argparse.Namespace):
             raise SettingsError(f"--set {item!r}: only serve.* settings apply to `murmur serve`")
     data = apply_overrides(data, args.set)
     flags = {"host": args.host, "port": args.port, "model_name": args.model_name, "device": args.device,
-             "max_batch_size": args.max_batch_size, "rate_limit_per_minute": args.rate_limit, "compile": args.compile}
+             "max_batch_size": args.max_batch_size, "rate_limit_per_minute": args.rate_limit, "compile": args.compile,
+             "allowed_hosts": comma_list(args.allowed_hosts), "allowed_origins": comma_list(args.allowed_origins),
+             "trusted_proxies": comma_list(args.trusted_proxy)}
     serve = data.setdefault("serve", {})
     serve.update({k: v for k, v in flags.items() if v is not None})
     settings = settings_from_dict(data, origin="serve settings").serve
     settings.api_keys = api_keys(args.api_key, settings)
     return settings
+
+
+def comma_list(values: list[str] | None) -> list[str] | None:
+    """The items of repeated, comma-separated flag values; None when the flag was not given."""
+    if values is None:
+        return None
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
 
 
 def run(args: argparse.Namespace) -> int:
