@@ -249,3 +249,11 @@ def test_gzip_members_and_truncation_still_work(tmp_path):
     path.write_bytes((gzip.compress(lines[:1000]) + gzip.compress(lines[1000:]))[:-30])
     records = read(path, "jsonl")
     assert reasons(records) == ["truncated_or_corrupt_file"] and 0 < len(kept_ids(records)) < 50
+
+
+def test_a_file_name_that_is_not_utf8_is_named_safely(tmp_path):
+    with open(bytes(tmp_path) + b"/caf\xe9.txt", "wb") as out:  # Linux names are bytes: this one is Latin-1
+        out.write(b"a line of text that is long enough to keep\n")
+    stats = run(tmp_path, [f"text:{tmp_path}/*.txt"])
+    assert (stats["in"], stats["kept"]) == (1, 1)
+    assert list(stats["in_by_source"]) == [f"text:{tmp_path}/caf\ufffd.txt"]

@@ -73,7 +73,12 @@ class SourceFile:
 
     @property
     def label(self) -> str:
-        return f"{self.format}:{self.path}"
+        return f"{self.format}:{_printable_path(self.path)}"
+
+    @property
+    def name(self) -> str:
+        """The file's name as text every output can hold (a name need not be UTF-8 on disk)."""
+        return _printable_path(Path(self.path.name))
 
     def size(self) -> int:
         return self.path.stat().st_size
@@ -277,9 +282,13 @@ class FileReader:
     # -- helpers -------------------------------------------------------------------------------------------
 
     def _bad(self, line: int | None, reason: str, raw: bytes | str = b"", record_id: str | None = None) -> Quarantined:
-        if isinstance(raw, bytes):
-            raw = raw[: self.settings.quarantine_snippet_chars * 4].decode("utf-8", "replace")
-        return Quarantined(self.source.label, line, reason, raw[: self.settings.quarantine_snippet_chars], record_id)
+        snippet_chars = self.settings.quarantine_snippet_chars
+        if isinstance(raw, str):  # it may hold lone surrogates, which no Parquet file can
+            raw = raw[:snippet_chars].encode("utf-8", "replace")
+        raw = raw[: snippet_chars * 4].decode("utf-8", "replace")[:snippet_chars]
+        if record_id is not None and _has_surrogates(record_id):
+            record_id = None
+        return Quarantined(self.source.label, line, reason, raw, record_id)
 
     def _lines(self) -> Iterator[tuple[int, bytes | Quarantined]]:
         """Numbered raw lines, none longer than max_record_bytes + 1 bytes (a longer line is cut there, so that
@@ -359,8 +368,7 @@ class FileReader:
         fields = (post.id, post.author_id, post.text, post.lang, post.conversation_id, post.in_reply_to_id,
                   post.quoted_id, post.retweet_of_id)
         if any(value and _has_surrogates(value) for value in fields):
-            return self._bad(number, "invalid_utf8: a lone surrogate escape", post.text.encode("utf-8", "replace"),
-                             None if _has_surrogates(post.id) else post.id)
+            return self._bad(number, "invalid_utf8: a lone surrogate escape", post.text, post.id)
         if len(post.text) > self.settings.max_record_bytes:
             return self._bad(number, "too_large", post.text, post.id)
         return post
@@ -511,7 +519,7 @@ class FileReader:
                     values[name] = row[column]
                     break
         text = values.get("text")
-        record_id = _str_id(values.get("id")) or f"{self.source.path.name}:{number}"
+        record_id = _str_id(values.get("id")) or f"{self.source.name}:{number}"
         if not isinstance(text, str) or not text.strip():
             return self._bad(number, "no_text", raw, record_id)
         post = Post(id=record_id, author_id=_str_id(values.get("author_id")) or "unknown", text=text,
@@ -610,7 +618,7 @@ class FileReader:
             if isinstance(text, Quarantined):
                 yield text
                 continue
-            yield Post(id=f"{self.source.path.name}:{number}", author_id="unknown", text=text.rstrip("\r\n"),
+            yield Post(id=f"{self.source.name}:{number}", author_id="unknown", text=text.rstrip("\r\n"),
                        source=self.source.label, line=number)
 
     # -- chitchat-dataset demo corpus ----------------------------------------------------------------------
@@ -649,6 +657,10 @@ class FileReader:
                     source=self.source.label, line=number, created_at=_parse_time(utterances[0].get("timestamp")),
                     conversation_id=conversation_id, in_reply_to_id=previous))
                 previous = post_id
+
+
+def _printable_path(path: Path) -> str:
+    return os.fsencode(path).decode("utf-8", "replace")
 
 
 def _list(value) -> list:
