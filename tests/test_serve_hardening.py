@@ -70,7 +70,8 @@ def live_server(app, settings: ServeSettings):
 
 # ---- (1) work per request is bounded before any of it is done -----------------------------------
 
-LIMITS = ServeSettings(max_prompts=8, max_n=4, max_choices=6, max_prompt_chars=200, max_reply_tokens=20)
+LIMITS = ServeSettings(max_prompts=8, max_messages=5, max_n=4, max_choices=6, max_prompt_chars=200,
+                       max_reply_tokens=20)
 
 
 @pytest.mark.parametrize("route, body, param", [
@@ -82,6 +83,7 @@ LIMITS = ServeSettings(max_prompts=8, max_n=4, max_choices=6, max_prompt_chars=2
     ("/v1/chat/completions", {"messages": [{"role": "system", "content": "x" * 150},
                                            {"role": "user", "content": [{"type": "text", "text": "y" * 51}]}]},
      "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": ""}] * 6}, "messages"),  # max_messages
     ("/v1/completions", {"prompt": "hi", "max_tokens": 21}, "max_tokens"),                 # max_reply_tokens
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 21},
      "max_completion_tokens"),

@@ -219,8 +219,12 @@ def check_text(body: SamplingFields) -> None:
 
 
 def check_work(settings: ServeSettings, *, prompts: int, n: int, chars: int, max_tokens: int | None,
-               prompt_param: str, max_param: str) -> None:
+               prompt_param: str, max_param: str, messages: int = 0) -> None:
     """Refuse a request asking for more work than the settings allow, before any is done."""
+    if messages > settings.max_messages:
+        raise APIError(400, f"messages holds {messages} messages; this server takes at most "
+                            f"{settings.max_messages} per request (serve.max_messages).",
+                       param="messages", code="invalid_value")
     if n > settings.max_n:
         raise APIError(400, f"n is {n}; this server gives at most {settings.max_n} choices per request "
                             "(serve.max_n).", param="n", code="invalid_value")
@@ -509,7 +513,7 @@ def create_app(settings: ServeSettings | None = None, engine: Engine | None = No
         max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         check_work(state.settings, prompts=1, n=body.n, chars=sum(len(m["content"]) for m in messages),
                    max_tokens=body.max_completion_tokens or body.max_tokens, prompt_param="messages",
-                   max_param=max_param)
+                   max_param=max_param, messages=len(messages))
         try:
             ids, prefix_len = engine.encode_prompt(messages)
         except MurmurError as err:

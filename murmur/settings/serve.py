@@ -35,6 +35,8 @@ class ServeSettings(Section):
 
     # Work one request may ask for, refused with 400 before any of it is done.
     max_prompts: int = Field(64, ge=1, description="texts in one completions `prompt` list")
+    max_messages: int = Field(1000, ge=1, description="messages in one chat request (each costs template "
+                              "tokens even when empty)")
     max_n: int = Field(16, ge=1, description="choices one request may ask for (`n`)")
     max_choices: int = Field(64, ge=1, description="prompts x n of one request: the engine requests it makes")
     max_prompt_chars: int = Field(200_000, ge=1, description="characters of prompt text (all prompts or "
