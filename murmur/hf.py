@@ -140,9 +140,9 @@ def settings_from_hf_config(config: dict[str, Any], source: str = "config.json")
     if missing:
         raise MurmurError(f"{source}: missing {', '.join(missing)}")
     size = {key: _value(config, key, (int,), source) for key in required + (
-        "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")}
+        "num_key_value_heads", "head_dim", "sliding_window")}
     theta, scaling = _rope_from_hf(config, source)
-    max_len = size["max_position_embeddings"] or 2048
+    max_len = _value(config, "max_position_embeddings", (int,), source, 2048)
     # Sliding-window attention never triggers within the window: capping the context keeps outputs exact.
     window = size["sliding_window"]
     if window and (model_type == "mistral" or config.get("use_sliding_window")):
@@ -206,7 +206,7 @@ def hf_to_murmur_state(tensors: dict[str, torch.Tensor], settings: ModelSettings
     """Rename Hugging Face tensor names to Murmur's and check every name and shape."""
     # Building even a meta model costs memory per layer: check the count against the weights first.
     layers = {int(m.group(1)) for m in map(_LAYER_NAME.match, tensors) if m}
-    if layers != set(range(settings.n_layers)):
+    if len(layers) != settings.n_layers or layers != set(range(settings.n_layers)):
         raise MurmurError(f"{source}: config.json says num_hidden_layers={settings.n_layers}, the weights hold "
                           f"{len(layers)} layers")
     model = _meta_model(settings, source)
@@ -252,6 +252,7 @@ def build_from_state(settings: ModelSettings, state: dict[str, torch.Tensor], de
     model.load_state_dict(state, strict=True, assign=True)
     if settings.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = torch.empty(0, device=device)  # not in the state dict: still on meta; init_rope fills it
     model.init_rope()
     return model.eval()
 

@@ -198,11 +198,12 @@ def test_settings_disagreeing_with_the_checkpoint_are_refused_before_allocating(
         ckpt.load_for_inference(step_dir)
 
 
-def test_layer_count_is_checked_against_the_index_before_building_the_model(step_dir):
+@pytest.mark.parametrize("layers", [3, 10**9])  # the old code built 10**9 layers (on the meta device) first
+def test_layer_count_is_checked_against_the_index_before_building_the_model(step_dir, layers):
     meta = json.loads((step_dir / "murmur.json").read_text())
-    meta["model"]["n_layers"] = 3  # 10**9 would build a billion layers (even on the meta device) first
+    meta["model"]["n_layers"] = layers
     (step_dir / "murmur.json").write_text(json.dumps(meta))
-    with pytest.raises(MurmurError, match="n_layers=3, the checkpoint holds 2 layers"):
+    with pytest.raises(MurmurError, match=f"n_layers={layers}, the checkpoint holds 2 layers"):
         ckpt.load_for_inference(step_dir)
 
 
@@ -345,6 +346,15 @@ def test_config_values_of_the_wrong_kind_name_the_key(hf_dir, key, value):
         config["use_sliding_window"] = True
     (hf_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(MurmurError, match=key.split("_scaling")[0]):
+        load_model(hf_dir)
+
+
+@pytest.mark.parametrize("layers", [3, 10**9])
+def test_layer_count_is_checked_against_the_weights_before_building_the_model(hf_dir, layers):
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MurmurError, match=f"num_hidden_layers={layers}, the weights hold 2 layers"):
         load_model(hf_dir)
 
 

@@ -12,8 +12,10 @@ positions and RNG states of every rank, as JSON), renames the folder to its fina
 moves `latest`. A process killed at any point leaves the previous `latest` complete and loadable.
 DCP reshards on load, so a checkpoint written by N processes resumes on M.
 
-Loading never unpickles arbitrary objects: DCP's metadata is read with an unpickler that only
-accepts DCP's own metadata records, and non-tensor entries load with `torch.load(weights_only=True)`.
+Loading never unpickles arbitrary objects: DCP's metadata is read with an unpickler that admits an
+exact list of DCP's own records, and non-tensor entries load with `torch.load(weights_only=True)`.
+A checkpoint may come from someone else: every file it names stays inside the folder given, and its
+settings are checked against the index before any weight is allocated.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+from murmur.confine import confined, relative_name
 from murmur.errors import MurmurError
 from murmur.model import Transformer
 from murmur.settings.model import ModelSettings
@@ -94,8 +97,6 @@ def _check_index(metadata: Any, step_dir: Path) -> None:
     from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, Metadata, TensorProperties,
                                                        TensorStorageMetadata)
 
-    from murmur.confine import confined, relative_name
-
     where = step_dir / ".metadata"
     entries, storage = getattr(metadata, "state_dict_metadata", None), getattr(metadata, "storage_data", None)
     if not isinstance(metadata, Metadata) or not isinstance(entries, dict) or not isinstance(storage, dict):
@@ -121,8 +122,6 @@ class SafeFileSystemReader(FileSystemReader):
     """DCP's file reader, reading `.metadata` with the restricted unpickler and only files in its folder."""
 
     def read_metadata(self, *args: Any, **kwargs: Any):
-        from murmur.confine import confined
-
         step_dir = Path(self.path)
         path = confined(step_dir.resolve(), step_dir / ".metadata", "checkpoint index")
         try:
@@ -262,8 +261,6 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu", dty
     step_dir = _resolve_step_dir(Path(path))
     if step_dir is None:
         raise MurmurError(f"{path} holds no Murmur checkpoint (no checkpoints/latest or step folder)")
-    from murmur.confine import confined
-
     confined(Path(path).resolve(), step_dir, "checkpoint step folder")
     meta = read_meta(step_dir)
     try:
@@ -273,7 +270,7 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu", dty
     metadata = SafeFileSystemReader(str(step_dir)).read_metadata()
     # Building even a meta model costs memory per layer: check the layer count against the index first.
     stored_layers = {name.split(".")[2] for name in metadata.state_dict_metadata if name.startswith("model.layers.")}
-    if stored_layers != {str(i) for i in range(settings.n_layers)}:
+    if len(stored_layers) != settings.n_layers or stored_layers != {str(i) for i in range(settings.n_layers)}:
         raise MurmurError(f"{step_dir / META_FILE} says n_layers={settings.n_layers}, the checkpoint holds "
                           f"{len(stored_layers)} layers; the settings do not belong to these weights")
     try:
@@ -347,6 +344,32 @@ def _gather_json(obj: Any) -> list[Any]:
     return out
 
 
+def _model_parts(model: nn.Module | list[nn.Module], optimizers: list) -> list[tuple[nn.Module, list]]:
+    """(module, its optimizers) pairs: one model and its optimizers, or pipeline stages and a list per stage."""
+    if isinstance(model, nn.Module):
+        return [(model, optimizers)]
+    return list(zip(model, optimizers, strict=True))
+
+
+def _training_state(parts: list[tuple[nn.Module, list]]) -> tuple[dict[str, Any], list[tuple[list, list]]]:
+    """{"model", "optim"} of every part, keyed by the whole model's parameter names, and each part's keys.
+
+    The optimizer state is flattened to one entry per parameter name (hyper-parameters included), so a
+    checkpoint holds the same keys whatever the parallel layout, pipeline stages included, and reshards.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    state: dict[str, Any] = {"model": {}, "optim": {}}
+    keys = []
+    for module, optimizers in parts:
+        model_state, optim_state = get_state_dict(module, optimizers, options=options)
+        state["model"].update(model_state)
+        state["optim"].update(optim_state)
+        keys.append((list(model_state), list(optim_state)))
+    return state, keys
+
+
 class Checkpointer:
     """Saves and restores a stage's training state under `stage_dir/checkpoints`, keeping the last `keep`."""
 
@@ -366,14 +389,14 @@ class Checkpointer:
                 shutil.rmtree(partial, ignore_errors=True)
         _barrier()
 
-    def save(self, step: int, model: nn.Module, optimizers: list, meta: dict[str, Any],
+    def save(self, step: int, model: nn.Module | list[nn.Module], optimizers: list, meta: dict[str, Any],
              local_state: dict[str, Any]) -> Path:
         """Write step `step`: model and optimizer shards (DCP), then metadata, then move `latest`.
 
-        local_state: this rank's JSON state (loader position, RNG); all ranks' are stored together.
+        model, optimizers: a module and its optimizers, or this rank's pipeline stages and a list of
+        optimizers per stage. local_state: this rank's JSON state (loader position, RNG); all ranks' are
+        stored together.
         """
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
         self.wait()
         final = self.dir / step_name(step)
         partial = self.dir / (PARTIAL_PREFIX + step_name(step))
@@ -381,8 +404,7 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         _barrier()
-        model_state, optim_state = get_state_dict(model, optimizers)
-        state = {"model": model_state, "optim": optim_state}
+        state, _ = _training_state(_model_parts(model, optimizers))
         ranks_state = _gather_json(local_state)
 
         def finalize() -> None:
@@ -429,14 +451,19 @@ class Checkpointer:
             future.result()
             finalize()
 
-    def load(self, step_dir: Path, model: nn.Module, optimizers: list) -> tuple[dict[str, Any], list[Any]]:
-        """Restore model and optimizers from `step_dir` (any number of writers); returns (meta, ranks' states)."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    def load(self, step_dir: Path, model: nn.Module | list[nn.Module], optimizers: list
+             ) -> tuple[dict[str, Any], list[Any]]:
+        """Restore model and optimizers (as `save` takes them) from `step_dir`, whatever layout wrote it;
+        returns (meta, ranks' states)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        model_state, optim_state = get_state_dict(model, optimizers)
-        state = {"model": model_state, "optim": optim_state}
+        parts = _model_parts(model, optimizers)
+        state, keys = _training_state(parts)
         _dcp_load(state, step_dir)
-        set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        options = StateDictOptions(flatten_optimizer_state_dict=True)
+        for (module, optims), (model_keys, optim_keys) in zip(parts, keys):
+            set_state_dict(module, optims, model_state_dict={k: state["model"][k] for k in model_keys},
+                           optim_state_dict={k: state["optim"][k] for k in optim_keys}, options=options)
         try:
             ranks = json.loads((step_dir / STATE_FILE).read_text())["ranks"]
         except (OSError, json.JSONDecodeError, KeyError) as err:
