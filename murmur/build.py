@@ -275,6 +275,10 @@ def _check_training_layout(settings: Settings, stage: str) -> None:
         raise MurmurError(f"stage {stage}: {err}") from None
 
 
+def _not_needed_with_a_base_model(settings: Settings) -> str | None:
+    return f"finetuning base model {settings.model.base}" if _base_setting(settings) else None
+
+
 def _call_trainer(function: StageFunction, settings: Settings, run_dir: Path, stage: Stage) -> dict:
     """The trainer runs both training stages and is told which."""
     return function(settings, run_dir, stage.name)
@@ -301,7 +305,8 @@ STAGES: tuple[Stage, ...] = (
           "write token shards", input_files=_chat_files, preflight=_check_tokenize),
     Stage("pretrain", "murmur.train.trainer:run_stage", ("model", "train"), ("tokenize",), ("pretrain",),
           "pretrain/checkpoints/latest", ("tokens/manifest.json",), "pretrain the model",
-          unaffected_by=CHAT_SHARD_SETTINGS, preflight=_check_pretrain, call=_call_trainer),
+          unaffected_by=CHAT_SHARD_SETTINGS, preflight=_check_pretrain, call=_call_trainer,
+          not_needed=_not_needed_with_a_base_model),
     Stage("sft", "murmur.train.trainer:run_stage", ("model", "sft"), ("tokenize", "pretrain"), ("sft",),
           "sft/checkpoints/latest", ("tokens/manifest.json", "pretrain/checkpoints/latest"),
           "finetune on conversations", input_files=_base_model_files, preflight=_check_sft, call=_call_trainer),
@@ -437,8 +442,9 @@ def plan_build(settings: Settings, from_stage: str | None = None, only: str | No
     planned: dict[str, str] = {}  # the fingerprint of each stage that reruns
     steps: list[StageStep] = []
     for stage in STAGES:
-        if stage.name == "pretrain" and _base_setting(settings):
-            steps.append(StageStep(stage, Action.NOT_NEEDED, f"finetuning base model {settings.model.base}"))
+        why_not = stage.not_needed(settings)
+        if why_not:
+            steps.append(StageStep(stage, Action.NOT_NEEDED, why_not))
             continue
         fingerprint = stage_fingerprint(settings, stage, record)
         entry = stages_record.get(stage.name, {})

@@ -48,6 +48,10 @@ def _no_check(settings: Settings, stage: Stage) -> None:
     return None
 
 
+def _always_needed(settings: Settings) -> str | None:
+    return None
+
+
 def _call_plain(function: StageFunction, settings: Settings, run_dir: Path, stage: Stage) -> dict:
     return function(settings, run_dir)
 
@@ -78,6 +82,8 @@ class Stage:
     preflight: Callable[[Settings, Stage], None] = _no_check
     # How its function is called.
     call: Callable[[StageFunction, Settings, Path, Stage], dict] = _call_plain
+    # Why the recipe needs no run of it at all (pretraining, when finetuning a base model); None when it does.
+    not_needed: Callable[[Settings], str | None] = _always_needed
 
     def __post_init__(self) -> None:
         check_keys(Settings, self.reads + self.ignores + self.unaffected_by, f"stage {self.name}")
