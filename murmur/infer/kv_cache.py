@@ -126,7 +126,6 @@ class SlotKVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(settings.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(settings.n_layers)]
         self.max_len, self.device = max_len, device
-        self.nbytes = sum(t.numel() * t.element_size() for t in self.k + self.v)
         self._slots: Tensor | None = None
         self._rows: list[tuple[int, int]] = []  # (slot, start) per row, as Python ints: no device sync per layer
         self._contiguous: int | None = None
