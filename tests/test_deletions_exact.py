@@ -107,7 +107,7 @@ def test_ambiguous_lines_are_refused_with_advice(tmp_path, line, advice):
     ('{"post": "a", "account": "b"}', "exactly one"),
     ('{"post": "a", "post": "b"}', "twice"),
     ('{"posts": "a"}', "unknown key"),
-    ('{"post": "a", "action": "maybe"}', "action"),
+    ('{"post": "a", "action": "maybe"}', "neither 'delete' nor 'restore'"),
     ('{"post": "\\ud800"}', "Unicode"),
     ('{"post": "a"', "not valid JSON"),
     ('["post", "a"]', "JSON object"),

@@ -19,7 +19,9 @@ def register(subparsers) -> None:
     p.add_argument("--source", action="append", default=[], metavar="FORMAT:PATH",
                    help=f"input files (PATH may be a glob; gzip/zstd are read as is). {FORMATS_HELP}")
     p.add_argument("--out", help="output folder (posts.parquet, conversations.parquet, quarantine.parquet, stats.json)")
-    p.add_argument("--deletions", metavar="FILE", help="deletion list: post:ID, account:ID or a bare post id a line")
+    p.add_argument("--deletions", metavar="FILE",
+                   help="deletion list, one event a line: post:ID or account:ID (the id is the rest of the line, "
+                        "'#' included), or JSON such as {\"post\": \"ID\"}; see docs/data.md")
     p.add_argument("--executor", choices=["local", "ray"], help="where batches run (default local)")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     p.add_argument("--recipe", help="a recipe TOML whose [data] section gives the defaults")
@@ -28,7 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or funnel")
     p.set_defaults(func=run, data_action=None)
     actions = p.add_subparsers(dest="data_action", metavar="{audit,purge}")
-    audit = actions.add_parser("audit", help="prove deleted posts and accounts are gone from a run's outputs")
+    audit = actions.add_parser("audit", help="prove deleted posts and accounts are gone from a run's outputs, "
+                                             "the quarantine included")
     audit.add_argument("dir", help="a run folder or its data folder")
     audit.add_argument("--deletions", metavar="FILE", help="deletion list to check (default: every list the run applied)")
     audit.set_defaults(func=run_audit)
@@ -92,7 +95,8 @@ def run_purge(args: argparse.Namespace) -> int:
 
     summary = purge(args.dir, args.deletions)
     print(f"purged {summary['posts_removed']} posts ({summary['copies_removed']} copies of deleted texts), "
-          f"cut {summary['conversations_cut']} conversations, {summary['quarantine_removed']} quarantined records")
+          f"cut {summary['conversations_cut']} conversations, {summary['quarantine_removed']} quarantined records "
+          f"({summary['quarantine_redacted']} more kept without their raw text)")
     if summary.get("token_problems"):
         for problem in summary["token_problems"]:
             print(f"FAIL tokens: {problem}", file=sys.stderr)
