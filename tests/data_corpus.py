@@ -49,7 +49,7 @@ def write_corpus(root: Path) -> dict[str, Path]:
             tweet(2003, "This text is trunc…", author="frank",
                   note_tweet={"text": "This text is truncated in the text field but complete in the note "
                                       "that replaces it &amp; says more"}),
-            tweet(2004, "Mail me at jane.doe@example.com or call 555-123-4567, card 4111 1111 1111 1111 from "
+            tweet(2004, "Mail me at jane.doe@example.com or call 415-555-0132, card 4111 1111 1111 1111 from "
                         "10.0.0.1", author="grace"),
             tweet(2005, "Check this out https://t.co/abc", author="heidi",
                   entities={"urls": [{"start": 15, "end": 31, "url": "https://t.co/abc",

@@ -76,6 +76,38 @@ def test_phone_regions_decide_which_national_numbers_are_read():
         DataSettings(phone_regions=["XX"])
 
 
+def test_phone_matcher_work_per_text_is_bounded(monkeypatch):
+    import phonenumbers
+
+    from murmur.data import pii
+
+    calls = []
+
+    class CountingMatcher(phonenumbers.PhoneNumberMatcher):
+        def __init__(self, text, region, *args, **kwargs):
+            calls.append(len(text))
+            super().__init__(text, region, *args, **kwargs)
+
+    monkeypatch.setattr(pii.phonenumbers, "PhoneNumberMatcher", CountingMatcher)
+    settings = {"phone_max_runs": 4}
+    # Ten order numbers: the first four are read (none is a phone number), the rest scrubbed unread.
+    orders = ", ".join(f"order 1{i}34567{i}" for i in range(10))
+    assert clean(orders, **settings) == ", ".join(
+        [f"order 1{i}34567{i}" for i in range(4)] + ["order <phone>"] * 6)
+    assert len(calls) == 4 and max(calls) <= 8 + 2 * pii.PHONE_CONTEXT_CHARS  # one region (no trunk 0), a window each
+    # A run of digits longer than any phone number is scrubbed whole, unread.
+    calls.clear()
+    assert clean("digits " + "1 2 3 4 " * 20 + "end", **settings) == "digits <phone> end"
+    assert calls == []
+
+
+def test_the_settings_and_the_detector_know_the_same_kinds():
+    from murmur.data.pii import KINDS
+    from murmur.settings.data import PII_KINDS
+
+    assert set(KINDS) == set(PII_KINDS)
+
+
 def test_names_need_presidio_and_say_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "presidio_analyzer", None)  # not installed, whatever this machine has
     with pytest.raises(MurmurError, match=r"murmur\[pii\]"):

@@ -42,6 +42,8 @@ class DataSettings(Section):
     phone_regions: list[str] = Field(default_factory=lambda: ["US", "GB", "CA", "AU", "IE", "NZ"],
                                      description="regions whose national phone numbers (020 7946 0958) are "
                                                  "recognised; numbers written with +CC are, whatever the regions")
+    phone_max_runs: int = Field(32, ge=0, description="runs of 7+ digits read as possible phone numbers per text; "
+                                                    "later runs are scrubbed as <phone> unread (bounds the work)")
     name_min_score: float = Field(0.5, ge=0, le=1, description="Presidio confidence needed to replace a name")
     scrub_patterns: dict[str, str] = Field(default_factory=dict,
                                            description="extra name -> regex; matches become <name>")
