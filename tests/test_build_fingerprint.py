@@ -13,7 +13,7 @@ from murmur.config import Settings, settings_from_dict
 from murmur.errors import SettingsError
 from murmur.fingerprint import check_keys, settings_by_key
 from murmur.settings.tokenizer import TokenizerSettings
-from tests.test_build import FakeStages
+from test_build import FakeStages
 
 
 @pytest.fixture
