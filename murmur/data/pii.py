@@ -254,7 +254,7 @@ class PiiDetector:
                 regions = [r for r in self.phone_regions if text.startswith(self.trunk_prefixes.get(r, ""), start)]
             read: list[tuple[int, int]] = []
             for region in regions:
-                for m in phonenumbers.PhoneNumberMatcher(window, region):  # leniency VALID
+                for m in phonenumbers.PhoneNumberMatcher(window, region, leniency=phonenumbers.Leniency.VALID):
                     # Only numbers in this run: the context may hold the cut-off edge of the next one.
                     if offset + m.start < end and offset + m.end > start and not DATE_LIKE_RE.fullmatch(m.raw_string):
                         read.append((offset + m.start, offset + m.end))
