@@ -311,11 +311,13 @@ def _names_in(raw: str) -> set[str]:
     names = {raw, raw.strip(), *WORD_RE.findall(raw), *(part.strip() for part in raw.split(","))}
     for literal in JSON_STRING_RE.findall(raw):
         names.add(literal)
-        try:
-            names.add(json.loads(f'"{literal}"'))
-        except ValueError:
-            pass
-    return {name for name in names if name and _encodable(name)}
+        if "\\" in literal:  # an escape: the string means something else than it reads
+            try:
+                names.add(json.loads(f'"{literal}"'))
+            except ValueError:
+                pass
+    names.discard("")
+    return names
 
 
 def _encodable(text: str) -> bool:
@@ -330,12 +332,16 @@ def _snippet_finding(raw: str, gone: set[str], accounts: set[str], tombstones: s
     """Why a quarantined snippet belongs to a deletion (it names a deleted account or post, or holds a deleted
     text), or None. Matching whole words and fields may take an unrelated record along: that errs on the side
     of the person who asked."""
+    if not (gone or accounts or tombstones):
+        return None
     names = _names_in(raw)
     for deleted, what in ((accounts, "account"), (gone, "post")):
         named = sorted(name for name in names if name in deleted)
         if named:
             return f"names deleted {what} {named[0]}"
-    if any(_text_is_tombstoned(name, tombstones, min_chars) for name in names):
+    # Normalising never lengthens a text, so shorter names cannot be tombstoned texts.
+    if tombstones and any(_text_is_tombstoned(name, tombstones, min_chars) for name in names
+                          if len(name) >= min_chars and _encodable(name)):
         return "holds the text of a deleted post"
     return None
 
