@@ -46,6 +46,7 @@ from murmur.config import run_dir as settings_run_dir
 from murmur.errors import MurmurError
 from murmur.files import write_text_atomic
 from murmur.fingerprint import digest, is_under, settings_by_key
+from murmur.settings.train import training_settings
 
 # Bump when the meaning of a fingerprint changes, so that old records never match.
 FINGERPRINT_VERSION = 1
@@ -255,7 +256,7 @@ def _check_sft(settings: Settings, stage: Stage) -> None:
 
 def intended_world_size(settings: Settings, stage: str) -> int:
     """The number of processes a training stage's layout names (dp_shard=-1, "the rest", counts as 1)."""
-    parallel = (settings.train if stage == "pretrain" else settings.sft).parallel
+    parallel = training_settings(settings, stage).parallel
     return parallel.dp_replicate * max(parallel.dp_shard, 1) * parallel.tp
 
 
