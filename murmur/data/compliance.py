@@ -162,7 +162,7 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     """A JSON object whose keys are all different: {"post": "a", "post": "b"} is refused, not read as "b"."""
     twice = sorted(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
     if twice:
-        raise ValueError(f"key {twice[0]!r} given twice")
+        raise ValueError(f"key {_shown(twice[0])} given twice")
     return dict(pairs)
 
 
@@ -180,7 +180,7 @@ def _json_event(line: str, where: str) -> DeletionEvent:
                           '{"account": "ID"}')
     unknown = sorted(set(event) - set(JSON_KEYS))
     if unknown:
-        raise MurmurError(f"{where}: unknown key {unknown[0]!r}; an event has 'post' or 'account', and may have "
+        raise MurmurError(f"{where}: unknown key {_shown(unknown[0])}; an event has 'post' or 'account', and may have "
                           "'action' (delete | restore) and 'note'")
     kinds = [kind for kind in KINDS if kind in event]
     if len(kinds) != 1:
