@@ -56,7 +56,8 @@ def test_deeply_nested_json_line_is_quarantined_and_its_neighbours_kept(tmp_path
 
 def test_nesting_limit_is_a_setting_and_normal_posts_pass_it(tmp_path):
     # This X API payload is 8 levels deep: a limit of 5 refuses it, the default admits it.
-    line = json.dumps({"data": [{"id": "1", "text": "hello there", "entities": {"urls": [{"images": [{"url": "u"}]}]}}]})
+    entities = {"urls": [{"images": [{"url": "u"}]}]}
+    line = json.dumps({"data": [{"id": "1", "text": "hello there", "entities": entities}]})
     (tmp_path / "page.jsonl").write_text(line + "\n")
     assert kept_ids(read(tmp_path / "page.jsonl", "x-api")) == ["1"]
     assert reasons(read(tmp_path / "page.jsonl", "x-api", max_json_depth=5)) == ["too_deep"]
