@@ -17,8 +17,8 @@ import murmur.commands
 from murmur.errors import MurmurError
 
 # The order subcommands are listed in `murmur --help`: the order of the flow.
-COMMAND_ORDER = ["data", "tokenizer", "tokenize", "train", "export", "model", "eval", "serve", "chat", "plan",
-                 "build", "demo"]
+COMMAND_ORDER = ["data", "tokenizer", "tokenize", "train", "export", "model", "eval", "index", "serve", "chat",
+                 "plan", "build", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ from murmur.errors import SettingsError
 from murmur.settings.base import Section
 from murmur.settings.data import DataSettings
 from murmur.settings.eval import EvalSettings
+from murmur.settings.index import IndexSettings
 from murmur.settings.model import MODEL_PRESETS, ModelSettings, RopeScaling
 from murmur.settings.serve import ServeSettings
 from murmur.settings.tokenizer import TokenizerSettings
@@ -46,6 +47,7 @@ class Settings(Section):
     sft: SFTSettings = Field(default_factory=SFTSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
 
     def to_toml_dict(self) -> dict[str, Any]:
         """The settings as plain data, None values left out (TOML has no null)."""

@@ -39,6 +39,7 @@ from murmur.train.optim import build_optimizers, lr_multiplier, set_learning_rat
 from murmur.train.parallel import (Layout, build_mesh, check_model_fits_layout, data_rank, parallelize,
                                    resolve_layout)
 
+from murmur.train.pipeline import Pipeline, build_pipeline, check_pipeline
 # Models above this size are built on the meta device and initialised after sharding when sharded.
 META_INIT_PARAMS = 1_000_000_000
 
@@ -115,7 +116,8 @@ class StagePlan:
             f"vocab {m.vocab_size}); {flops_per_token(m, ts.seq_len):.3e} training FLOPs/token",
             f"layout       {self.layout.describe()}",
             f"batch        {ts.micro_batch_size} seqs × {ts.seq_len} tokens per process × {self.layout.dp_size} "
-            f"data-parallel × {self.accumulation} accumulation = {self.tokens_per_step:,} tokens per step",
+            f"data-parallel × {self.accumulation} {'pipeline micro-batches' if self.layout.pipelined else 'accumulation'}"
+            f" = {self.tokens_per_step:,} tokens per step",
             f"schedule     {ts.steps} steps ({ts.steps * self.tokens_per_step:,} tokens), {ts.optimizer} lr {ts.lr:g}, "
             f"{ts.schedule} after {ts.warmup_steps} warmup steps",
             f"precision    dtype {ts.dtype}, compile {ts.compile}, activation checkpointing "
@@ -132,6 +134,10 @@ def make_plan(settings, stage: str, world_size: int, model: ModelSettings | None
     layout = resolve_layout(ts.parallel, world_size)
     check_model_fits_layout(layout, model.n_heads, model.kv_heads, model.hidden_dim)
     if ts.seq_len > model.max_seq_len:
+    if layout.pipelined and ts.global_batch_tokens == 0:
+        raise MurmurError(f"{section}.parallel.pp={layout.pp} runs several micro-batches per step through the "
+                          f"pipeline: set {section}.global_batch_tokens to a multiple of seq_len × micro_batch_size "
+                          f"× data-parallel processes × pp (at least pp micro-batches per step)")
         raise MurmurError(f"{section}.seq_len={ts.seq_len} exceeds model.max_seq_len={model.max_seq_len}; "
                           "lower the first or raise the second")
     per_round = ts.seq_len * ts.micro_batch_size * layout.dp_size
@@ -144,6 +150,7 @@ def make_plan(settings, stage: str, world_size: int, model: ModelSettings | None
     else:
         accumulation = ts.global_batch_tokens // per_round
     return StagePlan(stage, ts, model, layout, accumulation, per_round * accumulation)
+    check_pipeline(model, layout, accumulation, section)
 
 
 # --- the run folder ------------------------------------------------------------------------------
@@ -229,6 +236,14 @@ def token_byte_lengths(tokenizer_dir: Path | None, vocab_size: int) -> Tensor | 
 
 class Trainer:
     """One stage of training in one process (of possibly many). `setup()` then `train()`."""
+def _pad_rows(batch: dict[str, Tensor], blank: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A batch with the rows of a full one: the missing rows taken from `blank` (targets that take no loss)."""
+    rows = batch["inputs"].shape[0]
+    if rows == blank["inputs"].shape[0]:
+        return batch
+    return {key: torch.cat([batch[key], blank[key][rows:]]) for key in ("inputs", "targets")}
+
+
 
     def __init__(self, settings, run_dir: Path, stage: str, rt: Runtime, overwrite: bool = False):
         self.settings = settings
@@ -247,8 +262,11 @@ class Trainer:
         self.dtype: torch.dtype | None = None  # of compute (autocast or FSDP's mixed precision)
         self.mesh = None  # the DeviceMesh; None for one process
         self.autocast: Any = nullcontext()
-        self.model: torch.nn.Module | None = None  # wrapped for the layout (TP, FSDP2, DDP, compile)
-        self.optimizers: list[torch.optim.Optimizer] = []
+        self.model: torch.nn.Module | None = None  # wrapped for the layout (TP, FSDP2, DDP, compile); None with PP
+        self.pipeline: Pipeline | None = None  # with pp > 1: this rank's stages and their schedule
+        self.model_parts: list[torch.nn.Module] = []  # [model], or this rank's pipeline stages
+        self.optimizers: list[torch.optim.Optimizer] = []  # of every part
+        self.part_optimizers: list[list[torch.optim.Optimizer]] = []  # the optimizers of each part
         self.checkpointer: ckpt.Checkpointer | None = None
         self.dp_rank = 0  # which slice of the data this process reads
         self.loader = None  # the training TokenLoader (loops)
@@ -323,22 +341,39 @@ class Trainer:
         self.dtype = self._compute_dtype(rt.device)
         torch.manual_seed(ts.seed)
         self.mesh = build_mesh(plan.layout, rt.device.type)
-        sharded = plan.layout.sharded  # FSDP2 owns the parameters
-        meta_init = (sharded or plan.layout.tp > 1) and count_params(model_settings) > META_INIT_PARAMS
+        layout = plan.layout
+        sharded = layout.sharded  # FSDP2 owns the parameters
+        meta_init = (sharded or layout.tp > 1 or layout.pipelined) and count_params(model_settings) > META_INIT_PARAMS
         with torch.device("meta" if meta_init else rt.device):
             model = Transformer(model_settings)
         # FSDP casts parameters for compute itself; otherwise autocast does.
         param_dtype = self.dtype if (sharded and self.dtype != torch.float32) else None
         self.autocast = (torch.autocast(rt.device.type, dtype=self.dtype)
                          if self.dtype != torch.float32 and not sharded else nullcontext())
-        self.model = parallelize(model, plan.layout, self.mesh, compile=self._compile_possible(rt.device),
-                                 activation_checkpointing=ts.activation_checkpointing,
-                                 reshard_after_forward=ts.parallel.reshard_after_forward, param_dtype=param_dtype,
-                                 device=rt.device)
+
+        def parallelize_part(part: torch.nn.Module) -> torch.nn.Module:
+            return parallelize(part, layout, self.mesh, compile=self._compile_possible(rt.device),
+                               activation_checkpointing=ts.activation_checkpointing,
+                               reshard_after_forward=ts.parallel.reshard_after_forward, param_dtype=param_dtype,
+                               device=rt.device)
+
+        if layout.pipelined:
+            # Every rank built the whole model from the same seed: each stage starts as in one process.
+            self.pipeline = build_pipeline(model, layout, self.mesh, rt.device, plan.accumulation, ts.seq_len,
+                                           parallelize_part)
+            self.model_parts = self.pipeline.parts
+            del model
+        else:
+            self.model = parallelize_part(model)
+            self.model_parts = [self.model]
         if meta_init:
-            model.to_empty(device=rt.device)
-            model.init_weights()
-        self.optimizers = build_optimizers(self.model, ts, rt.device.type)
+            stage_ids = self.pipeline.stage_ids if self.pipeline else [0]
+            for part, stage_id in zip(self.model_parts, stage_ids):
+                part.to_empty(device=rt.device)
+                torch.manual_seed(ts.seed + stage_id)  # each pipeline stage draws its own weights
+                getattr(part, "module", part).init_weights()  # DDP wraps; FSDP2 and TP work in place
+        self.part_optimizers = [build_optimizers(part, ts, rt.device.type) for part in self.model_parts]
+        self.optimizers = [opt for opts in self.part_optimizers for opt in opts]
         self.checkpointer = ckpt.Checkpointer(self.stage_dir, ts.keep_checkpoints,
                                               async_save=ts.async_checkpoint and rt.device.type == "cuda")
         self.checkpointer.clean_partial()
@@ -347,7 +382,7 @@ class Trainer:
         self.loader = _open_loader(self.run_dir, self.stage, "train", ts, self.dp_rank, plan.layout.dp_size, True)
         resume = self.checkpointer.latest()
         if resume is not None:
-            meta, ranks = self.checkpointer.load(resume, self.model, self.optimizers)
+            meta, ranks = self.checkpointer.load(resume, self.model_parts, self.part_optimizers)
             self.step, self.tokens = meta["step"], meta["tokens"]
             same_world = len(ranks) == rt.world_size
             mine = ranks[rt.rank] if same_world else ranks[0]
@@ -368,14 +403,17 @@ class Trainer:
 
     def _load_initial_weights(self, kind: str, path: Path) -> None:
         if kind == "checkpoint":
-            ckpt.load_model_weights(self.model, path)
+            for part in self.model_parts:
+                ckpt.load_model_weights(part, path)
         else:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
             from murmur import hf
 
             full, _ = hf.load_hf_model(path, device="cpu", dtype=torch.float32)
-            set_model_state_dict(self.model, full.state_dict(), options=StateDictOptions(full_state_dict=True))
+            weights = full.state_dict()
+            for part in self.model_parts:  # a pipeline stage takes the weights it has names for
+                set_model_state_dict(part, weights, options=StateDictOptions(full_state_dict=True, strict=False))
         self._say(f"starting from {kind} {path}")
 
     def _compile_possible(self, device: torch.device) -> bool:
@@ -430,16 +468,23 @@ class Trainer:
         gradient of the mean loss over the whole global batch. With several processes the global count
         stays a device tensor, so the step never waits for the host (it is read at log intervals).
         """
-        device = self.rt.device
+        device, layout = self.rt.device, self.plan.layout
         count = sum(int((b["targets"] != IGNORE).sum()) for b in batches)  # the loader's CPU tensors: no sync
         global_count: int | Tensor = count
-        if self.plan.layout.dp_size > 1:
-            # Summed over every process, of which each tensor-parallel group holds the same batches.
+        if layout.dp_size > 1:
+            # Summed over every process, of which the tensor- and pipeline-parallel ranks of a data slice
+            # hold the same batches.
             total = _all_reduce(torch.tensor(count, dtype=torch.int64, device=device))
-            global_count = total // self.plan.layout.tp
-            scale = self.plan.layout.dp_size / global_count.clamp_min(1)
+            global_count = total // layout.model_parallel
+            scale = layout.dp_size / global_count.clamp_min(1)
         else:
-            scale = self.plan.layout.dp_size / max(count, 1)
+            scale = layout.dp_size / max(count, 1)
+        if self.pipeline is not None:
+            inputs = torch.cat([b["inputs"] for b in batches]).to(device, non_blocking=True)
+            targets = torch.cat([b["targets"] for b in batches]).to(device, non_blocking=True)
+            with self.autocast:
+                total = self.pipeline.step(inputs, targets, scale)
+            return total, self._clip_gradients(), global_count
         total = torch.zeros((), device=device)
         for i, batch in enumerate(batches):
             inputs = batch["inputs"].to(device, non_blocking=True)
@@ -453,16 +498,17 @@ class Trainer:
 
     def _clip_gradients(self) -> Tensor:
         """Total gradient norm over every parameter (clipped to grad_clip when set)."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for part in self.model_parts for p in part.parameters() if p.grad is not None]
         max_norm = self.ts.grad_clip or float("inf")
         from torch.distributed.tensor import DTensor
 
         meshes = {p.grad.device_mesh if isinstance(p.grad, DTensor) else None for p in params}
-        if len(meshes) == 1:  # one process, DDP, or FSDP without TP: torch handles it in one go
+        if len(meshes) == 1 and self.pipeline is None:  # one process, DDP, or FSDP without TP: in one go
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
             return norm.full_tensor() if isinstance(norm, DTensor) else norm
-        # With TP some parameters live on the dp × tp mesh, others on dp only (or nowhere):
-        # sum the squares per mesh, then scale each group (one host sync; only in this layout).
+        # With TP some parameters live on the dp × tp mesh, others on dp only (or nowhere); with PP each
+        # rank holds some stages: sum the squares per mesh, then over the pipeline, then scale each group
+        # (one host sync; only in these layouts).
         groups: dict[Any, list[Tensor]] = {}
         for p in params:
             groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p.grad)
@@ -480,6 +526,8 @@ class Trainer:
 
     def _optimizer_step(self) -> None:
         for opt in self.optimizers:
+        if self.pipeline is not None:
+            dist.all_reduce(total_sq, group=self.pipeline.group)
             opt.step()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
@@ -510,18 +558,32 @@ class Trainer:
         blank = {"inputs": torch.zeros(ts.micro_batch_size, ts.seq_len, dtype=torch.long),
                  "targets": torch.full((ts.micro_batch_size, ts.seq_len), IGNORE, dtype=torch.long)}
         batches += [blank] * (n - len(batches))
-        self.model.eval()
+        if self.pipeline is not None:  # the schedule runs its number of equal micro-batches at a time
+            group = self.pipeline.microbatches
+            batches = [_pad_rows(b, blank) for b in batches] + [blank] * (-len(batches) % group)
+            batches = [{key: torch.cat([b[key] for b in batches[i:i + group]]) for key in ("inputs", "targets")}
+                       for i in range(0, len(batches), group)]
+        for part in self.model_parts:
+            part.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
         for batch in batches:
             inputs, targets = batch["inputs"].to(device), batch["targets"].to(device)
-            sums[0] += self._loss_sum(inputs, targets).double()
-            valid = targets != IGNORE
-            sums[1] += valid.sum()
-            if self.byte_lengths is not None:
-                sums[2] += self.byte_lengths[targets.clamp(min=0)][valid].sum()
-        self.model.train()
+            if self.pipeline is not None:
+                with self.autocast:
+                    sums[0] += self.pipeline.evaluate(inputs, targets).double()
+            else:
+                sums[0] += self._loss_sum(inputs, targets).double()
+            if counts:
+                valid = targets != IGNORE
+                sums[1] += valid.sum()
+                if self.byte_lengths is not None:
+                    sums[2] += self.byte_lengths[targets.clamp(min=0)][valid].sum()
+        for part in self.model_parts:
+            part.train()
         loss, count, nbytes = _all_reduce(sums).tolist()
         if count == 0:
+        # With a pipeline only the last stage's ranks see the loss: only they count tokens and bytes.
+        counts = self.pipeline is None or self.pipeline.has_last
             return {"val_loss": None, "val_bpb": None}
         bpb = loss / math.log(2) / nbytes if nbytes > 0 else None
         return {"val_loss": loss / count, "val_bpb": bpb}
@@ -550,7 +612,7 @@ class Trainer:
 
     def save(self) -> Path:
         local = {"loader": self.loader.state_dict(), "rng": ckpt.rng_state()}
-        return self.checkpointer.save(self.step, self.model, self.optimizers, self._meta(), local)
+        return self.checkpointer.save(self.step, self.model_parts, self.part_optimizers, self._meta(), local)
 
     @property
     def checks_every_step(self) -> bool:
@@ -590,8 +652,9 @@ class Trainer:
         """The training record of the interval that ends at this step (its values leave the device here)."""
         interval = meter.close(reduce=_all_reduce)
         # The targets are already global (train_step counts over all processes); the loss sum counts
-        # each tensor-parallel group's batches once per rank of the group.
-        loss = interval.loss_sum / self.plan.layout.tp / interval.targets if interval.targets else None
+        # each data slice's batches once per tensor- and pipeline-parallel rank of the slice.
+        loss = (interval.loss_sum / self.plan.layout.model_parallel / interval.targets if interval.targets
+                else None)
         if loss is not None and not math.isfinite(loss) and not self.checks_every_step:
             self._stop_for_nan(self.step)
         record = {"step": self.step, "tokens": self.tokens, "loss": loss,  # loss None: every step skipped
@@ -621,7 +684,8 @@ class Trainer:
         batches = iter(self.loader)
         start_step = self.step
         last_val: dict[str, Any] = {}
-        self.model.train()
+        for part in self.model_parts:
+            part.train()
         try:
             if self.step == 0:  # where a fresh stage starts from: for SFT, the pretrained model's loss
                 with meter.paused():
