@@ -183,20 +183,28 @@ class Transformer(nn.Module):
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights()
 
+    def blocks(self) -> list[Block]:
+        """The blocks in order. `layers` is a ModuleList, or a ModuleDict keyed by layer index when the model
+        was cut into parts that keep the blocks' names (e.g. the stages of a pipeline)."""
+        return list(self.layers.values() if isinstance(self.layers, nn.ModuleDict) else self.layers)
+
     def init_rope(self) -> None:
         """Recompute the rotary frequencies (after the model was materialised from the meta device)."""
-        self.inv_freq = rope_frequencies(self.settings).to(self.embed_tokens.weight.device)
+        self.inv_freq = rope_frequencies(self.settings).to(self.inv_freq.device)
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """Normal(0, init_std) for matrices; residual outputs scaled by 1/sqrt(2 * n_layers) (GPT-2);
         norms at one, biases at zero. Callable again after `to_empty()` on a sharded meta model."""
-        if self.settings.tie_embeddings and self.lm_head.weight is not self.embed_tokens.weight:
-            self.lm_head.weight = self.embed_tokens.weight  # to_empty() unties shared parameters
+        # A part of the model (see `forward`) may lack the embedding, the final norm or the head.
+        embed, head = self.embed_tokens, self.lm_head
+        if self.settings.tie_embeddings and embed is not None and head is not None and head.weight is not embed.weight:
+            head.weight = embed.weight  # to_empty() unties shared parameters
         std = self.settings.init_std
         residual_std = std / math.sqrt(2 * self.settings.n_layers)
-        nn.init.normal_(self.embed_tokens.weight, std=std)
-        for block in self.layers:
+        if embed is not None:
+            nn.init.normal_(embed.weight, std=std)
+        for block in self.blocks():
             attn, mlp = block.self_attn, block.mlp
             for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
                 nn.init.normal_(lin.weight, std=std)
@@ -207,9 +215,10 @@ class Transformer(nn.Module):
             for norm in (block.input_layernorm, block.post_attention_layernorm, attn.q_norm, attn.k_norm):
                 if norm is not None:
                     norm.reset_parameters()
-        self.norm.reset_parameters()
-        if not self.settings.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=std)
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if head is not None and not self.settings.tie_embeddings:
+            nn.init.normal_(head.weight, std=std)
         self.init_rope()
 
     def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -225,17 +234,21 @@ class Transformer(nn.Module):
         positions: absolute positions (B, T); default 0..T-1, or continuing after the cache.
         cache: keys/values from earlier calls; this call's are appended.
         return_hidden: return the final normed hidden states instead of logits (for chunked losses).
+
+        A part of the model whose `embed_tokens` is None takes hidden states (B, T, dim) instead of ids,
+        and one whose `norm` and `lm_head` are None returns its blocks' hidden states.
         """
-        B, T = tokens.shape
+        x = tokens if self.embed_tokens is None else self.embed_tokens(tokens)
+        B, T = x.shape[:2]
         if positions is None:
             start = getattr(cache, "length", 0) if cache is not None else 0
-            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        x = self.embed_tokens(tokens)
+            positions = torch.arange(start, start + T, device=x.device).expand(B, T)
         cos, sin = self.rope(positions, x.dtype)
-        for block in self.layers:
+        for block in self.blocks():
             x = block(x, cos, sin, cache)
-        x = self.norm(x)
-        return x if return_hidden else self.lm_head(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x if return_hidden or self.lm_head is None else self.lm_head(x)
 
 
 def count_params(settings: ModelSettings, embeddings: bool = True) -> int:

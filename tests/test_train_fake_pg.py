@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent("""
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
         layout = resolve_layout(parallel, world)
         mesh = build_mesh(layout, "cpu")
-        assert mesh.mesh_dim_names == ("dp_replicate", "dp_shard", "tp") and mesh.size() == world
+        assert mesh.mesh_dim_names == ("pp", "dp_replicate", "dp_shard", "tp") and mesh.size() == world
         with torch.device("meta"):
             model = Transformer(ModelSettings(preset="8b"))
         model = parallelize(model, layout, mesh, param_dtype=torch.bfloat16, **kwargs)

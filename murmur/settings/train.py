@@ -1,6 +1,6 @@
 """Settings of the training stage (`murmur train`): batch, schedule, optimizer, parallel layout, checkpoints.
 
-The parallel degrees follow torchtitan's names: dp_replicate × dp_shard × tp = world size.
+The parallel degrees follow torchtitan's names: pp × dp_replicate × dp_shard × tp = world size.
 dp_shard = -1 means "whatever is left" once the others are fixed.
 """
 
@@ -16,11 +16,18 @@ STAGE_SECTIONS = {"pretrain": "train", "sft": "sft"}
 
 
 class ParallelSettings(Section):
-    """How the model is spread over processes. DDP is dp_replicate=N; FSDP2 is dp_shard=N; HSDP is both."""
+    """How the model is spread over processes. DDP is dp_replicate=N; FSDP2 is dp_shard=N; HSDP is both;
+    tp and pp split each model copy by width and by depth."""
 
     dp_replicate: int = Field(1, ge=1, description="replicas (DDP, or the replicate dim of HSDP across nodes)")
     dp_shard: int = Field(-1, ge=-1, description="FSDP2 sharding degree; -1 = world / (dp_replicate * tp)")
     tp: int = Field(1, ge=1, description="tensor parallel degree (within a node)")
+    pp: int = Field(1, ge=1, description="pipeline parallel degree: the blocks split into pp stages (across nodes)")
+    pp_schedule: Literal["1F1B", "Interleaved1F1B", "InterleavedZeroBubble"] = Field(
+        "1F1B", description="pipeline schedule (torch.distributed.pipelining); the interleaved ones run "
+        "virtual_stages stages per pipeline rank; InterleavedZeroBubble only without data parallelism")
+    virtual_stages: int = Field(1, ge=1, description="pipeline stages per pp rank: 1 for 1F1B, any for the "
+                                "interleaved schedules")
     reshard_after_forward: bool = Field(True, description="FSDP2: free gathered params after forward (ZeRO-3)")
 
 

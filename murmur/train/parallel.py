@@ -1,10 +1,11 @@
 """How the model is spread over processes: the named DeviceMesh and the one `parallelize` step.
 
-The mesh has three named dimensions, torchtitan's: `dp_replicate` × `dp_shard` × `tp` = world size.
-`parallelize` wraps a plain `Transformer` from outside, always in the same order:
-tensor parallel, then activation checkpointing, then `torch.compile`, then data parallel
-(FSDP2 `fully_shard` per block and at the root, HSDP when dp_replicate > 1 too, or DDP when
-nothing is sharded). The model code knows nothing of any of it.
+The mesh has four named dimensions in torchtitan's order: `pp` × `dp_replicate` × `dp_shard` × `tp`
+= world size (pipeline outermost, across nodes; tensor parallel innermost, within a node).
+`parallelize` wraps a plain `Transformer`, or one pipeline stage of it (murmur/train/pipeline.py cuts
+the stages), from outside, always in the same order: tensor parallel, then activation checkpointing,
+then `torch.compile`, then data parallel (FSDP2 `fully_shard` per block and at the root, HSDP when
+dp_replicate > 1 too, or DDP when nothing is sharded). The model code knows nothing of any of it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from murmur.errors import MurmurError
 from murmur.settings.train import ParallelSettings
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,27 @@ class Layout:
     dp_replicate: int
     dp_shard: int
     tp: int
+    pp: int = 1
+    pp_schedule: str = "1F1B"  # a torch.distributed.pipelining schedule (ParallelSettings.pp_schedule)
+    virtual_stages: int = 1  # pipeline stages per pp rank
 
     @property
     def world_size(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.tp
+        return self.pp * self.dp_replicate * self.dp_shard * self.tp
+
+    @property
+    def pipelined(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def stages(self) -> int:
+        """Pipeline stages in all (1 without a pipeline)."""
+        return self.pp * self.virtual_stages if self.pipelined else 1
+
+    @property
+    def model_parallel(self) -> int:
+        """Processes that read the same batches: the tensor- and pipeline-parallel ranks of one data slice."""
+        return self.tp * self.pp
 
     @property
     def dp_size(self) -> int:
@@ -57,28 +75,37 @@ class Layout:
             name = "hsdp" if self.replicated else "fsdp"
         else:
             name = "ddp" if self.replicated else "single"
-        return f"{name}+tp{self.tp}" if self.tp > 1 else name
+        name = f"{name}+tp{self.tp}" if self.tp > 1 else name
+        if self.pipelined:
+            name += f"+pp{self.pp}" + (f"v{self.virtual_stages}" if self.virtual_stages > 1 else "")
+        return name
 
     def describe(self) -> str:
-        return (f"{self.strategy}: dp_replicate {self.dp_replicate} × dp_shard {self.dp_shard} × tp {self.tp} "
-                f"= {self.world_size} process{'es' if self.world_size > 1 else ''}")
+        pipeline = (f"pp {self.pp} ({self.pp_schedule}, {self.stages} stages) × " if self.pipelined else "")
+        return (f"{self.strategy}: {pipeline}dp_replicate {self.dp_replicate} × dp_shard {self.dp_shard} × tp "
+                f"{self.tp} = {self.world_size} process{'es' if self.world_size > 1 else ''}")
 
 
 def resolve_layout(parallel: ParallelSettings, world_size: int) -> Layout:
     """The degrees for `world_size` processes, with dp_shard=-1 filled in; an error if they do not multiply out."""
-    fixed = parallel.dp_replicate * parallel.tp
+    fixed = parallel.pp * parallel.dp_replicate * parallel.tp
     if parallel.dp_shard == -1:
         if world_size % fixed:
-            raise MurmurError(f"world size {world_size} is not divisible by train.parallel.dp_replicate × tp = "
-                              f"{parallel.dp_replicate} × {parallel.tp}; change them or the number of processes")
+            raise MurmurError(f"world size {world_size} is not divisible by train.parallel.pp × dp_replicate × tp = "
+                              f"{parallel.pp} × {parallel.dp_replicate} × {parallel.tp}; change them or the number "
+                              "of processes")
         shard = world_size // fixed
     else:
         shard = parallel.dp_shard
-    layout = Layout(parallel.dp_replicate, shard, parallel.tp)
+    layout = Layout(parallel.dp_replicate, shard, parallel.tp, parallel.pp, parallel.pp_schedule,
+                    parallel.virtual_stages)
     if layout.world_size != world_size:
-        raise MurmurError(f"train.parallel degrees multiply to {layout.world_size} (dp_replicate {layout.dp_replicate}"
-                          f" × dp_shard {layout.dp_shard} × tp {layout.tp}) but {world_size} processes were "
-                          "launched; set train.parallel.dp_shard=-1 or launch that many processes")
+        raise MurmurError(f"train.parallel degrees multiply to {layout.world_size} (pp {layout.pp} × dp_replicate "
+                          f"{layout.dp_replicate} × dp_shard {layout.dp_shard} × tp {layout.tp}) but {world_size} "
+                          "processes were launched; set train.parallel.dp_shard=-1 or launch that many processes")
+    if not layout.pipelined and (parallel.virtual_stages != 1 or parallel.pp_schedule != "1F1B"):
+        raise MurmurError("train.parallel.pp_schedule and virtual_stages apply to a pipeline; set "
+                          "train.parallel.pp > 1 or leave them at their defaults (1F1B, 1)")
     return layout
 
 
@@ -93,12 +120,13 @@ def check_model_fits_layout(layout: Layout, n_heads: int, n_kv_heads: int, hidde
 
 
 def build_mesh(layout: Layout, device_type: str):
-    """The named 3-D DeviceMesh (dp_replicate, dp_shard, tp); None for a single process."""
+    """The named 4-D DeviceMesh (pp, dp_replicate, dp_shard, tp); None for a single process."""
     if layout.world_size == 1:
         return None
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(device_type, (layout.dp_replicate, layout.dp_shard, layout.tp), mesh_dim_names=MESH_DIMS)
+    shape = (layout.pp, layout.dp_replicate, layout.dp_shard, layout.tp)
+    return init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
 
 
 def data_rank(mesh, layout: Layout) -> int:
@@ -106,6 +134,12 @@ def data_rank(mesh, layout: Layout) -> int:
     if mesh is None:
         return 0
     return mesh.get_local_rank("dp_replicate") * layout.dp_shard + mesh.get_local_rank("dp_shard")
+
+
+def named_blocks(model: nn.Module) -> list[tuple[int | str, nn.Module]]:
+    """(key, block) in order, for `model.layers` as a ModuleList or as a pipeline stage's ModuleDict."""
+    layers = model.layers
+    return list(layers.items()) if isinstance(layers, nn.ModuleDict) else list(enumerate(layers))
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
@@ -121,7 +155,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
         "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
         "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel(),
     }
-    for block in model.layers:
+    for _, block in named_blocks(model):
         parallelize_module(block, tp_mesh, plan)
         block.self_attn.n_heads //= tp
         block.self_attn.n_kv_heads //= tp
@@ -131,13 +165,13 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block's activations in backward instead of keeping them."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    for i, block in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+    for key, block in named_blocks(model):
+        model.layers[key] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
 def apply_compile(model: nn.Module) -> None:
     """Compile each block separately: smaller graphs, and FSDP hooks stay between them."""
-    for block in model.layers:
+    for _, block in named_blocks(model):
         block.compile(fullgraph=False)
 
 
@@ -146,8 +180,9 @@ def apply_fsdp(model: nn.Module, dp_mesh, reshard_after_forward: bool, param_dty
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    last = len(model.layers) - 1
-    for i, block in enumerate(model.layers):
+    blocks = named_blocks(model)
+    last = len(blocks) - 1
+    for i, (_, block) in enumerate(blocks):
         # The last block's parameters are needed again at once in backward: keep them gathered.
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < last)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)

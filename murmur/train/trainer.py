@@ -38,8 +38,8 @@ from murmur.train.metrics import IntervalMeter, MetricsLogger, peak_flops_note
 from murmur.train.optim import build_optimizers, lr_multiplier, set_learning_rate
 from murmur.train.parallel import (Layout, build_mesh, check_model_fits_layout, data_rank, parallelize,
                                    resolve_layout)
-
 from murmur.train.pipeline import Pipeline, build_pipeline, check_pipeline
+
 # Models above this size are built on the meta device and initialised after sharding when sharded.
 META_INIT_PARAMS = 1_000_000_000
 
@@ -133,11 +133,11 @@ def make_plan(settings, stage: str, world_size: int, model: ModelSettings | None
     model = model or settings.model
     layout = resolve_layout(ts.parallel, world_size)
     check_model_fits_layout(layout, model.n_heads, model.kv_heads, model.hidden_dim)
-    if ts.seq_len > model.max_seq_len:
     if layout.pipelined and ts.global_batch_tokens == 0:
         raise MurmurError(f"{section}.parallel.pp={layout.pp} runs several micro-batches per step through the "
                           f"pipeline: set {section}.global_batch_tokens to a multiple of seq_len × micro_batch_size "
                           f"× data-parallel processes × pp (at least pp micro-batches per step)")
+    if ts.seq_len > model.max_seq_len:
         raise MurmurError(f"{section}.seq_len={ts.seq_len} exceeds model.max_seq_len={model.max_seq_len}; "
                           "lower the first or raise the second")
     per_round = ts.seq_len * ts.micro_batch_size * layout.dp_size
@@ -149,8 +149,8 @@ def make_plan(settings, stage: str, world_size: int, model: ModelSettings | None
                           f"{layout.dp_size} = {per_round}; make it a multiple, or 0 for one micro-batch per process")
     else:
         accumulation = ts.global_batch_tokens // per_round
-    return StagePlan(stage, ts, model, layout, accumulation, per_round * accumulation)
     check_pipeline(model, layout, accumulation, section)
+    return StagePlan(stage, ts, model, layout, accumulation, per_round * accumulation)
 
 
 # --- the run folder ------------------------------------------------------------------------------
@@ -232,10 +232,6 @@ def token_byte_lengths(tokenizer_dir: Path | None, vocab_size: int) -> Tensor | 
     return lengths
 
 
-# --- the trainer ---------------------------------------------------------------------------------
-
-class Trainer:
-    """One stage of training in one process (of possibly many). `setup()` then `train()`."""
 def _pad_rows(batch: dict[str, Tensor], blank: dict[str, Tensor]) -> dict[str, Tensor]:
     """A batch with the rows of a full one: the missing rows taken from `blank` (targets that take no loss)."""
     rows = batch["inputs"].shape[0]
@@ -244,6 +240,10 @@ def _pad_rows(batch: dict[str, Tensor], blank: dict[str, Tensor]) -> dict[str, T
     return {key: torch.cat([batch[key], blank[key][rows:]]) for key in ("inputs", "targets")}
 
 
+# --- the trainer ---------------------------------------------------------------------------------
+
+class Trainer:
+    """One stage of training in one process (of possibly many). `setup()` then `train()`."""
 
     def __init__(self, settings, run_dir: Path, stage: str, rt: Runtime, overwrite: bool = False):
         self.settings = settings
@@ -516,6 +516,8 @@ def _pad_rows(batch: dict[str, Tensor], blank: dict[str, Tensor]) -> dict[str, T
         for grads in groups.values():
             norm = torch.nn.utils.get_total_norm(grads, foreach=False)
             total_sq += (norm.full_tensor() if isinstance(norm, DTensor) else norm).float() ** 2
+        if self.pipeline is not None:
+            dist.all_reduce(total_sq, group=self.pipeline.group)
         total = total_sq.sqrt()
         coef = min(1.0, max_norm / (float(total) + 1e-6))
         if coef < 1.0:
@@ -526,8 +528,6 @@ def _pad_rows(batch: dict[str, Tensor], blank: dict[str, Tensor]) -> dict[str, T
 
     def _optimizer_step(self) -> None:
         for opt in self.optimizers:
-        if self.pipeline is not None:
-            dist.all_reduce(total_sq, group=self.pipeline.group)
             opt.step()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
@@ -566,6 +566,8 @@ def _pad_rows(batch: dict[str, Tensor], blank: dict[str, Tensor]) -> dict[str, T
         for part in self.model_parts:
             part.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
+        # With a pipeline only the last stage's ranks see the loss: only they count tokens and bytes.
+        counts = self.pipeline is None or self.pipeline.has_last
         for batch in batches:
             inputs, targets = batch["inputs"].to(device), batch["targets"].to(device)
             if self.pipeline is not None:
@@ -582,8 +584,6 @@ def _pad_rows(batch: dict[str, Tensor], blank: dict[str, Tensor]) -> dict[str, T
             part.train()
         loss, count, nbytes = _all_reduce(sums).tolist()
         if count == 0:
-        # With a pipeline only the last stage's ranks see the loss: only they count tokens and bytes.
-        counts = self.pipeline is None or self.pipeline.has_last
             return {"val_loss": None, "val_bpb": None}
         bpb = loss / math.log(2) / nbytes if nbytes > 0 else None
         return {"val_loss": loss / count, "val_bpb": bpb}
