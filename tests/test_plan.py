@@ -88,7 +88,6 @@ def test_llama3_405b_published_run():
     plan = make_plan(PlanRequest(gpu="h100", gpus=16384, model=model, tokens=tokens,
                                  global_batch_tokens=16 * 2**20))
     assert plan.best.layout.tp == 8 and plan.best.layout.pp > 1
-    assert plan.runnable.layout.pp == 1 and any("pipeline" in n for n in plan.notes)
     assert plan.best.global_batch_tokens == 16 * 2**20
 
     # Failures: the default rate reproduces the 54-day snapshot, and at the reported 41% MFU the whole

@@ -128,21 +128,44 @@ def test_explained_failures(capsys):
     assert code == 1 and "no layout of 1024 GPUs divides a global batch" in err
 
 
-def test_shape_flags_recipe_and_pipeline_only_plans(tmp_path, capsys):
-    from murmur.plan.launch import write_launch_files
-    from murmur.plan.planner import PlanRequest, make_plan
-    from murmur.plan.search import SearchResult
-    from murmur.errors import MurmurError
-
+def test_shape_flags_recipe(tmp_path, capsys):
     code, _, _ = _run(capsys, "--gpu", "a100-80gb", "--gpus", "8", "--dim", "1024", "--n-layers", "8", "--n-heads",
                       "8", "--n-kv-heads", "4", "--vocab-size", "32000", "--seq-len", "2048", "--write", str(tmp_path))
     assert code == 0
     model = load_settings(tmp_path / "recipe.toml").model
     assert (model.dim, model.n_layers, model.kv_heads, model.vocab_size, model.max_seq_len) == (1024, 8, 4, 32000, 2048)
 
-    # When only pipeline layouts fit, no recipe is written and the message says why.
-    plan = make_plan(PlanRequest(gpu="h100", gpus=128, model=load_settings(None, ["model.preset=70b"]).model))
-    plan.result = SearchResult([c for c in plan.result.candidates if c.layout.pp > 1], plan.result.tried)
-    with pytest.raises(MurmurError, match="pipeline parallelism"):
-        write_launch_files(plan, tmp_path / "pp")
-    assert not (tmp_path / "pp" / "recipe.toml").exists()
+
+@pytest.mark.parametrize("preset,gpus,batch", [("8b", 1024, None), ("8b", 16384, None), ("405b", 1024, None),
+                                               ("405b", 16384, None), ("405b", 16384, "16777216")])
+def test_planned_fleet_layout_is_accepted_by_the_trainer(tmp_path, capsys, monkeypatch, preset, gpus, batch):
+    """The planner's fastest layout, pipeline parallel or not, is what the recipe holds and what
+    `murmur train --dry-run` accepts for that many processes (the closing table of docs/plan.md).
+    Llama 3's 16M-token batch on 16,384 GPUs makes a pipeline the fastest layout for 405B."""
+    out_dir = tmp_path / "plan"
+    code, out, _ = _run(capsys, "--gpu", "h100", "--gpus", str(gpus), "--preset", preset, "--json",
+                        "--write", str(out_dir), *(["--global-batch-tokens", batch] if batch else []))
+    assert code == 0
+    best = json.loads(out)["layouts"][0]
+    par = load_settings(out_dir / "recipe.toml").train.parallel
+    assert (par.pp, par.dp_replicate, par.dp_shard, par.tp, par.virtual_stages) == (
+        best["pp"], best["dp_replicate"], best["dp_shard"], best["tp"], best["virtual_stages"])
+    assert par.pp_schedule == best["pp_schedule"]
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(out_dir / "recipe.toml"), "--dry-run", "--world-size", str(gpus)]) == 0
+    dry = capsys.readouterr().out
+    assert "dry run: the recipe and layout are valid" in dry
+    if batch:
+        assert best["pp"] > 1 and f"pp {best['pp']} ({best['pp_schedule']}" in dry
+
+
+def test_pipeline_layouts_only_for_untied_heads():
+    """The trainer puts the embedding and the head on different stages: a tied model gets no pipeline."""
+    from murmur.plan.memory import ModelFacts
+    from murmur.plan.search import pipeline_degrees
+    from murmur.settings.model import ModelSettings
+
+    untied = ModelFacts(ModelSettings(preset="70b"), 8192)
+    tied = ModelFacts(ModelSettings(preset="70b", tie_embeddings=True), 8192)
+    assert max(pipeline_degrees(untied, 1024, 8, 8)) > 1
+    assert pipeline_degrees(tied, 1024, 8, 8) == [1]

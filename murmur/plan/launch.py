@@ -1,8 +1,8 @@
 """Launch files for a planned layout: a Murmur recipe, a multi-node torchrun script and a Slurm batch file.
 
-The recipe sets only keys Murmur's settings define (train.parallel.dp_replicate / dp_shard / tp, ...), so
-`murmur.config.load_settings` and `murmur train RECIPE --dry-run` accept it. Murmur's trainer has no
-pipeline parallelism: the files describe the fastest layout with pp = 1.
+The recipe sets only keys Murmur's settings define (train.parallel.pp / dp_replicate / dp_shard / tp,
+pp_schedule, virtual_stages, ...), so `murmur.config.load_settings` and `murmur train RECIPE --dry-run`
+accept it. The files describe the fastest layout, pipeline parallel or not.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from murmur.errors import MurmurError
 from murmur.files import write_text_atomic
 from murmur.settings.model import MODEL_PRESETS
 
@@ -50,11 +49,10 @@ def to_toml(data: dict[str, Any], comment: str = "") -> str:
 
 
 def recipe_dict(plan, run_name: str = "planned") -> dict[str, Any]:
-    """The recipe for the plan's runnable (pp = 1) layout."""
-    cand = plan.runnable
-    if cand is None:
-        raise MurmurError("every layout that fits needs pipeline parallelism, which Murmur's trainer does not "
-                          "implement; use more GPUs, a larger GPU or a smaller model to get a recipe")
+    """The recipe for the plan's fastest layout."""
+    from murmur.plan.planner import pp_schedule
+
+    cand = plan.best
     facts, lay = plan.facts, cand.layout
     model = facts.settings
     if model.preset:
@@ -83,7 +81,9 @@ def recipe_dict(plan, run_name: str = "planned") -> dict[str, Any]:
             "checkpoint_interval": every,
             "async_checkpoint": True,
             "parallel": {"dp_replicate": lay.dp_replicate, "dp_shard": lay.dp_shard, "tp": lay.tp,
-                         "reshard_after_forward": lay.reshard_after_forward},
+                         "reshard_after_forward": lay.reshard_after_forward,
+                         **({"pp": lay.pp, "pp_schedule": pp_schedule(lay), "virtual_stages": lay.virtual_stages}
+                            if lay.pp > 1 else {})},
         },
     }
 
@@ -144,17 +144,15 @@ def write_launch_files(plan, out_dir: str | Path, run_name: str = "planned") -> 
     recipe = recipe_dict(plan, run_name)  # refuses first, before any folder is made
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cand = plan.runnable
+    cand = plan.best
     lay = cand.layout
+    pipeline = f"pp {lay.pp} (virtual stages {lay.virtual_stages}) x " if lay.pp > 1 else ""
     header = (f"Written by `murmur plan` for {plan.request.gpus} x {plan.gpu.label} "
               f"({plan.request.gpus // plan.gpus_per_node} nodes of {plan.gpus_per_node}).\n"
-              f"Layout: dp_replicate {lay.dp_replicate} x dp_shard {lay.dp_shard} x tp {lay.tp}, micro-batch "
+              f"Layout: {pipeline}dp_replicate {lay.dp_replicate} x dp_shard {lay.dp_shard} x tp {lay.tp}, micro-batch "
               f"{lay.micro_batch_size}, activation checkpointing {lay.activation_checkpointing}.\n"
               f"Estimate: {cand.tokens_per_second:,.0f} tokens/s, MFU {cand.mfu:.1%}, "
               f"{cand.memory.total / 2**30:.1f} GiB per GPU.")
-    if plan.best.layout.pp > 1:
-        header += (f"\nThe fastest layout found uses pipeline parallelism (pp={plan.best.layout.pp}), which "
-                   "Murmur's trainer does not implement; this is the fastest one without it.")
     nodes = plan.request.gpus // plan.gpus_per_node
     goodput = plan.schedule.reliability.goodput
     hours = plan.schedule.tokens / cand.tokens_per_second / goodput / 3600 if goodput > 0 else 24 * 365

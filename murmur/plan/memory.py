@@ -20,7 +20,6 @@ The accounting follows what Murmur's trainer does with FSDP2 mixed precision (th
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
@@ -86,19 +85,26 @@ class ModelFacts:
         return 2 * (4 * s.dim + 3 * q + 2 * kv + 3 * s.hidden_dim)
 
     @lru_cache(maxsize=None)
+    def stage_blocks(self, pp: int) -> tuple[int, ...]:
+        """Blocks on each pipeline stage, as the trainer cuts them (murmur.train.pipeline.split_layers)."""
+        from murmur.train.pipeline import split_layers
+
+        return tuple(len(r) for r in split_layers(self.settings, pp, self.seq_len))
+
     def stage_layers(self, pp: int) -> int:
         """Blocks on the fullest pipeline stage."""
-        return math.ceil(self.settings.n_layers / pp)
+        return max(self.stage_blocks(pp))
 
     @lru_cache(maxsize=None)
     def stage_params(self, pp: int) -> tuple[float, float]:
-        """Parameters held by the first and by the last pipeline stage (the same stage when pp = 1)."""
-        blocks = self.stage_layers(pp) * self.layer_params
+        """Parameters held by the first and by the last pipeline stage (the same stage when pp = 1):
+        the first holds the embedding, the last the final norm and the (untied) head."""
+        blocks = self.stage_blocks(pp)
         head = 0 if self.settings.tie_embeddings else self.embedding_params
         if pp == 1:
-            return (blocks + self.embedding_params + head,) * 2
-        # Tied embeddings across stages keep a copy on both ends.
-        return blocks + self.embedding_params, blocks + (head or self.embedding_params) + self.settings.dim
+            return (blocks[0] * self.layer_params + self.embedding_params + head,) * 2
+        return (blocks[0] * self.layer_params + self.embedding_params,
+                blocks[-1] * self.layer_params + head + self.settings.dim)
 
 
 @dataclass(frozen=True)

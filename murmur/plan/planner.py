@@ -67,11 +67,6 @@ class Plan:
     def best(self) -> Candidate:
         return self.result.best
 
-    @property
-    def runnable(self) -> Candidate | None:
-        """The layout the recipe uses: the fastest one without pipeline parallelism."""
-        return self.result.best_without_pipeline()
-
     def as_dict(self, top: int = 10) -> dict:
         """Plain data for --json."""
         f = self.facts
@@ -90,7 +85,7 @@ class Plan:
             "layouts_tried": self.result.tried,
             "layouts_fitting": len(self.result.candidates),
             "layouts": [candidate_dict(c, self.gpu) for c in self.result.candidates[:top]],
-            "recipe_layout": candidate_dict(self.runnable, self.gpu) if self.runnable else None,
+            "recipe_layout": candidate_dict(self.best, self.gpu),  # what --write puts in recipe.toml
             "schedule": self.schedule.as_dict(),
             "notes": self.notes,
         }
@@ -100,12 +95,18 @@ def candidate_dict(c: Candidate, gpu: GPU) -> dict:
     """One layout as plain data."""
     lay = c.layout
     return {"dp_replicate": lay.dp_replicate, "dp_shard": lay.dp_shard, "tp": lay.tp, "pp": lay.pp,
-            "virtual_stages": lay.virtual_stages, "micro_batch_size": lay.micro_batch_size,
+            "virtual_stages": lay.virtual_stages, "pp_schedule": pp_schedule(lay),
+            "micro_batch_size": lay.micro_batch_size,
             "activation_checkpointing": lay.activation_checkpointing,
             "reshard_after_forward": lay.reshard_after_forward, "grad_accumulation": c.microbatches,
             "global_batch_tokens": c.global_batch_tokens, "memory_gib": c.memory.as_gib(),
             "headroom": c.headroom(gpu), "step_seconds": c.step_seconds, "tokens_per_second": c.tokens_per_second,
             "mfu": c.mfu, "seconds_per_microbatch": c.times}
+
+
+def pp_schedule(layout) -> str:
+    """The trainer's pipeline schedule for a planned layout (train.parallel.pp_schedule)."""
+    return "Interleaved1F1B" if layout.virtual_stages > 1 else "1F1B"
 
 
 def calibrated_efficiency(metrics_path: str | Path) -> float:
@@ -224,13 +225,4 @@ def make_plan(req: PlanRequest) -> Plan:
                      "run spends more tokens for the same loss: fewer GPUs, or a larger model, use them better")
     schedule = sched.Schedule(tokens, facts.flops_per_token * tokens, best.tokens_per_second, req.gpus, reliability,
                               req.price_per_gpu_hour)
-    runnable = result.best_without_pipeline()
-    if best.layout.pp > 1:
-        if runnable is None:
-            notes.append(f"every layout that fits needs pipeline parallelism (best: pp={best.layout.pp}); Murmur's "
-                         "trainer has none, so no recipe can be written for this plan")
-        else:
-            notes.append(f"the fastest layout uses pipeline parallelism (pp={best.layout.pp}), which Murmur's "
-                         f"trainer does not implement; the recipe uses the fastest layout without it "
-                         f"({runnable.tokens_per_second / best.tokens_per_second:.0%} of the best throughput)")
     return Plan(req, gpu, gpus_per_node, facts, result, schedule, goal, notes)

@@ -36,14 +36,9 @@ def render(plan, top: int = 8) -> str:
         f"{'#':>2} {'dp_rep':>6} {'dp_shard':>8} {'tp':>2} {'pp':>3} {'mbs':>3} {'AC':>4} {'reshard':>7} {'accum':>5} "
         f"{'batch':>6} {'GiB/GPU':>7} {'free':>5} {'step s':>7} {'tokens/s':>8} {'MFU':>5}",
     ]
-    shown = plan.result.candidates[:top]
-    runnable = plan.runnable
-    if runnable is not None and runnable not in shown:
-        shown = shown + [runnable]
-    for i, c in enumerate(shown, 1):
+    for index, c in enumerate(plan.result.candidates[:top], 1):
         lay = c.layout
-        mark = "*" if c is runnable else " "
-        index = plan.result.candidates.index(c) + 1 if c not in plan.result.candidates[:top] else i
+        mark = "*" if index == 1 else " "
         lines.append(
             f"{index:>2}{mark}{lay.dp_replicate:>6} {lay.dp_shard:>8} {lay.tp:>2} "
             f"{lay.pp if lay.virtual_stages == 1 else f'{lay.pp}v{lay.virtual_stages}':>3} "
@@ -51,8 +46,7 @@ def render(plan, top: int = 8) -> str:
             f"{'yes' if lay.reshard_after_forward else 'no':>7} {c.microbatches:>5} {si(c.global_batch_tokens):>6} "
             f"{c.memory.total / GiB:>7.1f} {c.headroom(plan.gpu):>5.0%} "
             f"{c.step_seconds:>7.2f} {si(c.tokens_per_second):>8} {c.mfu:>5.1%}")
-    lines.append("   * the layout the recipe uses (Murmur's trainer runs pp = 1)" if runnable else
-                 "   no layout without pipeline parallelism fits: no recipe can be written")
+    lines.append("   * the layout the recipe uses (--write); pp AvB: A stages of B interleaved chunks per rank")
     best = plan.best
     mem = best.memory.as_gib()
     lines += [

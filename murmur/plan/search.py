@@ -14,7 +14,9 @@ The cost model, per micro-batch on one GPU (everything else is assumed to overla
 - HSDP: once per step the replicas all-reduce their gradient shards (2 (r-1)/r x bytes), hidden behind
   the last micro-batch's backward when it is shorter;
 - pipeline: activations cross each stage boundary forward and backward (v times with v interleaved
-  chunks), and the 1F1B bubble adds (pp-1)/v micro-batch slots to the m a step needs.
+  chunks), and the 1F1B bubble adds (pp-1)/v micro-batch slots to the m a step needs. The stages are
+  cut as the trainer cuts them (murmur.train.pipeline.split_layers); a model with a tied head gets no
+  pipeline (the trainer refuses it: the embedding and the head would be on different stages).
 
 step time = (m + (pp-1)/v) x (compute + tp + exposed FSDP + p2p) + exposed all-reduce.
 Throughput is the global batch over the step time; MFU is model FLOPs over (step time x GPUs x peak).
@@ -67,9 +69,6 @@ class SearchResult:
     def best(self) -> Candidate:
         return self.candidates[0]
 
-    def best_without_pipeline(self) -> Candidate | None:
-        """The fastest layout Murmur's trainer can run (it has no pipeline parallelism)."""
-        return next((c for c in self.candidates if c.layout.pp == 1), None)
 
 
 def divisors(n: int) -> list[int]:
@@ -86,13 +85,21 @@ def tensor_parallel_degrees(facts: ModelFacts, gpus_per_node: int) -> list[int]:
 
 
 def pipeline_degrees(facts: ModelFacts, world: int, tp: int, gpus_per_node: int) -> list[int]:
-    """PP degrees: 1, or a split across whole nodes with at least one block per stage."""
+    """PP degrees: 1, or a split across whole nodes with at least one block per stage (an untied head only)."""
     if world % tp:
         return []
     rest = world // tp
     per_node = gpus_per_node // tp
-    return [p for p in divisors(rest) if p <= min(MAX_PIPELINE, facts.settings.n_layers)
-            and (p == 1 or (rest // p) % per_node == 0)]
+    deepest = 1 if facts.settings.tie_embeddings else min(MAX_PIPELINE, facts.settings.n_layers)
+    return [p for p in divisors(rest) if p <= deepest and (p == 1 or (rest // p) % per_node == 0)]
+
+
+def virtual_stages(facts: ModelFacts, pp: int, microbatches: int) -> int:
+    """Interleaved stages per pipeline rank: up to 8, one block each at least, when the micro-batches divide
+    evenly among the ranks (Interleaved1F1B's rule); 1 otherwise (plain 1F1B)."""
+    if pp == 1 or microbatches % pp:
+        return 1
+    return max(v for v in (1, 2, 4, 8) if pp * v <= facts.settings.n_layers)
 
 
 class CostModel:
@@ -161,7 +168,6 @@ def search(facts: ModelFacts, gpu: GPU, world: int, gpus_per_node: int, efficien
     for tp in tensor_parallel_degrees(facts, gpus_per_node):
         for pp in pipeline_degrees(facts, world, tp, gpus_per_node):  # divisors of world // tp only
             dp = world // (tp * pp)
-            layers = facts.stage_layers(pp)
             shards = divisors(dp)
             for ac in ("none", "full"):
                 for mbs in (2**i for i in range(int(math.log2(MAX_MICRO_BATCH)) + 1)):
@@ -180,8 +186,7 @@ def search(facts: ModelFacts, gpu: GPU, world: int, gpus_per_node: int, efficien
                         if fixed_sequences is not None:
                             continue
                         m = pp
-                    virtual = max((v for v in (1, 2, 4, 8) if v <= layers), default=1) \
-                        if pp > 1 and m % pp == 0 else 1
+                    virtual = virtual_stages(facts, pp, m)
                     fits_any = False
                     for dp_shard in shards:
                         for reshard in (True, False) if dp_shard > 1 else (True,):
