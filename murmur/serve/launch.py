@@ -59,7 +59,7 @@ def serve(src: str | Path, settings: ServeSettings) -> None:
     import uvicorn
 
     from murmur.accel import resolve_device
-    from murmur.serve.api import create_app
+    from murmur.serve.app import create_app
     from murmur.serve.connections import uvicorn_config
 
     if not Path(src).exists():
