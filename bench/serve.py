@@ -105,7 +105,7 @@ def http_latency(engine, streams: int, new_tokens: int, rounds: int) -> dict:
     import httpx
     import uvicorn
 
-    from murmur.serve.api import create_app
+    from murmur.serve.app import create_app
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from serve_fixtures import free_port

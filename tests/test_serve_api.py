@@ -16,7 +16,7 @@ import pytest
 from serve_fixtures import LiveServer, make_model, make_tokenizer, tokenizer  # noqa: F401 (tokenizer: a fixture)
 
 from murmur.infer.engine import Engine
-from murmur.serve.api import create_app
+from murmur.serve.app import create_app
 from murmur.settings.serve import ServeSettings
 
 KEY = "test-key"

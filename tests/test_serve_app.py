@@ -15,7 +15,7 @@ from murmur.commands.serve import settings_from_args
 from murmur.errors import MurmurError
 from murmur.infer.engine import Engine, EngineClosed
 from murmur.infer.sampling import SamplingParams
-from murmur.serve.api import create_app
+from murmur.serve.app import create_app
 from murmur.serve.launch import report_dir_of, served_name
 from murmur.settings.serve import ServeSettings
 

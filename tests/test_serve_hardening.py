@@ -22,7 +22,8 @@ from serve_fixtures import free_port, make_model, tokenizer  # noqa: F401 (token
 
 from murmur.errors import MurmurError
 from murmur.infer.engine import Engine
-from murmur.serve.api import RateLimiter, create_app
+from murmur.serve.access import RateLimiter
+from murmur.serve.app import create_app
 from murmur.serve.connections import uvicorn_config
 from murmur.serve.metrics import Metrics
 from murmur.settings.serve import ServeSettings
@@ -215,7 +216,7 @@ def test_fresh_bearer_values_do_not_bypass_the_rate_limit(model, tokenizer):
         codes = [http.get("/v1/models", headers={"Authorization": f"Bearer made-up-{i}"}).status_code
                  for i in range(4)]
     assert codes == [200, 200, 429, 429]
-    assert len(app.state.murmur.limiter.windows) == 1  # the one client address
+    assert len(app.state.murmur.access.limiter.windows) == 1  # the one client address
 
 
 def test_wrong_keys_create_no_buckets_and_count_against_the_address(model, tokenizer):
@@ -225,7 +226,7 @@ def test_wrong_keys_create_no_buckets_and_count_against_the_address(model, token
                  for i in range(5)]
         assert codes == [401, 401, 401, 429, 429]  # guessing keys is rate limited too
         assert http.get("/v1/models", headers={"Authorization": "Bearer right"}).status_code == 200
-    assert set(app.state.murmur.limiter.windows) == {"testclient", "key:right"}
+    assert set(app.state.murmur.access.limiter.windows) == {"testclient", "key:right"}
 
 
 def test_forwarded_for_headers_do_not_mint_addresses(model, tokenizer):

@@ -12,7 +12,7 @@ import pytest
 from serve_fixtures import LiveServer, make_model, make_tokenizer
 
 from murmur.infer.engine import Engine
-from murmur.serve.api import create_app
+from murmur.serve.app import create_app
 from murmur.settings.serve import ServeSettings
 
 CHROMIUM = Path("/usr/bin/chromium")

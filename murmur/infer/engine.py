@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from murmur import accel
-from murmur.errors import MurmurError
+from murmur.errors import MurmurError, RequestError
 from murmur.infer.kv_cache import DecodeView, SlotKVCache, bytes_per_position, plan_cache
 from murmur.infer.sampling import SamplingParams, TokenChoice, make_generator, sample
 from murmur.infer.text import IncrementalDetokenizer, StopMatcher
@@ -229,18 +229,24 @@ class Engine:
         return ids, prefix_len
 
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise MurmurError when a prompt cannot be served (empty, too long, bad token ids)."""
+        """Raise RequestError when a prompt cannot be served (empty, too long, bad token ids).
+
+        The one check of a prompt against the model: the server answers its error as it is (message, param,
+        code), so the terminal chat, the evaluation and every HTTP route say the same thing.
+        """
         if not prompt_ids:
-            raise MurmurError("the prompt is empty; send at least one token of text")
+            raise RequestError("the prompt is empty; send at least one token of text", param="prompt")
         if len(prompt_ids) >= self.max_seq_len:
-            raise MurmurError(f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_seq_len} "
-                              "tokens and at least one must be left for the reply. Shorten the prompt")
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_seq_len} "
+                               "tokens and at least one must be left for the reply. Shorten the prompt",
+                               param="prompt", code="context_length_exceeded")
         vocab = self.model.settings.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise MurmurError(f"prompt token ids must be in [0, {vocab})")
+            raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > self.max_seq_len:
-            raise MurmurError(f"max_tokens {params.max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds "
-                              f"this model's context of {self.max_seq_len} tokens; lower max_tokens")
+            raise RequestError(f"max_tokens {params.max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds "
+                               f"this model's context of {self.max_seq_len} tokens; lower max_tokens or shorten "
+                               "the prompt", param="max_tokens", code="context_length_exceeded")
 
     # ---- requests ------------------------------------------------------------------------------
 

@@ -10,25 +10,36 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import defaultdict
+from collections.abc import Iterable
 from http import HTTPStatus
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
-ROUTES = {"/", "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/report",
-          "/openapi.json"}
 METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 STATUSES = {status.value for status in HTTPStatus} | {499}  # 499: the client went away
 
 
-def route_label(path: str) -> str:
-    """The path as a label: a route of the server, `/ui/*`, `/report/*`, or "other"."""
-    if path in ROUTES:
-        return path
-    for prefix in ("/ui/", "/report/"):
-        if path.startswith(prefix):
-            return prefix + "*"
-    return "other"
+class RouteLabels:
+    """The `path` label of a request: a route of the server, `PREFIX/*` for a route with parameters or a
+    mounted folder (`/report/*`, `/ui/*`), or "other".
+
+    Made from the app's own path templates (`/report/{name}`, `/ui/{path}`), so a new route gets its label
+    without a list to keep in step. `timed` is the prefix of the routes whose latency is measured (/v1/).
+    """
+
+    def __init__(self, templates: Iterable[str] = (), timed: str = "/v1/"):
+        self.exact = {t for t in templates if "{" not in t}
+        self.prefixes = sorted({t[:t.index("{")] for t in templates if "{" in t}, key=len, reverse=True)
+        self.timed = timed
+
+    def label(self, path: str) -> str:
+        if path in self.exact:
+            return path
+        for prefix in self.prefixes:
+            if path.startswith(prefix):
+                return prefix + "*"
+        return "other"
 
 
 def method_label(method: str) -> str:
@@ -69,7 +80,8 @@ def _escape(value: str) -> str:
 class Metrics:
     """Everything `/metrics` reports."""
 
-    def __init__(self):
+    def __init__(self, routes: RouteLabels | None = None):
+        self.routes = routes or RouteLabels()
         self.lock = threading.Lock()
         self.requests: dict[tuple[str, str, str], int] = defaultdict(int)
         self.request_latency = Histogram(LATENCY_BUCKETS)
@@ -78,10 +90,10 @@ class Metrics:
 
     def observe_request(self, method: str, path: str, status: int, seconds: float) -> None:
         """An HTTP request finished (its whole response sent); `method` and `path` as the client sent them."""
-        path = route_label(path)
+        path = self.routes.label(path)
         with self.lock:
             self.requests[(method_label(method), path, status_label(status))] += 1
-            if path.startswith("/v1/"):
+            if path.startswith(self.routes.timed):
                 self.request_latency.observe(seconds)
 
     def observe_generation(self, request) -> None:

@@ -2,10 +2,10 @@
 page carries on its way out.
 
 In order: the Host header is one this server answers to (421; a web page that rebinds its own DNS name
-to 127.0.0.1 sends its own name); beyond `max_connections` open connections only /health and /metrics
-are served (503); /v1 bodies are declared JSON (415; the content types a page may send cross-origin
-without asking are all refused); a body is within `max_body_bytes` (413) and arrives within
-`body_timeout_s` (408). Every HTML response gets the page security headers. Requests are counted.
+to 127.0.0.1 sends its own name); beyond `max_connections` open connections only the `uncapped` paths
+(/health and /metrics) are served (503); bodies sent to the API (`json_prefix`, /v1/) are declared JSON
+(415; the content types a page may send cross-origin without asking are all refused); a body is within
+`max_body_bytes` (413) and arrives within `body_timeout_s` (408). Every HTML response gets the page security headers. Requests are counted.
 
 Written as plain ASGI rather than Starlette's BaseHTTPMiddleware, which would buffer streamed
 responses and hide client disconnects from the handlers.
@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import time
+from collections.abc import Collection
 
 from murmur.serve.connections import OPEN_CONNECTIONS
+from murmur.serve.errors import APIError
 
 DRAIN_FACTOR = 64  # read at most this many times the limit of an oversized body before answering
 BODY_METHODS = {"POST", "PUT", "PATCH"}
-UNCAPPED = {"/health", "/metrics"}  # answered even beyond max_connections: they are cheap and tell the state
 # Pages load scripts and styles from this server only, and no other site may frame them: model output
 # can never run code, and no page can be overlaid by another to trick a click.
 PAGE_SECURITY_HEADERS = [
@@ -85,11 +85,10 @@ def with_page_headers(message):
     return {**message, "headers": headers + [(k, v) for k, v in PAGE_SECURITY_HEADERS if k not in present]}
 
 
-async def send_error(send, status: int, message: str, code: str, headers: list[tuple[bytes, bytes]] = ()):
+async def send_error(send, err: APIError, headers: list[tuple[bytes, bytes]] = ()):
     """A refusal in OpenAI's error shape, sent as raw ASGI."""
-    kind = "service_unavailable" if status == 503 else "invalid_request_error"
-    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
+    body = err.response().body
+    await send({"type": "http.response.start", "status": err.status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
     await send({"type": "http.response.body", "body": body})
 
@@ -98,8 +97,10 @@ class ServerMiddleware:
     """Host, connection, content-type, body-size and body-time checks, page headers and request metrics."""
 
     def __init__(self, app, metrics, *, max_body_bytes: int, body_timeout_s: float, max_connections: int,
-                 allowed_hosts: AllowedHosts):
+                 allowed_hosts: AllowedHosts, uncapped: Collection[str], json_prefix: str):
         self.app = app
+        self.uncapped = uncapped  # answered even beyond max_connections: cheap, and they tell the state
+        self.json_prefix = json_prefix
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
@@ -131,32 +132,36 @@ class ServerMiddleware:
         host = headers.get(b"host")
         if not self.allowed_hosts.allows(None if host is None else host.decode("latin-1")):
             shown = host.decode("latin-1")[:100]
-            await send_error(send, 421, f"This server does not answer to the Host {shown!r}. If that is how "
-                             "clients reach it, start it with --allowed-hosts NAME (this check keeps web pages "
-                             "from reaching a local server through DNS rebinding).", "invalid_host")
+            await send_error(send, APIError(
+                421, f"This server does not answer to the Host {shown!r}. If that is how clients reach it, start it "
+                     "with --allowed-hosts NAME (this check keeps web pages from reaching a local server through DNS "
+                     "rebinding).", code="invalid_host"))
             return
-        if scope.get(OPEN_CONNECTIONS, 0) > self.max_connections and path not in UNCAPPED:
-            await send_error(send, 503, f"The server has more than {self.max_connections} open connections; "
-                             "retry shortly.", "too_many_connections",
+        if scope.get(OPEN_CONNECTIONS, 0) > self.max_connections and path not in self.uncapped:
+            await send_error(send, APIError(503, f"The server has more than {self.max_connections} open connections; "
+                                                 "retry shortly.", type="service_unavailable",
+                                            code="too_many_connections"),
                              [(b"connection", b"close"), (b"retry-after", b"1")])
             return
-        if method in BODY_METHODS and path.startswith("/v1/") and not is_json(headers.get(b"content-type")):
+        if method in BODY_METHODS and path.startswith(self.json_prefix) and not is_json(headers.get(b"content-type")):
             declared = (headers.get(b"content-type") or b"none").decode("latin-1")[:100]
-            await send_error(send, 415, f"The request body must be JSON sent with 'Content-Type: "
-                             f"application/json' (this request declared {declared!r}); with curl, add "
-                             "-H 'Content-Type: application/json'.", "unsupported_media_type")
+            await send_error(send, APIError(
+                415, f"The request body must be JSON sent with 'Content-Type: application/json' (this request "
+                     f"declared {declared!r}); with curl, add -H 'Content-Type: application/json'.",
+                code="unsupported_media_type"))
             return
         if method in BODY_METHODS:
             try:
                 async with asyncio.timeout(self.body_timeout_s):
                     receive = await self._limited_body(headers, receive)
             except TimeoutError:
-                await send_error(send, 408, f"The request body did not arrive within {self.body_timeout_s:g} "
-                                 "seconds.", "request_timeout", [(b"connection", b"close")])
+                await send_error(send, APIError(408, f"The request body did not arrive within "
+                                                     f"{self.body_timeout_s:g} seconds.", code="request_timeout"),
+                                 [(b"connection", b"close")])
                 return
             if receive is None:
-                await send_error(send, 413, f"The request body is larger than this server's limit of "
-                                 f"{self.max_body_bytes} bytes.", "request_too_large")
+                await send_error(send, APIError(413, f"The request body is larger than this server's limit of "
+                                                     f"{self.max_body_bytes} bytes.", code="request_too_large"))
                 return
         await self.app(scope, receive, send)
 

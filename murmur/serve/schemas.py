@@ -3,7 +3,7 @@
 Fields follow OpenAI's names and ranges; `top_k`, `min_p`, `repetition_penalty` and `ignore_eos`
 are extras in the manner of vLLM. Unknown fields are ignored, as OpenAI-compatible servers do.
 Limits that depend on the server's settings (n, prompts, characters, max_tokens) are checked by the
-handlers in `murmur.serve.api`, before any work, not here.
+handlers (`murmur.serve.checks`), before any work, not here.
 """
 
 from __future__ import annotations

@@ -1,0 +1,90 @@
+"""Refusals in OpenAI's error shape, `{"error": {"message", "type", "param", "code"}}`, and where they come from.
+
+`APIError` is a refusal with its HTTP status. `api_error` maps what the engine raises (a full queue, a
+shutdown, a prompt it cannot serve) to one, keeping the engine's own words; `failure_of` does the same for a
+generation that ended without a reply. `install_error_handlers` makes every other failure FastAPI or
+Starlette meets (bad JSON, a wrong type, an unknown route, a crash) come out in the same shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from murmur.errors import MurmurError, RequestError
+from murmur.infer.engine import EngineBusy, EngineClosed, StepOutput
+
+
+class APIError(Exception):
+    """A refusal sent as OpenAI's `{"error": {...}}` body with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self, headers: Mapping[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def unavailable(message: str, code: str) -> APIError:
+    """A 503: the server cannot work now (loading, failed, stuck, shutting down)."""
+    return APIError(503, message, type="service_unavailable", code=code)
+
+
+def api_error(err: MurmurError, fields: Mapping[str, str] = {}) -> APIError:
+    """The refusal for an engine error. A RequestError keeps its message and code; its param (the engine's
+    name, "prompt" or "max_tokens") becomes the request's field through `fields` (e.g. "prompt" -> "messages")."""
+    if isinstance(err, EngineBusy):
+        return APIError(429, str(err), type="rate_limit_exceeded", code="queue_full")
+    if isinstance(err, EngineClosed):
+        return unavailable(str(err), "shutting_down")
+    if isinstance(err, RequestError):
+        return APIError(400, str(err), param=fields.get(err.param, err.param), code=err.code)
+    return APIError(400, str(err), code="invalid_value")
+
+
+def failure_of(out: StepOutput) -> APIError | None:
+    """The error to report for an engine output that ended without a reply, or None."""
+    if out.finish_reason == "error":
+        return APIError(500, out.error or "generation failed", type="server_error", code="generation_failed")
+    if out.finish_reason == "abort":
+        return unavailable("the request was cancelled because the server is shutting down", "cancelled")
+    return None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every failure in OpenAI's error shape."""
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, err: APIError):
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, err: RequestValidationError):
+        problems = err.errors()
+        first = problems[0] if problems else {}
+        if first.get("type") == "json_invalid":
+            return APIError(400, "We could not parse the JSON body of your request: it is not valid JSON.").response()
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+                            for e in problems[:5])
+        return APIError(400, f"Invalid request: {message}", param=param, code="invalid_value").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, err: StarletteHTTPException):
+        kind = "not_found" if err.status_code == 404 else "invalid_request_error"
+        return APIError(err.status_code, str(err.detail), type=kind).response(getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def on_crash(request: Request, err: Exception):
+        return APIError(500, f"internal error: {type(err).__name__}", type="server_error").response()
