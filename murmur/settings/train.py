@@ -4,12 +4,16 @@ The parallel degrees follow torchtitan's names: pp × dp_replicate × dp_shard �
 dp_shard = -1 means "whatever is left" once the others are fixed.
 """
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field
 
 from murmur.errors import MurmurError
 from murmur.settings.base import Section
+
+# The projections of a block that LoRA can adapt (sft.lora_targets): attention, then MLP.
+LoraTarget = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_TARGETS: tuple[str, ...] = get_args(LoraTarget)
 
 # Each training stage and the recipe section that configures it.
 STAGE_SECTIONS = {"pretrain": "train", "sft": "sft"}
@@ -77,6 +81,12 @@ class SFTSettings(TrainSettings):
     warmup_steps: int = Field(20, ge=0)
     init_from: str | None = Field(None, description="checkpoint or Hugging Face directory to start from; "
                                   "default: the run's latest pretraining checkpoint")
+    # LoRA (murmur/train/lora.py): low-rank adapters on the chosen projections, the base frozen.
+    lora_rank: int = Field(0, ge=0, description="rank of the LoRA adapters; 0 = full finetuning (no adapters)")
+    lora_alpha: float = Field(16.0, gt=0, description="the adapters' output is scaled by lora_alpha / lora_rank")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input while training")
+    lora_targets: list[LoraTarget] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1,
+                                           description="the projections of every block that get adapters")
 
 
 def section_name(stage: str) -> str:

@@ -42,6 +42,7 @@ from murmur.confine import confined, relative_name
 from murmur.errors import MurmurError
 from murmur.model import Transformer
 from murmur.settings.model import ModelSettings
+from murmur.train.lora import apply_lora, is_adapter_name, lora_settings_from_meta, merge_lora
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -247,17 +248,28 @@ def _tokenizer_dir(step_dir: Path, meta: dict[str, Any]) -> Path | None:
 
 
 def load_model_weights(model: nn.Module, step_dir: Path) -> None:
-    """Load only the weights of a checkpoint into `model` (plain or sharded), e.g. to start SFT."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    """Load only the weights of a checkpoint into `model` (plain or sharded), e.g. to start SFT.
 
-    state = {"model": get_model_state_dict(model)}
+    LoRA adapters of `model` are not in the checkpoint it adapts: they keep their initial values. A checkpoint
+    that holds adapters itself is refused, since loading its base alone would silently drop them."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         set_model_state_dict)
+
+    meta = read_meta(step_dir)
+    if isinstance(meta, dict) and lora_settings_from_meta(meta.get("train"), str(Path(step_dir) / META_FILE)):
+        raise MurmurError(f"{step_dir} was finetuned with LoRA; export it merged (`murmur export {step_dir} --out "
+                          "DIR`) and start from DIR instead")
+    state = {"model": {k: v for k, v in get_model_state_dict(model).items() if not is_adapter_name(k)}}
     _dcp_load(state, step_dir)
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
 
 
-def load_for_inference(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-                       ) -> tuple[Transformer, ModelSettings, Path | None]:
-    """The model of a checkpoint (run, stage or step folder), its settings and its tokenizer folder."""
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                       merge_adapters: bool = True) -> tuple[Transformer, ModelSettings, Path | None]:
+    """The model of a checkpoint (run, stage or step folder), its settings and its tokenizer folder.
+
+    A LoRA-finetuned checkpoint comes with its adapters merged into the weights, or kept as adapters
+    (murmur/train/lora.py) with merge_adapters=False."""
     step_dir = _resolve_step_dir(Path(path))
     if step_dir is None:
         raise MurmurError(f"{path} holds no Murmur checkpoint (no checkpoints/latest or step folder)")
@@ -278,12 +290,17 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu", dty
             model = Transformer(settings)
     except (RuntimeError, ValueError, OverflowError) as err:
         raise MurmurError(f"{step_dir / META_FILE}: the model settings describe no buildable model: {err}") from None
+    adapters = lora_settings_from_meta(meta.get("train"), str(step_dir / META_FILE))
+    if adapters:  # checked against the index like every other tensor, before any memory is given
+        apply_lora(model, adapters)
     _check_model_fits(metadata, model, step_dir)
     model.to_empty(device="cpu")
     model.init_weights()  # reties shared weights and rebuilds rope; the values are replaced below
     state = {"model": model.state_dict()}
     _dcp_load(state, step_dir)
     model.load_state_dict(state["model"])
+    if adapters and merge_adapters:
+        merge_lora(model)
     model.to(device=device, dtype=dtype)
     model.init_rope()
     return model.eval(), settings, _tokenizer_dir(step_dir, meta)
