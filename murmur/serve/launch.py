@@ -61,9 +61,11 @@ def serve(src: str | Path, settings: ServeSettings) -> None:
     from murmur.accel import resolve_device
     from murmur.serve.app import create_app
     from murmur.serve.connections import uvicorn_config
+    from murmur.source import is_model_source
 
-    if not Path(src).exists():
-        raise MurmurError(f"{src} does not exist; pass a Hugging Face model directory or a Murmur run folder")
+    if not is_model_source(src):
+        raise MurmurError(f"{src} does not exist; pass a Hugging Face model directory, a Murmur run folder or a "
+                          "GGUF (gguf:PATH)")
     resolve_device(settings.device)  # fail now, not in the background
     app = create_app(settings, model_name=settings.model_name or served_name(src),
                      loader=lambda: build_engine(src, settings), report_dir=report_dir_of(src))
