@@ -21,7 +21,7 @@ import time
 from murmur.plan.gpus import get_gpu
 from murmur.plan.memory import Layout, ModelFacts, estimate_memory
 from murmur.plan.search import (MAX_MICRO_BATCH, CostModel, divisors, pipeline_degrees, search,
-                                tensor_parallel_degrees)
+                                tensor_parallel_degrees, virtual_stages)
 from murmur.settings.model import ModelSettings
 
 
@@ -33,14 +33,13 @@ def exhaustive(facts, gpu, world, per_node, efficiency, target):
     for tp in tensor_parallel_degrees(facts, per_node):
         for pp in pipeline_degrees(facts, world, tp, per_node):
             dp = world // (tp * pp)
-            layers = facts.stage_layers(pp)
             for ac, mbs, dp_shard, reshard in itertools.product(("none", "full"), mbs_options, divisors(dp),
                                                                 (True, False)):
                 tokens = mbs * facts.seq_len
                 if (mbs > 1 and dp * tokens * pp > target) or (dp_shard == 1 and not reshard):
                     continue
                 m = max(pp, max(1, round(target / (dp * tokens))))
-                virtual = max((v for v in (1, 2, 4, 8) if v <= layers), default=1) if pp > 1 and m % pp == 0 else 1
+                virtual = virtual_stages(facts, pp, m)
                 layout = Layout(dp // dp_shard, dp_shard, tp, pp, mbs, ac, virtual, reshard)
                 tried += 1
                 mem = estimate_memory(facts, layout, microbatches=m)

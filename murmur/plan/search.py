@@ -102,6 +102,17 @@ def virtual_stages(facts: ModelFacts, pp: int, microbatches: int) -> int:
     return max(v for v in (1, 2, 4, 8) if pp * v <= facts.settings.n_layers)
 
 
+def bubble_slots_1f1b(pp: int, virtual: int = 1) -> float:
+    """Idle micro-batch slots a (interleaved) 1F1B step adds on each pipeline rank: (pp - 1) / v."""
+    return (pp - 1) / virtual
+
+
+def bubble_fraction(pp: int, virtual: int, microbatches: int) -> float:
+    """The share of a pipeline step spent idle: bubble slots over all slots of the step."""
+    slots = bubble_slots_1f1b(pp, virtual)
+    return slots / (microbatches + slots)
+
+
 class CostModel:
     """Step time of a layout on a GPU, by the rules in this module's docstring."""
 
@@ -138,7 +149,7 @@ class CostModel:
         t_ar = 2 * (r - 1) / r * shard_bytes / n * 4 / bw_rep if r > 1 else 0.0
         exposed_ar = max(0.0, t_ar - t_compute * 2 / 3)
         slot = t_compute + t_tp + exposed_fsdp + t_p2p
-        bubble_slots = (pp - 1) / v
+        bubble_slots = bubble_slots_1f1b(pp, v)
         step = (m + bubble_slots) * slot + exposed_ar
         return step, {"compute": t_compute, "tp": t_tp, "fsdp_exposed": exposed_fsdp, "p2p": t_p2p,
                       "bubble": bubble_slots * slot / m, "allreduce_exposed": exposed_ar / m}
