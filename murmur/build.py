@@ -153,7 +153,8 @@ def resolve_base_model(settings: Settings) -> Settings:
     if base.startswith("hf:"):
         path = _download_hub_model(base.removeprefix("hf:"))
     else:
-        path = Path(base)
+        from murmur.source import local_model_dir  # a GGUF (gguf:PATH, a short name) becomes a cached HF folder
+        path = local_model_dir(base)
         if not (path / "config.json").is_file():
             raise MurmurError(f"model.base {base} is not a Hugging Face model directory (no config.json there); "
                               "pass a local directory holding config.json, model.safetensors and tokenizer.json, "

@@ -453,3 +453,14 @@ def test_smollm2_greedy_tokens_match_transformers():
         with torch.no_grad():
             theirs = hf_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):]
         assert generate_greedy(loaded.model, ids, len(theirs)) == theirs.tolist(), prompt
+
+
+def test_recipe_base_gguf_finetunes_from_a_cached_folder(tiny, tmp_path):
+    """model.base = "gguf:PATH" in a recipe: the build starts SFT and takes the tokenizer from the cached folder."""
+    from murmur.build import resolve_base_model
+    from murmur.config import Settings
+
+    source, _ = load_hf_model(tiny["hf_dir"])
+    path = write_gguf(source, tiny["hf_dir"], tmp_path / "out", quant="f32")
+    settings = resolve_base_model(Settings.model_validate({"model": {"base": f"gguf:{path}"}}))
+    assert settings.model.base == settings.sft.init_from == settings.tokenizer.pretrained == str(hf_dir_for(path))
