@@ -10,7 +10,9 @@ Layout of a tokens folder (see docs/tokenizer.md):
                                                                    length, bytes, source, post_ids
 
 The manifest is the commit point: readers only follow the files it names, and every writer (the tokenize
-stage, `write_shards`, `purge_documents`) writes new files first and replaces the manifest last.
+stage, `write_shards`, `purge_documents`) writes new files first and replaces the manifest last, durably (fsynced).
+Shard and index files are written atomically but not fsynced (one flush each would cost more than the data):
+a crash that loses one is caught by its checksum in the manifest, and the loader asks for `murmur tokenize`.
 
     loader = TokenLoader("runs/demo/tokens", kind="pretrain", split="train", seq_len=256, batch_size=8,
                          rank=rank, world_size=world, seed=0)
@@ -23,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
-import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from murmur.errors import MurmurError
-from murmur.files import write_table_atomic, write_text_atomic
+from murmur.files import atomic_path, write_atomic, write_json_atomic, write_table_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "murmur-tokens/1"
@@ -66,8 +67,8 @@ def read_manifest(tokens_dir: str | Path) -> dict[str, Any]:
 
 
 def write_manifest(tokens_dir: str | Path, manifest: dict[str, Any]) -> None:
-    """Replace the manifest atomically."""
-    write_text_atomic(Path(tokens_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    """Replace the manifest atomically and durably: it is the commit point of every change to the folder."""
+    write_json_atomic(Path(tokens_dir) / MANIFEST, manifest, durable=True)
 
 
 def split_entry(manifest: dict[str, Any], kind: str, split: str) -> dict[str, Any]:
@@ -110,6 +111,42 @@ def verify_split(tokens_dir: str | Path, entry: dict[str, Any]) -> list[str]:
     return problems
 
 
+# ---- file names and the document index (the one definition the writer and the purge share) ------
+
+def _generation_suffix(generation: int) -> str:
+    return f".g{generation}" if generation else ""
+
+
+def shard_file_names(split_dir: str | Path, number: int, generation: int = 0) -> tuple[str, str]:
+    """Relative names of shard `number`'s ids and loss mask in one kind/split folder ("pretrain/train")."""
+    stem = Path(split_dir) / f"shard_{number:05d}{_generation_suffix(generation)}"
+    return f"{stem}.bin", f"{stem}.mask.bin"
+
+
+def index_file_name(split_dir: str | Path, generation: int = 0) -> str:
+    """Relative name of the document index of one kind/split folder."""
+    return str(Path(split_dir) / f"index{_generation_suffix(generation)}.parquet")
+
+
+# The document index: one row per document, in stream order. post_ids is the provenance the purge follows.
+INDEX_COLUMNS = ("doc", "shard", "offset", "length", "bytes", "source", "post_ids")
+
+
+def index_schema():
+    import pyarrow as pa
+
+    return pa.schema([("doc", pa.int64()), ("shard", pa.int32()), ("offset", pa.int64()), ("length", pa.int64()),
+                      ("bytes", pa.int64()), ("source", pa.string()), ("post_ids", pa.list_(pa.string()))])
+
+
+def write_index(path: Path, columns: dict[str, list]) -> str:
+    """Write the document index (a list per column of INDEX_COLUMNS) atomically; its sha256."""
+    import pyarrow as pa
+
+    write_table_atomic(pa.table({name: columns[name] for name in INDEX_COLUMNS}, schema=index_schema()), path)
+    return sha256_file(path)
+
+
 # ---- writing -----------------------------------------------------------------------------------
 
 class ShardWriter:
@@ -122,7 +159,7 @@ class ShardWriter:
         if kind not in KINDS:
             raise MurmurError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
         self.tokens_dir = Path(tokens_dir)
-        self.rel_dir = Path(f"{kind}/{split}")
+        self.rel_dir = f"{kind}/{split}"
         (self.tokens_dir / self.rel_dir).mkdir(parents=True, exist_ok=True)
         self.kind, self.split = kind, split
         self.dtype = np.dtype(dtype)
@@ -131,8 +168,7 @@ class ShardWriter:
         self.shard_tokens = shard_tokens
         self.generation = generation
         self.shards: list[dict[str, Any]] = []
-        self.rows: dict[str, list] = {"doc": [], "shard": [], "offset": [], "length": [], "bytes": [],
-                                      "source": [], "post_ids": []}
+        self.rows: dict[str, list] = {name: [] for name in INDEX_COLUMNS}
         self._ids: list[np.ndarray] = []
         self._masks: list[np.ndarray] = []
         self._fill = 0
@@ -180,31 +216,22 @@ class ShardWriter:
     def _flush(self) -> None:
         if not self._ids:
             return
-        number = len(self.shards)
-        stem = f"shard_{number:05d}" + (f".g{self.generation}" if self.generation else "")
-        entry = {"file": str(self.rel_dir / f"{stem}.bin"), "tokens": self._fill, "documents": self._docs_in_shard}
+        ids_name, mask_name = shard_file_names(self.rel_dir, len(self.shards), self.generation)
+        entry = {"file": ids_name, "tokens": self._fill, "documents": self._docs_in_shard}
         entry["sha256"] = _write_array(self.tokens_dir / entry["file"], self._ids)
         if self.with_mask:
-            entry["mask_file"] = str(self.rel_dir / f"{stem}.mask.bin")
+            entry["mask_file"] = mask_name
             entry["mask_sha256"] = _write_array(self.tokens_dir / entry["mask_file"], self._masks)
         self.shards.append(entry)
         self._ids, self._masks, self._fill, self._docs_in_shard = [], [], 0, 0
 
     def close(self) -> dict[str, Any]:
         """Write the last shard and the document index; the manifest entry of this split."""
-        import pyarrow as pa
-
         self._flush()
-        name = "index" + (f".g{self.generation}" if self.generation else "") + ".parquet"
-        index_rel = str(self.rel_dir / name)
-        table = pa.table({
-            "doc": pa.array(self.rows["doc"], pa.int64()), "shard": pa.array(self.rows["shard"], pa.int32()),
-            "offset": pa.array(self.rows["offset"], pa.int64()), "length": pa.array(self.rows["length"], pa.int64()),
-            "bytes": pa.array(self.rows["bytes"], pa.int64()), "source": pa.array(self.rows["source"], pa.string()),
-            "post_ids": pa.array(self.rows["post_ids"], pa.list_(pa.string()))})
-        path = write_table_atomic(table, self.tokens_dir / index_rel)
+        index_rel = index_file_name(self.rel_dir, self.generation)
+        index_sha = write_index(self.tokens_dir / index_rel, self.rows)
         entry = {"kind": self.kind, "split": self.split, "tokens": self.tokens, "documents": self.documents,
-                 "bytes": self.bytes, "index": index_rel, "index_sha256": sha256_file(path), "shards": self.shards}
+                 "bytes": self.bytes, "index": index_rel, "index_sha256": index_sha, "shards": self.shards}
         if self.with_mask:
             entry["target_tokens"] = self.target_tokens
         return entry
@@ -213,13 +240,11 @@ class ShardWriter:
 def _write_array(path: Path, parts: list[np.ndarray]) -> str:
     """Write arrays back to back to `path` atomically; their sha256."""
     digest = hashlib.sha256()
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for part in parts:
             data = np.ascontiguousarray(part).tobytes()
             digest.update(data)
             f.write(data)
-    os.replace(tmp, path)
     return digest.hexdigest()
 
 
@@ -295,10 +320,7 @@ def _remove_split_files(tokens_dir: Path, old: dict[str, Any], keep: dict[str, A
 
 
 def _copy_tokenizer_file(tokenizer_dir: str | Path, tokens_dir: Path) -> None:
-    src = Path(tokenizer_dir) / "tokenizer.json"
-    tmp = tokens_dir / "tokenizer.json.tmp"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, tokens_dir / "tokenizer.json")
+    write_atomic(tokens_dir / "tokenizer.json", lambda tmp: shutil.copyfile(Path(tokenizer_dir) / "tokenizer.json", tmp))
 
 
 # ---- reading -----------------------------------------------------------------------------------
@@ -527,6 +549,8 @@ def audit_deletions(tokens_dir: str | Path, deleted_post_ids: Iterable[str],
             from tokenizers import Tokenizer
 
             tokenizer = Tokenizer.from_file(str(tok_path))
+            # As the tokenize stage encodes post text: a special token's literal in it is text, not a control token.
+            tokenizer.encode_special_tokens = True
             dtype = np.dtype(manifest["dtype"])
             for text, enc in zip(texts, tokenizer.encode_batch(texts, add_special_tokens=False)):
                 if len(enc.ids) >= MIN_AUDIT_TOKENS:
@@ -566,8 +590,6 @@ def purge_documents(tokens_dir: str | Path, deleted_post_ids: Iterable[str]) -> 
 
     New shard and index files get a new generation name; the manifest is replaced last (atomically), then
     the superseded files are removed. Returns counts and the shards rewritten."""
-    import pyarrow as pa
-
     tokens_dir = Path(tokens_dir)
     deleted = {str(p) for p in deleted_post_ids}
     summary: dict[str, Any] = {"documents_removed": 0, "tokens_removed": 0, "shards_rewritten": []}
@@ -583,6 +605,7 @@ def purge_documents(tokens_dir: str | Path, deleted_post_ids: Iterable[str]) -> 
             if not rows:
                 continue
             generation = _next_generation(entry)
+            split_dir = Path(entry["index"]).parent
             cols = index.to_pydict()
             touched = sorted({cols["shard"][r] for r in rows})
             keep = [i for i in range(index.num_rows) if i not in rows]
@@ -604,32 +627,25 @@ def purge_documents(tokens_dir: str | Path, deleted_post_ids: Iterable[str]) -> 
                     new_offsets[i] = fill
                     fill += n
                 removed_tokens = shard["tokens"] - fill
-                stem = Path(shard["file"]).name.split(".")[0] + f".g{generation}"
-                rel = Path(shard["file"]).parent
-                new = {"file": str(rel / f"{stem}.bin"), "tokens": fill,
+                ids_name, mask_name = shard_file_names(split_dir, number, generation)
+                new = {"file": ids_name, "tokens": fill,
                        "documents": shard["documents"] - sum(1 for i in members if i in rows)}
                 new["sha256"] = _write_array(tokens_dir / new["file"], kept_ids)
                 superseded.append(shard["file"])
                 if masks is not None:
-                    new["mask_file"] = str(rel / f"{stem}.mask.bin")
+                    new["mask_file"] = mask_name
                     new["mask_sha256"] = _write_array(tokens_dir / new["mask_file"], kept_mask)
                     superseded.append(shard["mask_file"])
                 entry["shards"][number] = new
                 summary["tokens_removed"] += removed_tokens
                 summary["shards_rewritten"].append(new["file"])
-            removed_rows = [r for r in sorted(rows)]
-            table = pa.table({
-                "doc": pa.array([cols["doc"][i] for i in keep], pa.int64()),
-                "shard": pa.array([cols["shard"][i] for i in keep], pa.int32()),
-                "offset": pa.array([new_offsets[i] for i in keep], pa.int64()),
-                "length": pa.array([cols["length"][i] for i in keep], pa.int64()),
-                "bytes": pa.array([cols["bytes"][i] for i in keep], pa.int64()),
-                "source": pa.array([cols["source"][i] for i in keep], pa.string()),
-                "post_ids": pa.array([cols["post_ids"][i] for i in keep], pa.list_(pa.string()))})
-            index_rel = str(Path(entry["index"]).parent / f"index.g{generation}.parquet")
-            write_table_atomic(table, tokens_dir / index_rel)
+            removed_rows = sorted(rows)
+            cols["offset"] = new_offsets
+            index_rel = index_file_name(split_dir, generation)
+            index_sha = write_index(tokens_dir / index_rel, {name: [cols[name][i] for i in keep]
+                                                             for name in INDEX_COLUMNS})
             superseded.append(entry["index"])
-            entry["index"], entry["index_sha256"] = index_rel, sha256_file(tokens_dir / index_rel)
+            entry["index"], entry["index_sha256"] = index_rel, index_sha
             entry["tokens"] = sum(s["tokens"] for s in entry["shards"])
             entry["documents"] = len(keep)
             entry["bytes"] -= sum(cols["bytes"][r] for r in removed_rows)

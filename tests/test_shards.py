@@ -257,3 +257,26 @@ def test_large_vocabulary_uses_uint32(tmp_path):
     (batch,) = list(TokenLoader(tmp_path, seq_len=100, batch_size=1, loop=False))
     stream = [t for d in docs for t in [128_000] + d]
     assert batch["inputs"][0, :79].tolist() == stream[:79]
+
+
+def test_audit_finds_a_deleted_text_holding_a_special_tokens_literal(tmp_path):
+    """Shards store post text with a special token's literal as text (`specials_as_text`), so the audit must
+    search for it encoded the same way: encoded as the control token, a deleted `<|im_end|>` post hides."""
+    from murmur.tokenizer import train_tokenizer
+
+    words = "hello world coffee morning train late again weekend music concert tickets sold out".split()
+    rng = random.Random(0)
+    tokenizer = train_tokenizer([" ".join(rng.choice(words) for _ in range(12)) for _ in range(200)], 300,
+                                tmp_path / "tokenizer")
+    deleted = "coffee morning <|im_end|> train late again weekend music concert tickets sold out hello world"
+    kept = "hello world weekend music sold out again"
+    ids = tokenizer.encode_batch([deleted, kept], specials_as_text=True)
+    assert tokenizer.im_end_id not in ids[0]  # the literal is stored as its characters
+    tokens = tmp_path / "tokens"
+    write_shards(tokens, ids, vocab_size=tokenizer.vocab_size, boundary_id=tokenizer.eos_id,
+                 post_ids=[["gone"], ["kept"]], tokenizer_dir=tmp_path / "tokenizer")
+
+    problems = audit_deletions(tokens, [], [deleted])
+    assert len(problems) == 1 and "holds the tokens of deleted text 'coffee morning <|im_end|>" in problems[0]
+    purge_documents(tokens, ["gone"])
+    assert audit_deletions(tokens, [], [deleted]) == []
