@@ -36,7 +36,6 @@ from murmur.shards import IGNORE_INDEX as IGNORE
 from murmur.train import checkpoint as ckpt
 from murmur.train.metrics import IntervalMeter, MetricsLogger, peak_flops_note
 from murmur.train.lora import apply_lora, check_lora_layout, lora_settings, reset_adapters
-from murmur.train.lora import apply_lora, check_lora_layout, lora_settings, reset_adapters
 from murmur.train.optim import build_optimizers, lr_multiplier, set_learning_rate
 from murmur.train.parallel import (Layout, build_mesh, check_model_fits_layout, data_rank, parallelize,
                                    resolve_layout)
@@ -151,7 +150,6 @@ def make_plan(settings, stage: str, world_size: int, model: ModelSettings | None
                           f"{layout.dp_size} = {per_round}; make it a multiple, or 0 for one micro-batch per process")
     else:
         accumulation = ts.global_batch_tokens // per_round
-    check_lora_layout(ts, layout, section)
     check_lora_layout(ts, layout, section)
     check_pipeline(model, layout, accumulation, section)
     return StagePlan(stage, ts, model, layout, accumulation, per_round * accumulation)
@@ -356,10 +354,6 @@ class Trainer:
         if adapters:  # frozen before any wrapper sees the model: FSDP2 and the optimizer then skip the base
             trainable, total = apply_lora(model, adapters)
             self._say(f"lora         {adapters.describe()}: {trainable:,} of {total:,} parameters train")
-        adapters = lora_settings(ts)
-        if adapters:  # frozen before any wrapper sees the model: FSDP2 and the optimizer then skip the base
-            trainable, total = apply_lora(model, adapters)
-            self._say(f"lora         {adapters.describe()}: {trainable:,} of {total:,} parameters train")
         # FSDP casts parameters for compute itself; otherwise autocast does.
         param_dtype = self.dtype if (sharded and self.dtype != torch.float32) else None
         self.autocast = (torch.autocast(rt.device.type, dtype=self.dtype)
@@ -388,8 +382,6 @@ class Trainer:
                 getattr(part, "module", part).init_weights()  # DDP wraps; FSDP2 and TP work in place
         self.part_optimizers = [build_optimizers(part, ts, rt.device.type) for part in self.model_parts]
         self.optimizers = [opt for opts in self.part_optimizers for opt in opts]
-        if meta_init and adapters:  # adapters made on the meta device hold no values since to_empty()
-            reset_adapters(self.model)
         if meta_init and adapters:  # adapters made on the meta device hold no values since to_empty()
             reset_adapters(self.model)
         self.checkpointer = ckpt.Checkpointer(self.stage_dir, ts.keep_checkpoints,
