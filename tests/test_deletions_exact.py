@@ -233,3 +233,12 @@ def test_a_purge_removes_quarantined_copies_of_a_deleted_text(tmp_path):
     purge(out, listing)
     assert not any("harbour" in (r["raw"] or "") for r in quarantine_rows(out))
     assert audit(out) == []
+
+
+def test_an_unattributable_snippet_is_scrubbed_of_personal_data(tmp_path):
+    broken = '{"id": "z9", "text": "call me on +44 20 7946 0958 or mail zoe@example.org", '  # cut short
+    build(tmp_path, [broken, json.dumps(tweet("k1", "A post by somebody else that stays where it is", author="ann"))])
+    [row] = quarantine_rows(tmp_path / "out")
+    assert row["record_id"] is None and row["raw"].startswith('{"id": "z9"')
+    assert "7946" not in row["raw"] and "zoe@example.org" not in row["raw"]
+    assert "<phone>" in row["raw"] and "<email>" in row["raw"]

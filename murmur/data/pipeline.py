@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -41,6 +40,7 @@ from murmur.data.compliance import (
 )
 from murmur.data.dedup import first_occurrence
 from murmur.data.executors import make_executor
+from murmur.data.pii import PiiDetector
 from murmur.data.records import (
     CONVERSATION_SCHEMA,
     POST_SCHEMA,
@@ -51,7 +51,7 @@ from murmur.data.sources import FileReader, SourceFile, resolve_sources
 from murmur.data.split import split_of
 from murmur.data.threads import ThreadPost, tree_conversations
 from murmur.errors import MurmurError
-from murmur.files import write_table_atomic, write_text_atomic
+from murmur.files import atomic_path, move_atomic, write_json_atomic, write_table_atomic
 from murmur.fingerprint import digest, settings_by_key
 from murmur.settings.data import DataSettings
 
@@ -109,7 +109,7 @@ def run(settings: DataSettings, out: str | Path, progress: bool | None = None) -
     for name in ("posts.parquet", "conversations.parquet", "quarantine.parquet", "canaries.json"):
         staged = work / name
         if staged.exists():
-            os.replace(staged, out / name)
+            move_atomic(staged, out / name)
         elif (out / name).exists():
             (out / name).unlink()
     (out / TOMBSTONES_FILE).unlink(missing_ok=True)
@@ -120,7 +120,7 @@ def run(settings: DataSettings, out: str | Path, progress: bool | None = None) -
         record_deletions(out, new_events)
     add_tombstones(out, stats.pop("_tombstones"))
     add_deleted_post_ids(out, stats.pop("_deleted_ids"))
-    write_text_atomic(out / "stats.json", json.dumps(stats, indent=2) + "\n")
+    write_json_atomic(out / "stats.json", stats, durable=True)
     shutil.rmtree(work, ignore_errors=True)
     return stats
 
@@ -201,7 +201,7 @@ def _spill(work: Path, result: BatchResult) -> None:
     write_table_atomic(result.table, work / f"{name}.parquet")
     summary = {"n_in": result.n_in, "dropped": result.dropped, "dropped_authors": result.dropped_authors,
                "in_by_source": result.in_by_source, "quarantine": result.quarantine}
-    write_text_atomic(work / f"{name}.json", json.dumps(summary))
+    write_json_atomic(work / f"{name}.json", summary)
 
 
 # -- global step ---------------------------------------------------------------------------------------------
@@ -295,14 +295,16 @@ def _global_step(settings: DataSettings, work: Path, n_batches: int, deletions: 
                                                             settings.dedup_min_chars)
     if unquarantined:
         dropped["deleted"] += unquarantined
+    # A broken line is still someone's text: its snippet is scrubbed like a post before it is kept.
+    detector = PiiDetector.from_settings(settings)
+    quarantine = [row | {"raw": detector.scrub(row["raw"])[0]} if row.get("raw") else row for row in quarantine]
     split_counts, conversation_stats = _write_outputs(settings, work, sizes, keep, roots, meta, gone,
                                                       dropped_authors)
     canary_list = canary_module.make_canaries(settings.canaries, settings.canary_repeats, settings.seed)
     planted = sum(c.repeats for c in canary_list)
     write_table_atomic(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA), work / "quarantine.parquet")
     if settings.canaries:
-        write_text_atomic(work / "canaries.json",
-                          json.dumps(canary_module.canaries_document(canary_list, settings.seed), indent=2) + "\n")
+        write_json_atomic(work / "canaries.json", canary_module.canaries_document(canary_list, settings.seed))
     quarantine_reasons = Counter(q["reason"].split(":")[0] for q in quarantine)
     dropped_total = {k: v for k, v in sorted(dropped.items()) if v}
     return {
@@ -352,12 +354,11 @@ def _write_outputs(settings: DataSettings, work: Path, sizes: list[int], keep: n
     bucket_schema = pa.schema([("id", pa.string()), ("parent_id", pa.string()), ("author_id", pa.string()),
                                ("text", pa.string()), ("root_id", pa.string()), ("order", pa.int64())])
     bucket_writers = [pq.ParquetWriter(work / f"threads-{b:04d}.parquet", bucket_schema) for b in range(n_buckets)]
-    posts_tmp = work / ".posts.parquet.partial"
     split_counts = Counter()
     times = meta.column("time").to_numpy() if meta is not None else np.zeros(0, np.int64)
     rank = np.empty(times.size, dtype=np.int64)
     rank[np.lexsort((np.arange(times.size), times))] = np.arange(times.size)
-    with pq.ParquetWriter(posts_tmp, POST_SCHEMA) as writer:
+    with atomic_path(work / "posts.parquet") as posts_tmp, pq.ParquetWriter(posts_tmp, POST_SCHEMA) as writer:
         start = 0
         for i, size in enumerate(sizes):
             mask = keep[start:start + size]
@@ -403,12 +404,11 @@ def _write_outputs(settings: DataSettings, work: Path, sizes: list[int], keep: n
             writer.write_table(pa.Table.from_pylist(rows, schema=POST_SCHEMA))
     for bucket_writer in bucket_writers:
         bucket_writer.close()
-    os.replace(posts_tmp, work / "posts.parquet")
 
-    conversations_tmp = work / ".conversations.parquet.partial"
     n_conversations = n_turns = 0
     conversation_splits = Counter()
-    with pq.ParquetWriter(conversations_tmp, CONVERSATION_SCHEMA) as writer:
+    with atomic_path(work / "conversations.parquet") as conversations_tmp, \
+            pq.ParquetWriter(conversations_tmp, CONVERSATION_SCHEMA) as writer:
         for b in range(n_buckets):
             table = pq.read_table(work / f"threads-{b:04d}.parquet").sort_by([("root_id", "ascending"),
                                                                                ("order", "ascending")])
@@ -426,7 +426,6 @@ def _write_outputs(settings: DataSettings, work: Path, sizes: list[int], keep: n
             if rows:
                 writer.write_table(pa.Table.from_pylist(rows, schema=CONVERSATION_SCHEMA))
             (work / f"threads-{b:04d}.parquet").unlink()
-    os.replace(conversations_tmp, work / "conversations.parquet")
     return ({name: split_counts.get(name, 0) for name in SPLITS},
             {"conversations": n_conversations, "conversation_turns": n_turns,
              "conversation_splits": {name: conversation_splits.get(name, 0) for name in SPLITS}})
