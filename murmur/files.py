@@ -105,25 +105,27 @@ def move_atomic(source: str | Path, target: str | Path, *, durable: bool = False
     return target
 
 
-def _fsync_tree(root: Path) -> None:
-    for folder, _, names in os.walk(root):
-        for name in names:
-            fsync_path(Path(folder) / name)
-        fsync_path(folder)
-
-
 def replace_dir(tmp: str | Path, final: str | Path, *, durable: bool = False) -> Path:
-    """Move the finished folder `tmp` to `final`, replacing an existing one (the old copy is renamed aside
-    first, so `final` is at every moment either the old folder or the new one, then removed)."""
+    """Move the finished folder `tmp` to `final`, replacing an existing one: the old folder is renamed aside,
+    the new one renamed in, then the old one removed. A reader never sees a mix of the two, only (for the
+    instant between the renames) no folder; when the second rename fails the old folder is put back.
+
+    durable: fsync `tmp` (the names it holds) before the rename and the parent after it. The files inside are
+    the caller's to write durably when they must survive a crash (a manifest, checkpoint metadata)."""
     tmp, final = Path(tmp), Path(final)
     if durable:
-        _fsync_tree(tmp)
+        fsync_path(tmp)
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}-{threading.get_ident()}")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old is not None:
+            os.replace(old, final)
+        raise
     if durable:
         fsync_path(final.parent)
     if old is not None:

@@ -37,12 +37,12 @@ CHILD = textwrap.dedent("""
             return original_step(self, batches)
         trainer.Trainer.train_step = train_step
     else:  # "mid-write": the step-8 shards are on disk, its murmur.json is not
-        original_write = checkpoint._write_json
-        def write_json(path, data):
+        original_write = checkpoint.write_json_atomic
+        def write_json(path, data, **kw):
             if path.name == checkpoint.META_FILE and "step_00000008" in path.parent.name:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return original_write(path, data)
-        checkpoint._write_json = write_json
+            return original_write(path, data, **kw)
+        checkpoint.write_json_atomic = write_json
     trainer.run_stage(settings_for(run, **%r), run, "pretrain")
 """ % SETTINGS)
 

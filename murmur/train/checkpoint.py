@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import pickle
 import shutil
 import warnings
@@ -40,6 +39,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from murmur.confine import confined, relative_name
 from murmur.errors import MurmurError
+from murmur.files import replace_dir, write_json_atomic, write_text_atomic
 from murmur.model import Transformer
 from murmur.settings.model import ModelSettings
 from murmur.train.lora import apply_lora, is_adapter_name, lora_settings_from_meta, merge_lora
@@ -336,23 +336,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _gather_json(obj: Any) -> list[Any]:
     if not dist.is_initialized():
         return [obj]
@@ -427,12 +410,10 @@ class Checkpointer:
         def finalize() -> None:
             _barrier()
             if _is_main():
-                _write_json(partial / STATE_FILE, {"ranks": ranks_state})
-                _write_json(partial / META_FILE, meta)  # murmur.json last: its presence marks completeness
-                _fsync_dir(partial)
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(partial, final)
+                write_json_atomic(partial / STATE_FILE, {"ranks": ranks_state}, durable=True)
+                # murmur.json last: its presence marks completeness
+                write_json_atomic(partial / META_FILE, meta, durable=True)
+                replace_dir(partial, final, durable=True)
                 self._point_latest(final.name)
                 self._prune()
             _barrier()
@@ -447,13 +428,7 @@ class Checkpointer:
         return final
 
     def _point_latest(self, name: str) -> None:
-        tmp = self.dir / (LATEST + ".tmp")
-        with open(tmp, "w") as handle:
-            handle.write(name + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.dir / LATEST)
-        _fsync_dir(self.dir)
+        write_text_atomic(self.dir / LATEST, name + "\n", durable=True)
 
     def _prune(self) -> None:
         steps = sorted(p for p in self.dir.glob("step_*") if p.is_dir())

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from murmur import accel
 from murmur.errors import MurmurError
+from murmur.files import write_json_atomic
 from murmur.model import Transformer, count_params, flops_per_token
 from murmur.settings.model import ModelSettings
 from murmur.settings.train import TrainSettings, section_name, training_settings
@@ -185,7 +186,7 @@ def _claim_stage_dir(stage_dir: Path, plan: StagePlan, overwrite: bool, rt: Runt
             raise MurmurError(f"{stage_dir} exists but was not written by `murmur train`; pass --overwrite to "
                               "replace it, or choose another run.dir")
         stage_dir.mkdir(parents=True, exist_ok=True)
-        ckpt._write_json(marker, wanted)
+        write_json_atomic(marker, wanted, durable=True)
     if dist.is_initialized():
         dist.barrier()
 
