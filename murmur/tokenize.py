@@ -22,13 +22,13 @@ import itertools
 import json
 import math
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from murmur.data.records import SPLITS
 from murmur.errors import MurmurError
+from murmur.files import staged_dir
 from murmur.fingerprint import digest, settings_by_key
 from murmur.shards import (
     ShardWriter,
@@ -38,7 +38,7 @@ from murmur.shards import (
     sha256_file,
     write_manifest,
 )
-from murmur.tokenizer import ChatTokenizer, open_parquet, replace_dir
+from murmur.tokenizer import ChatTokenizer, open_parquet
 
 BATCH = 2048
 CHAT_ROLES = ("system", "user", "assistant")
@@ -268,25 +268,21 @@ def tokenize_corpus(data_dir: str | Path, tokenizer_dir: str | Path, out_dir: st
         if old.get("fingerprint") == fingerprint:
             return {**old.get("summary", {}), "tokens_dir": str(out_dir), "skipped": True}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     # Millions of short id lists and no reference cycles: the cyclic collector would only rescan them.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        summary = _write_all(data_dir, tokenizer, tmp, cfg, chat_sources)
-        manifest = new_manifest(tokenizer.vocab_size, tokenizer.vocab_hash(), tokenizer.eos_id)
-        manifest["splits"] = summary.pop("splits")
-        manifest["fingerprint"] = fingerprint
-        manifest["summary"] = summary
-        manifest["sources"] = {"data": str(data_dir), "tokenizer": str(tokenizer_dir),
-                               "chat_sources": [{"path": p, "weight": w} for p, w in chat_sources]}
-        shutil.copyfile(Path(tokenizer_dir) / "tokenizer.json", tmp / "tokenizer.json")
-        write_manifest(tmp, manifest)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # Durable: the manifest and the swap survive a crash (a shard lost with it fails its checksum on reading).
+        with staged_dir(out_dir, durable=True) as tmp:
+            summary = _write_all(data_dir, tokenizer, tmp, cfg, chat_sources)
+            manifest = new_manifest(tokenizer.vocab_size, tokenizer.vocab_hash(), tokenizer.eos_id)
+            manifest["splits"] = summary.pop("splits")
+            manifest["fingerprint"] = fingerprint
+            manifest["summary"] = summary
+            manifest["sources"] = {"data": str(data_dir), "tokenizer": str(tokenizer_dir),
+                                   "chat_sources": [{"path": p, "weight": w} for p, w in chat_sources]}
+            shutil.copyfile(Path(tokenizer_dir) / "tokenizer.json", tmp / "tokenizer.json")
+            write_manifest(tmp, manifest)
     finally:
         if gc_was_enabled:
             gc.enable()

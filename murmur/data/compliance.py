@@ -32,7 +32,7 @@ from pathlib import Path
 from murmur.data.dedup import exact_hash, normalised
 from murmur.data.threads import MERGE_SEPARATOR
 from murmur.errors import MurmurError
-from murmur.files import write_table_atomic, write_text_atomic
+from murmur.files import write_json_atomic, write_table_atomic, write_text_atomic
 
 DELETIONS_FILE = "deletions.txt"
 TOMBSTONES_FILE = "tombstones.txt"
@@ -229,7 +229,8 @@ def record_deletions(data_dir: Path, events: list[DeletionEvent]) -> None:
     if previous and not previous.endswith("\n"):
         previous += "\n"
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
-    write_text_atomic(target, previous + f"# applied {stamp}\n" + "".join(f"{e.line()}\n" for e in events))
+    write_text_atomic(target, previous + f"# applied {stamp}\n" + "".join(f"{e.line()}\n" for e in events),
+                      durable=True)
 
 
 def recorded_deletion_events(data_dir: Path) -> list[DeletionEvent]:
@@ -268,7 +269,8 @@ def _json_string(line: str) -> str:
 
 def add_deleted_post_ids(data_dir: Path, ids) -> None:
     merged = deleted_post_ids(data_dir) | set(ids)
-    write_text_atomic(data_dir / DELETED_POSTS_FILE, "".join(f"{json.dumps(i)}\n" for i in sorted(merged)))
+    write_text_atomic(data_dir / DELETED_POSTS_FILE, "".join(f"{json.dumps(i)}\n" for i in sorted(merged)),
+                      durable=True)
 
 
 def tombstone_hashes(data_dir: Path) -> set[int]:
@@ -280,7 +282,7 @@ def tombstone_hashes(data_dir: Path) -> set[int]:
 
 def add_tombstones(data_dir: Path, hashes) -> None:
     merged = tombstone_hashes(data_dir) | set(hashes)
-    write_text_atomic(data_dir / TOMBSTONES_FILE, "".join(f"{h:016x}\n" for h in sorted(merged)))
+    write_text_atomic(data_dir / TOMBSTONES_FILE, "".join(f"{h:016x}\n" for h in sorted(merged)), durable=True)
 
 
 def data_dir_of(path: str | Path) -> Path:
@@ -573,5 +575,5 @@ def purge(path: str | Path, deletions_file: str | Path, min_turns: int | None = 
         summary["token_problems"] = shards.audit_deletions(tokens, gone, deleted_texts)
     stats.setdefault("purges", []).append({"at": datetime.now(UTC).isoformat(timespec="seconds"),
                                            **{k: v for k, v in summary.items() if k != "token_problems"}})
-    write_text_atomic(data_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
+    write_json_atomic(data_dir / "stats.json", stats, durable=True)
     return summary

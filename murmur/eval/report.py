@@ -10,11 +10,10 @@ in its `murmur:data` text chunk, so a test (or a curious reader) can check a cha
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from murmur.files import read_jsonl, write_text_atomic
+from murmur.files import read_jsonl, write_atomic, write_text_atomic
 
 CHART_KEY = "murmur:data"
 
@@ -38,12 +37,12 @@ def _save(fig, path: Path, data: Any) -> Path:
     """Save a figure as PNG atomically, with `data` as JSON in the PNG text chunk `murmur:data`."""
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.name}.tmp")
     fig.tight_layout()
-    fig.savefig(tmp, format="png", dpi=100, metadata={CHART_KEY: json.dumps(data, sort_keys=True)})
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100,
+                                                          metadata={CHART_KEY: json.dumps(data, sort_keys=True)}))
+    finally:
+        plt.close(fig)
 
 
 def _figure(width: float = 7.0, height: float = 4.0):

@@ -21,7 +21,7 @@ import torch
 
 from murmur.accel import resolve_device
 from murmur.errors import MurmurError
-from murmur.files import write_text_atomic
+from murmur.files import write_json_atomic
 from murmur.settings.eval import EvalSettings
 
 STAGES = ("pretrain", "sft")
@@ -86,10 +86,6 @@ def _load(src: Path, device: torch.device):
     elif meta_file.is_file():
         info.update({k: v for k, v in json.loads(meta_file.read_text()).items() if k in ("stage", "step", "tokens")})
     return loaded.model.eval(), ChatTokenizer.load(loaded.tokenizer_dir), info
-
-
-def _write_json(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def evaluate(src: str | Path, settings: EvalSettings, data_dir: str | Path | None = None,
@@ -178,7 +174,7 @@ def evaluate(src: str | Path, settings: EvalSettings, data_dir: str | Path | Non
 
     timings["total"] = time.perf_counter() - started
     results["timings"] = timings
-    _write_json(out_dir / "eval" / "results.json", results)
+    write_json_atomic(out_dir / "eval" / "results.json", results)
     return results
 
 
