@@ -5,23 +5,27 @@ The accounting follows what Murmur's trainer does with FSDP2 mixed precision (th
 - model states: fp32 master parameters (4 B), fp32 gradients (4 B) and AdamW's two fp32 moments (8 B),
   16 bytes per parameter, sharded over dp_shard x tp within a pipeline stage (HSDP's replicas each hold a
   full shard set, so dp_replicate does not divide);
-- working buffers: FSDP gathers one unit (a block, or the embedding / output head) in bf16 while it
-  prefetches the next, and holds the unsharded fp32 gradient of one unit before its reduce-scatter;
-  without resharding after forward, the whole stage's gathered bf16 parameters stay until backward;
+- working buffers (FSDP only, dp_shard > 1): FSDP gathers one unit (a block, or the embedding / output
+  head) in bf16 while it prefetches the next, and holds the unsharded fp32 gradient of one unit before its
+  reduce-scatter; without resharding after forward, the whole stage's gathered bf16 parameters stay until
+  backward;
 - activations, in bf16, per token and per block, as a compiled block saves them for backward
-  (see `activation_bytes_per_token`); tensor parallelism with sequence parallelism divides them by tp;
+  (see `activation_elements_per_token`); tensor parallelism with sequence parallelism divides them by tp;
   full activation checkpointing keeps only each block's input plus one block being recomputed;
   a 1F1B pipeline keeps up to pp micro-batches in flight on its first stage;
 - the loss: bf16 logits, their fp32 copy and the fp32 gradient (10 bytes per vocabulary entry per token),
   vocabulary-parallel under tp;
 - the caching allocator's fragmentation (10% on top of what is allocated) and the CUDA context and
   NCCL buffers (1.5 GiB), which live outside PyTorch's allocator.
+
+`compute_bytes=4, compiled=False` describes a float32 eager run, as on CPU, where
+tests/test_plan_memory_measured.py checks `MemoryEstimate.allocated` against the trainer's measured peak.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
 
 from murmur.settings.model import ModelSettings
 
@@ -29,7 +33,6 @@ GiB = 2**30
 STATE_BYTES_PER_PARAM = {"adamw": 16, "muon": 12}  # fp32 param + fp32 grad + optimizer moments
 FRAGMENTATION = 0.10
 RUNTIME_RESERVE_BYTES = 1.5 * GiB
-LOSS_BYTES_PER_LOGIT = 2 + 4 + 4  # bf16 logits, fp32 upcast for the loss, fp32 gradient
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,8 @@ class ModelFacts:
         self.flops_per_token = flops_per_token(s, seq_len=seq_len)
         self.non_embedding_params = count_params(s, embeddings=False)
 
-    @cached_property
-    def activation_bytes_per_token(self) -> float:
-        """bf16 bytes one block saves for backward per token (no recomputation).
+    def activation_elements_per_token(self, compiled: bool = True) -> float:
+        """Values one block saves for backward per token (no recomputation).
 
         Per token: both norms' input and output (4 dim); q, k, v after rotary embedding, the attention
         output and its contiguous copy for o_proj (3 q + 2 kv); gate and up projections and their
@@ -82,7 +84,7 @@ class ModelFacts:
         s = self.settings
         q = s.n_heads * s.attention_head_dim
         kv = s.kv_heads * s.attention_head_dim
-        return 2 * (4 * s.dim + 3 * q + 2 * kv + 3 * s.hidden_dim)
+        return 4 * s.dim + 3 * q + 2 * kv + (3 if compiled else 4) * s.hidden_dim
 
     @lru_cache(maxsize=None)
     def stage_blocks(self, pp: int) -> tuple[int, ...]:
@@ -121,6 +123,11 @@ class MemoryEstimate:
     runtime: float
 
     @property
+    def allocated(self) -> float:
+        """What PyTorch's allocator hands out: the total without fragmentation and the runtime's reserve."""
+        return self.total - self.fragmentation - self.runtime
+
+    @property
     def total(self) -> float:
         return (self.params + self.grads + self.optimizer + self.activations + self.logits + self.buffers
                 + self.fragmentation + self.runtime)
@@ -133,11 +140,13 @@ class MemoryEstimate:
 
 
 def estimate_memory(facts: ModelFacts, layout: Layout, optimizer: str = "adamw",
-                    microbatches: int | None = None) -> MemoryEstimate:
+                    microbatches: int | None = None, compute_bytes: int = 2, compiled: bool = True
+                    ) -> MemoryEstimate:
     """Peak bytes per GPU for `layout` (the larger of the first and last pipeline stage).
 
     microbatches: micro-batches per step per pipeline; a 1F1B pipeline keeps min(pp, microbatches) of them
-    in flight on its first stage (default: pp).
+    in flight on its first stage (default: pp). compute_bytes: of activations, logits and gathered
+    parameters (2: bf16; 4: float32). compiled: blocks under torch.compile (eager saves more).
     """
     s = facts.settings
     tp, pp = layout.tp, layout.pp
@@ -146,22 +155,25 @@ def estimate_memory(facts: ModelFacts, layout: Layout, optimizer: str = "adamw",
     in_flight = min(pp, microbatches) if microbatches else pp
     layers = facts.stage_layers(pp)
 
-    per_block = facts.activation_bytes_per_token * tokens / tp
+    per_block = facts.activation_elements_per_token(compiled) * compute_bytes * tokens / tp
     if layout.activation_checkpointing == "full":
-        stored = layers * 2 * s.dim * tokens / tp  # each block's input
+        stored = layers * compute_bytes * s.dim * tokens / tp  # each block's input
         recompute = per_block
     else:
         stored, recompute = layers * per_block, 0.0
-    activation_grads = 2 * 2 * s.dim * tokens / tp  # gradient flowing between blocks, two live at once
-    unit = max(facts.layer_params, facts.embedding_params) / tp
-    buffers = unit * (2 + 2 + 4)  # gathered bf16 unit + prefetched unit + unsharded fp32 gradient of a unit
-    if not layout.reshard_after_forward and layout.dp_shard > 1:
-        buffers += max(facts.stage_params(pp)) / tp * 2
+    activation_grads = 2 * compute_bytes * s.dim * tokens / tp  # gradient flowing between blocks, two live at once
+    buffers = 0.0
+    if layout.dp_shard > 1:  # FSDP's gathered copies; one process, DDP and TP alone keep none
+        unit = max(facts.layer_params, facts.embedding_params) / tp
+        buffers = unit * (2 * compute_bytes + 4)  # gathered unit + prefetched unit + unsharded fp32 gradient
+        if not layout.reshard_after_forward:
+            buffers += max(facts.stage_params(pp)) / tp * compute_bytes
 
     first_params, last_params = facts.stage_params(pp)
     first_acts = stored * in_flight + recompute + activation_grads
     last_acts = stored + recompute + activation_grads
-    logits = tokens * s.vocab_size * LOSS_BYTES_PER_LOGIT / tp
+    # The logits, their fp32 copy for the loss (none when they are fp32 already) and its fp32 gradient.
+    logits = tokens * s.vocab_size * (compute_bytes + (0 if compute_bytes == 4 else 4) + 4) / tp
     state_bytes = STATE_BYTES_PER_PARAM[optimizer]
 
     candidates = []
