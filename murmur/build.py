@@ -27,7 +27,6 @@ import glob
 import importlib
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from murmur.build_types import (
 from murmur.config import Settings
 from murmur.config import run_dir as settings_run_dir
 from murmur.errors import MurmurError
-from murmur.files import write_text_atomic
+from murmur.files import remove_dir, write_json_atomic
 from murmur.fingerprint import digest, is_under, settings_by_key
 from murmur.settings.train import training_settings
 
@@ -68,8 +67,8 @@ def load_record(run_dir: Path) -> dict[str, Any]:
 
 
 def save_record(run_dir: Path, record: dict[str, Any]) -> None:
-    """Write the build record atomically."""
-    write_text_atomic(Path(run_dir) / BUILD_FILE, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    """Write the build record atomically (its summaries are made JSON by `_jsonable` first)."""
+    write_json_atomic(Path(run_dir) / BUILD_FILE, record)
 
 
 # ---------------------------------------------------------------------------------- files from outside
@@ -255,6 +254,14 @@ def _check_sft(settings: Settings, stage: Stage) -> None:
     _check_training_layout(settings, stage.name)
 
 
+def _check_index(settings: Settings, stage: Stage) -> None:
+    from importlib.util import find_spec
+
+    if settings.index.url and find_spec("psycopg") is None:
+        raise MurmurError(f"stage {stage.name}: index.url names a PostgreSQL server but psycopg is not installed; "
+                          "pip install 'murmur[postgres]', or unset index.url for SQLite in RUN/index/")
+
+
 def intended_world_size(settings: Settings, stage: str) -> int:
     """The number of processes a training stage's layout names (dp_shard=-1, "the rest", counts as 1)."""
     parallel = training_settings(settings, stage).parallel
@@ -294,6 +301,13 @@ CHAT_SHARD_SETTINGS = ("tokenizer.sft_roles", "tokenizer.thread_weight", "tokeni
 # Settings of the [tokenizer] section that only the tokenize stage reads; the tokenizer stage ignores them.
 # A setting left off this list retrains the tokenizer.
 TOKENIZE_ONLY_SETTINGS = CHAT_SHARD_SETTINGS + ("tokenizer.shard_tokens",)
+# Index settings the parent-recall evaluation depends on (murmur.index.parent_recall); the eval stage reads them.
+RECALL_SETTINGS = ("index.candidates", "index.recency_weight", "index.recency_half_life_hours",
+                   "index.max_query_chars", "index.max_query_terms", "index.recall_examples")
+# Index settings that change no row of a built index: how it is queried, followed or written in batches.
+# The index stage ignores them; a setting left off this list rebuilds the index.
+INDEX_QUERY_SETTINGS = RECALL_SETTINGS + ("index.top_k", "index.poll_interval_s", "index.max_record_bytes",
+                                          "index.max_json_depth", "index.batch_size")
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", "murmur.data.pipeline:run_stage", ("data",), (), ("data",), "data/stats.json",
@@ -314,8 +328,14 @@ STAGES: tuple[Stage, ...] = (
           "finetune on conversations", input_files=_base_model_files, preflight=_check_sft, call=_call_trainer),
     Stage("export", "murmur.export:run_stage", (), ("sft",), ("model",), "model/config.json",
           ("sft/checkpoints/latest",), "export a Hugging Face directory"),
-    Stage("eval", "murmur.eval.runner:run_stage", ("eval",), ("export", "tokenize", "data"), ("eval", "report"),
-          "eval/results.json", ("model/config.json", "data/conversations.parquet"), "evaluate and write the report"),
+    # outputs=(): a rerun must not clear index/ first; the stage swaps its new index in itself and carries
+    # over the old one's tombstones, which a cleared SQLite file would lose (deletions applied by --follow).
+    Stage("index", "murmur.index:run_stage", ("index",), ("data",), (), "index/index.json",
+          ("data/posts.parquet",), "index the posts for retrieval", ignores=INDEX_QUERY_SETTINGS,
+          preflight=_check_index),
+    Stage("eval", "murmur.eval.runner:run_stage", ("eval", *RECALL_SETTINGS), ("export", "tokenize", "data", "index"),
+          ("eval", "report"), "eval/results.json", ("model/config.json", "data/conversations.parquet"),
+          "evaluate and write the report"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 STAGE_BY_NAME = {s.name: s for s in STAGES}
@@ -509,12 +529,7 @@ def _load_function(stage: Stage) -> StageFunction:
 
 def _clear_outputs(directory: Path, stage: Stage) -> None:
     for name in stage.outputs:
-        path = directory / name
-        if path.exists():
-            # Rename first so that a crash mid-delete never leaves a half-removed folder under the real name.
-            doomed = path.with_name(f".{name}.old.{os.getpid()}")
-            os.replace(path, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+        remove_dir(directory / name)
 
 
 def _now() -> str:

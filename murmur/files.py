@@ -149,13 +149,16 @@ def staged_dir(final: str | Path, *, durable: bool = False) -> Iterator[Path]:
 
 
 def remove_dir(path: str | Path) -> None:
-    """Delete a folder so that no reader ever sees it half removed: renamed aside first, then deleted."""
+    """Delete a folder (or a file) so that no reader ever sees it half removed: renamed aside, then deleted."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return
     doomed = path.with_name(f".{path.name}.old-{os.getpid()}-{threading.get_ident()}")
     os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    if doomed.is_dir() and not doomed.is_symlink():
+        shutil.rmtree(doomed, ignore_errors=True)
+    else:
+        doomed.unlink(missing_ok=True)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

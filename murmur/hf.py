@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from safetensors.torch import save_file
 
 from murmur.confine import confined, folder_root, relative_name
 from murmur.errors import MurmurError
+from murmur.files import staged_dir
 from murmur.model import Transformer
 from murmur.settings.model import ModelSettings, RopeScaling
 
@@ -357,9 +356,7 @@ def save_hf_model(model: Transformer, out_dir: str | Path, tokenizer_dir: str | 
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     out_dtype = next(iter(state.values())).dtype
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         config = hf_config_from_settings(model.settings, special_tokens, out_dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _write_weights(state, tmp, max_shard_bytes)
@@ -368,17 +365,6 @@ def save_hf_model(model: Transformer, out_dir: str | Path, tokenizer_dir: str | 
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).is_file():  # a link out (to a key, say) must not be exported
                     shutil.copy2(confined(root, Path(tokenizer_dir) / name, f"tokenizer file {name}"), tmp / name)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

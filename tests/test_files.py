@@ -191,8 +191,10 @@ def test_remove_dir(tmp_path):
     doomed = tmp_path / "tokens"
     (doomed / "pretrain").mkdir(parents=True)
     (doomed / "pretrain" / "shard.bin").write_bytes(b"1")
+    (tmp_path / "results.json").write_text("{}")
     files.remove_dir(doomed)
     files.remove_dir(doomed)  # already gone: nothing to do
+    files.remove_dir(tmp_path / "results.json")  # a file goes the same way
     assert os.listdir(tmp_path) == []
 
 

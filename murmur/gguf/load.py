@@ -13,13 +13,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from murmur.errors import MurmurError
+from murmur.files import staged_dir
 from murmur.gguf.layout import (ROPE_FREQS, expected_shapes, llama3_scaling, murmur_name, settings_from_metadata,
                                 unpermute_qk)
 from murmur.gguf.reader import GGUFFile
@@ -113,17 +112,13 @@ def read_gguf_model(path: str | Path, device: str | torch.device = "cpu", dtype:
 def tokenizer_dir(file: GGUFFile) -> Path:
     """A tokenizer folder (tokenizer.json, tokenizer_config.json, chat_template.jinja) rebuilt from the GGUF's
     metadata, cached by content: loading the same tokenizer again reuses the folder."""
-    from murmur.tokenizer import replace_dir
-
     tokenizer, config = tokenizer_from_metadata(file.metadata, str(file.path))
     spec = tokenizer.to_str()
     digest = hashlib.sha256((spec + json.dumps(config, sort_keys=True)).encode("utf-8")).hexdigest()[:24]
     out = cache_root() / "tokenizers" / digest
     if (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         tokenizer.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                                    encoding="utf-8")
@@ -132,10 +127,6 @@ def tokenizer_dir(file: GGUFFile) -> Path:
                                                      encoding="utf-8")
         if config.get("chat_template"):
             (tmp / "chat_template.jinja").write_text(config["chat_template"], encoding="utf-8")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

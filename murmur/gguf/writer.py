@@ -11,8 +11,6 @@ whose rows are not whole q8_0 blocks (32 values) is stored as f16.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 
 from murmur.errors import MurmurError
+from murmur.files import staged_dir
 from murmur.gguf.layout import ARCHITECTURE, ROPE_FREQS, gguf_name, llama3_divisors, metadata_from_settings, permute_qk
 from murmur.gguf.tokenizer import metadata_from_tokenizer
 from murmur.model import Transformer
@@ -91,7 +90,7 @@ def write_gguf(model: Transformer, tokenizer_dir: str | Path | None, out_dir: st
     """Write out_dir/model-QUANT.gguf and out_dir/Modelfile, replacing out_dir atomically; returns the file."""
     from gguf import GGUFWriter
 
-    from murmur.tokenizer import ChatTokenizer, replace_dir
+    from murmur.tokenizer import ChatTokenizer
 
     if quant not in QUANTS:
         raise MurmurError(f"GGUF quantization {quant!r} is not supported; choose one of {', '.join(QUANTS)}")
@@ -103,9 +102,7 @@ def write_gguf(model: Transformer, tokenizer_dir: str | Path | None, out_dir: st
     tensors = gguf_tensors(model, quant)
     out_dir = Path(out_dir)
     filename = f"model-{quant}.gguf"
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         writer = GGUFWriter(tmp / filename, ARCHITECTURE)
         writer.add_name(name)
         writer.add_file_type(_FILE_TYPE[quant])
@@ -118,8 +115,4 @@ def write_gguf(model: Transformer, tokenizer_dir: str | Path | None, out_dir: st
         writer.write_tensors_to_file()
         writer.close()
         (tmp / "Modelfile").write_text(modelfile(filename, chat), encoding="utf-8")
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir / filename

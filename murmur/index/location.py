@@ -10,7 +10,7 @@ import json
 import re
 from pathlib import Path
 
-from murmur.files import write_text_atomic
+from murmur.files import write_json_atomic
 from murmur.index.base import IndexUnavailable, PostIndex
 from murmur.settings.index import IndexSettings, url_has_password
 
@@ -54,7 +54,7 @@ def read_pointer(index_dir: Path) -> dict:
 
 
 def write_pointer(index_dir: Path, record: dict) -> None:
-    write_text_atomic(index_dir / POINTER, json.dumps(record, indent=2) + "\n")
+    write_json_atomic(index_dir / POINTER, record, durable=True)  # it names the database readers open
 
 
 def open_index(location: str | Path, settings: IndexSettings | None = None, *, create: bool = False) -> PostIndex:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -20,7 +19,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from murmur.files import read_jsonl
+from murmur.files import read_jsonl, write_atomic
+from murmur.train.trackers import open_trackers
 
 # Dense bf16 tensor-core peak FLOP/s per GPU, from the vendors' data sheets (without sparsity).
 # Matched against torch.cuda.get_device_name() by the first key it contains.
@@ -148,10 +148,12 @@ class IntervalMeter:
 
 
 class MetricsLogger:
-    """Writes training records of one stage to metrics.jsonl, tb/ and the console (rank 0 only)."""
+    """Writes training records of one stage to metrics.jsonl, the console and the experiment trackers of
+    `loggers` (TensorBoard in tb/, trackio, wandb: murmur.train.trackers), on rank 0 only."""
 
     def __init__(self, stage_dir: Path, total_steps: int, flops_per_token: float, device: torch.device,
-                 world_size: int, enabled: bool = True, tensorboard: bool = True, stream=None):
+                 world_size: int, enabled: bool = True, loggers: list[str] = ("tensorboard",), stream=None,
+                 config: dict[str, Any] | None = None):
         self.stage_dir = Path(stage_dir)
         self.total_steps = total_steps
         self.flops_per_token = flops_per_token
@@ -160,17 +162,11 @@ class MetricsLogger:
         self.enabled = enabled
         self.stream = stream or sys.stdout
         self._jsonl = None
-        self._tb = None
+        self._trackers = []
         if enabled:
             self.stage_dir.mkdir(parents=True, exist_ok=True)
+            self._trackers = open_trackers(list(loggers), self.stage_dir, config)
             self._jsonl = open(self.stage_dir / "metrics.jsonl", "a", encoding="utf-8")
-            if tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-
-                    self._tb = SummaryWriter(str(self.stage_dir / "tb"))
-                except ImportError:
-                    print("tensorboard is not installed; metrics go to metrics.jsonl only", file=self.stream)
 
     def rates(self, tokens: int, seconds: float) -> dict[str, float | None]:
         """tokens/s (whole job), achieved FLOP/s per device as GFLOP/s, and MFU when the peak is known."""
@@ -186,10 +182,10 @@ class MetricsLogger:
         step = record["step"]
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and value is not None:
-                    self._tb.add_scalar(key, value, step)
+        scalars = {key: value for key, value in record.items()
+                   if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+        for tracker in self._trackers:
+            tracker.log(scalars, step)
         print(self._console_line(record), file=self.stream, flush=True)
 
     def _console_line(self, record: dict[str, Any]) -> str:
@@ -220,8 +216,8 @@ class MetricsLogger:
         """Flush the files and draw the loss curve."""
         if not self.enabled:
             return
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
         if self._jsonl is not None:
             self._jsonl.close()
         self.plot()
@@ -239,7 +235,11 @@ class MetricsLogger:
                 val.append((rec["step"], rec["val_loss"]))
         if not train and not val:
             return None
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError:  # the curve is a convenience: training goes on without it
+            print("loss.png needs matplotlib: pip install 'murmur[plot]'", file=self.stream)
+            return None
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -254,9 +254,7 @@ class MetricsLogger:
         ax.set_title(self.stage_dir.name)
         ax.legend()
         ax.grid(alpha=0.3)
-        out = self.stage_dir / "loss.png"
-        tmp = self.stage_dir / ".loss.png.tmp"
-        fig.savefig(tmp, dpi=100, format="png")
-        plt.close(fig)
-        os.replace(tmp, out)
-        return out
+        try:
+            return write_atomic(self.stage_dir / "loss.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        finally:
+            plt.close(fig)
