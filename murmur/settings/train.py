@@ -65,6 +65,10 @@ class TrainSettings(Section):
     seed: int = 0
 
     log_interval: int = Field(10, gt=0)
+    loggers: list[Literal["tensorboard", "trackio", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="experiment trackers the records also go to "
+        "(metrics.jsonl always): tensorboard (tb/), trackio (local, $TRACKIO_DIR), wandb (WANDB_MODE=offline "
+        "keeps it local); each is an extra: pip install 'murmur[trackio]'")
     eval_interval: int = Field(200, gt=0)
     eval_batches: int = Field(20, gt=0)
     checkpoint_interval: int = Field(500, gt=0)

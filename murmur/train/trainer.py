@@ -687,7 +687,7 @@ class Trainer:
         """Train the stage's remaining steps; a summary of the run (steps, tokens, last validation, checkpoint)."""
         rt = self.rt
         logger = MetricsLogger(self.stage_dir, self.ts.steps, self.flops_per_token, rt.device, rt.world_size,
-                               enabled=rt.is_main)
+                               enabled=rt.is_main, loggers=self.ts.loggers, config=self.ts.model_dump(mode="json"))
         for line in self.plan.describe():
             self._say(line)
         self._say(peak_flops_note(rt.device))
