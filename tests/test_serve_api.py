@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from serve_fixtures import LiveServer, make_model, make_tokenizer, tokenizer  # noqa: F401 (tokenizer: a fixture)
 
 from murmur.infer.engine import Engine
@@ -49,8 +50,15 @@ def auth():
 
 def metric(live, name: str) -> float:
     text = httpx.get(f"{live.url}/metrics").text
-    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    match = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)  # any labels
     return float(match.group(1))
+
+
+def finished(live, *reasons: str) -> float:
+    """Engine requests finished for one of `reasons` (vLLM's request_success counter by finished_reason)."""
+    text = httpx.get(f"{live.url}/metrics").text
+    [family] = [f for f in text_string_to_metric_families(text) if f.name == "vllm:request_success"]
+    return sum(s.value for s in family.samples if s.name.endswith("_total") and s.labels["finished_reason"] in reasons)
 
 
 def chat(client, content="hello there", **kw):
@@ -177,13 +185,13 @@ def test_sixteen_concurrent_streams_equal_their_solo_outputs(live):
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         together = list(pool.map(run, range(16)))
     assert together == solo
-    assert metric(live, "murmur_running_batch_size") == 0
+    assert metric(live, "vllm:num_requests_running") == 0
 
 
 def test_clients_that_time_out_vanish_from_the_engine(live):
     assert httpx.get(f"{live.url}/health").status_code == 200
-    aborted_before = metric(live, "murmur_engine_requests_aborted_total")
-    finished_before = metric(live, "murmur_engine_requests_finished_total")
+    aborted_before = finished(live, "abort")
+    finished_before = finished(live, "stop", "length")
     body = {"model": MODEL, "messages": [{"role": "user", "content": "tell me everything"}], "max_tokens": 220,
             "ignore_eos": True}
 
@@ -212,19 +220,19 @@ def test_clients_that_time_out_vanish_from_the_engine(live):
     outcomes = asyncio.run(all_of_them())
     assert outcomes.count("timeout") == 100
     deadline = time.monotonic() + 30
-    while (metric(live, "murmur_running_batch_size") or metric(live, "murmur_queue_depth")) and \
+    while (metric(live, "vllm:num_requests_running") or metric(live, "vllm:num_requests_waiting")) and \
             time.monotonic() < deadline:
         time.sleep(0.05)
-    assert metric(live, "murmur_running_batch_size") == 0 and metric(live, "murmur_queue_depth") == 0
+    assert metric(live, "vllm:num_requests_running") == 0 and metric(live, "vllm:num_requests_waiting") == 0
     assert not live.engine._requests
     # 220 tokens at >= 3 ms a step cannot finish in half a second: every request that reached the engine
     # was cancelled, none ran on to the end for a client that had gone.
-    assert metric(live, "murmur_engine_requests_finished_total") == finished_before
-    assert metric(live, "murmur_engine_requests_aborted_total") - aborted_before > 0
+    assert finished(live, "stop", "length") == finished_before
+    assert finished(live, "abort") - aborted_before > 0
     quick = httpx.post(f"{live.url}/v1/chat/completions", headers=auth(), timeout=10,
                        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
     assert quick.status_code == 200 and quick.json()["usage"]["completion_tokens"] >= 1
-    assert metric(live, "murmur_running_batch_size") == 0
+    assert metric(live, "vllm:num_requests_running") == 0
 
 
 def test_health_and_metrics(live):
@@ -232,10 +240,10 @@ def test_health_and_metrics(live):
     assert r.status_code == 200 and r.json()["status"] == "ok"
     text = httpx.get(f"{live.url}/metrics").text
     for name in ("murmur_http_requests_total", "murmur_request_latency_seconds_bucket",
-                 "murmur_time_to_first_token_seconds_count", "murmur_inter_token_latency_seconds_sum",
-                 "murmur_queue_depth", "murmur_running_batch_size", "murmur_generation_tokens_total"):
+                 "vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_sum",
+                 "vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:generation_tokens_total"):
         assert name in text
-    assert metric(live, "murmur_generation_tokens_total") > 0
+    assert metric(live, "vllm:generation_tokens_total") > 0
 
 
 def test_schemathesis_finds_no_server_errors(live):

@@ -276,7 +276,8 @@ def test_metrics_series_are_bounded_whatever_is_observed():
     for i in range(1000):
         metrics.observe_request(f"M{i}", f"/p{i}", 600 + i, 0.01)
     series = [line for line in metrics.render().splitlines() if line.startswith("murmur_http_requests_total{")]
-    assert series == ['murmur_http_requests_total{method="other",path="other",status="other"} 1000']
+    # prometheus_client writes every value as a float
+    assert series == ['murmur_http_requests_total{method="other",path="other",status="other"} 1000.0']
 
 
 # ---- (5) content type, Host, CORS -------------------------------------------------------------------

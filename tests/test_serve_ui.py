@@ -47,7 +47,8 @@ def browser():
 
 def aborted(live) -> int:
     text = httpx.get(f"{live.url}/metrics").text
-    return int(float(re.search(r"^murmur_engine_requests_aborted_total (\S+)$", text, re.MULTILINE).group(1)))
+    match = re.search(r'^vllm:request_success_total\{[^}]*finished_reason="abort"[^}]*\} (\S+)$', text, re.MULTILINE)
+    return int(float(match.group(1))) if match else 0  # the series appears with the first cancelled request
 
 
 def test_type_stream_stop_and_new_chat(live, browser):

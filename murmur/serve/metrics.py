@@ -1,23 +1,37 @@
-"""Server metrics in the Prometheus text format (version 0.0.4), without a client library.
+"""Server metrics for Prometheus, through `prometheus_client`, in a registry of each app's own.
 
-Counters and histograms are updated from the HTTP handlers and from the engine's thread, hence the
-lock. Queue depth and running batch size are read from the engine when `/metrics` is scraped.
-Every label has a fixed set of values (anything else is "other"), so no client can make a series.
+The engine's series carry vLLM's names, label (`model_name`) and histogram buckets, so that a Grafana
+dashboard or alert written for vLLM reads a Murmur server unchanged; series vLLM has no counterpart for
+(HTTP requests, step errors, slots) are `murmur_*` (docs/serve.md lists both). Histograms and HTTP counters
+are updated from the handlers and the engine's thread (prometheus_client's metrics are thread-safe); the
+engine's own counters and gauges are read from it when `/metrics` is scraped. Every label has a fixed set of
+values (anything else is "other"), so no client can make a series.
 """
 
 from __future__ import annotations
 
 import itertools
-import threading
-from collections import defaultdict
+import time
 from collections.abc import Iterable
 from http import HTTPStatus
 
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+# /v1 request latency (HTTP, whole response sent): Murmur's own series.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# vLLM's buckets (vllm/v1/metrics/loggers.py), so that its dashboards' quantiles mean the same here.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+INTER_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                       20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+               480.0, 960.0, 1920.0, 7680.0)
+TOKEN_COUNT_BUCKETS = tuple(m * 10 ** e for e in range(6) for m in (1, 2, 5))  # 1, 2, 5, 10, ... 500000
 
 METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 STATUSES = {status.value for status in HTTPStatus} | {499}  # 499: the client went away
+FINISH_REASONS = ("stop", "length", "abort", "error")  # the engine's, as vLLM's finished_reason label
 
 
 class RouteLabels:
@@ -50,89 +64,99 @@ def status_label(status: int) -> str:
     return str(status) if status in STATUSES else "other"
 
 
-class Histogram:
-    """Cumulative-bucket histogram, rendered as Prometheus `_bucket`, `_sum` and `_count` series."""
-
-    def __init__(self, buckets: tuple[float, ...]):
-        self.buckets = buckets
-        self.counts = [0] * len(buckets)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
-        self.sum += value
-        self.count += 1
-
-    def render(self, name: str) -> list[str]:
-        lines = [f'{name}_bucket{{le="{bound}"}} {n}' for bound, n in zip(self.buckets, self.counts)]
-        lines.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
-        lines += [f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
-        return lines
+def finish_label(reason: str | None) -> str:
+    return reason if reason in FINISH_REASONS else "error"
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class EngineCollector:
+    """The engine's cumulative counters and current state, read at scrape time (the engine owns them)."""
+
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.engine = None  # set by Metrics.render; None while the model loads
+
+    def describe(self):
+        return []  # the series exist only once an engine does
+
+    def collect(self):
+        engine = self.engine
+        if engine is None:
+            return
+        labels, value = ["model_name"], [self.model_name]
+
+        def family(kind, name: str, help_text: str, number: float):
+            metric = kind(name, help_text, labels=labels)
+            metric.add_metric(value, number)
+            return metric
+
+        counters = engine.counters
+        yield family(CounterMetricFamily, "vllm:prompt_tokens", "Prompt tokens prefilled.", counters["prompt_tokens"])
+        yield family(CounterMetricFamily, "vllm:generation_tokens", "Tokens generated.", counters["generation_tokens"])
+        yield family(CounterMetricFamily, "murmur_engine_step_errors", "Engine steps that failed.", counters["errors"])
+        yield family(GaugeMetricFamily, "vllm:num_requests_running", "Requests in the running batch.",
+                     engine.num_running)
+        yield family(GaugeMetricFamily, "vllm:num_requests_waiting", "Requests waiting for a KV-cache slot.",
+                     engine.num_waiting)
+        # Murmur preallocates one full-context slot per running request, so the share of slots held is
+        # what vLLM's block usage means to an operator: at 1 a new request waits.
+        yield family(GaugeMetricFamily, "vllm:kv_cache_usage_perc",
+                     "KV-cache usage: share of slots held by running requests; 1 means 100 percent.",
+                     engine.num_running / engine.max_batch_size)
+        yield family(GaugeMetricFamily, "murmur_max_batch_size", "KV-cache slots (requests run at once).",
+                     engine.max_batch_size)
 
 
 class Metrics:
-    """Everything `/metrics` reports."""
+    """Everything `/metrics` reports, in a registry of its own (several apps in one process do not collide)."""
 
-    def __init__(self, routes: RouteLabels | None = None):
+    def __init__(self, routes: RouteLabels | None = None, model_name: str = "murmur"):
         self.routes = routes or RouteLabels()
-        self.lock = threading.Lock()
-        self.requests: dict[tuple[str, str, str], int] = defaultdict(int)
-        self.request_latency = Histogram(LATENCY_BUCKETS)
-        self.time_to_first_token = Histogram(LATENCY_BUCKETS)
-        self.inter_token_latency = Histogram(TOKEN_LATENCY_BUCKETS)
+        self.registry = CollectorRegistry()
+        self.engine_collector = EngineCollector(model_name)
+        self.registry.register(self.engine_collector)
+        reg, labels = self.registry, ["model_name"]
+        self.requests = Counter("murmur_http_requests", "HTTP requests by method, path and status.",
+                                ["method", "path", "status"], registry=reg)
+        self.request_latency = Histogram("murmur_request_latency_seconds", "Latency of /v1 HTTP requests, until "
+                                         "the whole response is sent.", buckets=LATENCY_BUCKETS, registry=reg)
+        self.request_success = Counter("vllm:request_success", "Engine requests finished, by finished_reason "
+                                       "(stop, length, abort: cancelled, error).", [*labels, "finished_reason"],
+                                       registry=reg)
+        self.time_to_first_token = Histogram("vllm:time_to_first_token_seconds", "Time from arrival to the first "
+                                             "sampled token.", labels, buckets=TTFT_BUCKETS, registry=reg)
+        self.inter_token_latency = Histogram("vllm:inter_token_latency_seconds", "Time between consecutive "
+                                             "tokens of a request.", labels, buckets=INTER_TOKEN_BUCKETS, registry=reg)
+        self.e2e_latency = Histogram("vllm:e2e_request_latency_seconds", "Time from arrival in the engine to "
+                                     "the last token.", labels, buckets=E2E_BUCKETS, registry=reg)
+        self.request_prompt_tokens = Histogram("vllm:request_prompt_tokens", "Prompt tokens of a finished "
+                                               "request.", labels, buckets=TOKEN_COUNT_BUCKETS, registry=reg)
+        self.request_generation_tokens = Histogram("vllm:request_generation_tokens", "Tokens generated by a "
+                                                   "finished request.", labels, buckets=TOKEN_COUNT_BUCKETS,
+                                                   registry=reg)
+        self.model_name = model_name
 
     def observe_request(self, method: str, path: str, status: int, seconds: float) -> None:
         """An HTTP request finished (its whole response sent); `method` and `path` as the client sent them."""
         path = self.routes.label(path)
-        with self.lock:
-            self.requests[(method_label(method), path, status_label(status))] += 1
-            if path.startswith(self.routes.timed):
-                self.request_latency.observe(seconds)
+        self.requests.labels(method_label(method), path, status_label(status)).inc()
+        if path.startswith(self.routes.timed):
+            self.request_latency.observe(seconds)
 
     def observe_generation(self, request) -> None:
-        """An engine request finished: record its time to first token and gaps between tokens."""
+        """An engine request finished: its reason, token counts, time to first token, gaps and total time."""
+        name = self.model_name
+        self.request_success.labels(name, finish_label(request.finish_reason)).inc()
+        self.request_prompt_tokens.labels(name).observe(len(request.prompt_ids))
+        self.request_generation_tokens.labels(name).observe(len(request.output_ids))
+        self.e2e_latency.labels(name).observe(time.monotonic() - request.arrival)
         times = request.token_times
-        if not times:
-            return
-        with self.lock:
-            self.time_to_first_token.observe(times[0] - request.arrival)
+        if times:
+            self.time_to_first_token.labels(name).observe(times[0] - request.arrival)
+            gaps = self.inter_token_latency.labels(name)
             for before, after in itertools.pairwise(times):
-                self.inter_token_latency.observe(after - before)
+                gaps.observe(after - before)
 
     def render(self, engine=None) -> str:
-        """The Prometheus exposition text."""
-        out = ["# HELP murmur_http_requests_total HTTP requests by method, path and status.",
-               "# TYPE murmur_http_requests_total counter"]
-        with self.lock:
-            for (method, path, status), n in sorted(self.requests.items()):
-                out.append(f'murmur_http_requests_total{{method="{method}",path="{_escape(path)}",'
-                           f'status="{status}"}} {n}')
-            for name, help_text, hist in (
-                    ("murmur_request_latency_seconds", "End-to-end latency of /v1 requests.", self.request_latency),
-                    ("murmur_time_to_first_token_seconds", "Time from arrival to the first sampled token.",
-                     self.time_to_first_token),
-                    ("murmur_inter_token_latency_seconds", "Time between consecutive tokens of a request.",
-                     self.inter_token_latency)):
-                out += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram", *hist.render(name)]
-        if engine is not None:
-            counters = engine.counters
-            for name, kind, help_text, value in (
-                    ("murmur_prompt_tokens_total", "counter", "Prompt tokens prefilled.", counters["prompt_tokens"]),
-                    ("murmur_generation_tokens_total", "counter", "Tokens generated.", counters["generation_tokens"]),
-                    ("murmur_engine_requests_finished_total", "counter", "Engine requests that ended normally.",
-                     counters["finished"]),
-                    ("murmur_engine_requests_aborted_total", "counter",
-                     "Engine requests cancelled (client gone, stop pressed, shutdown).", counters["aborted"]),
-                    ("murmur_engine_step_errors_total", "counter", "Engine steps that failed.", counters["errors"]),
-                    ("murmur_queue_depth", "gauge", "Requests waiting for a slot.", engine.num_waiting),
-                    ("murmur_running_batch_size", "gauge", "Requests in the running batch.", engine.num_running),
-                    ("murmur_max_batch_size", "gauge", "KV-cache slots.", engine.max_batch_size)):
-                out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
-        return "\n".join(out) + "\n"
+        """The Prometheus exposition text; the engine's series when `engine` is given."""
+        self.engine_collector.engine = engine
+        return generate_latest(self.registry).decode()
