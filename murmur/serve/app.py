@@ -1,8 +1,7 @@
 """The server: one FastAPI app over one `Engine`, built by `create_app`.
 
-The routes live on four routers by concern: the OpenAI API (`routes_openai`, under /v1, behind API keys
-and the rate limit), the tokenizer (`routes_tokens`: /tokenize, /detokenize, /tokenizer_info, likewise),
-the pages (`routes_ui`: the chat page, its files, the run's report) and operations
+The routes live on three routers by concern: the OpenAI API (`routes_openai`, under /v1, behind API keys
+and the rate limit), the pages (`routes_ui`: the chat page, its files, the run's report) and operations
 (`routes_ops`: /health, /metrics). What the handlers share is the `ServerState` on `app.state.murmur`.
 `ServerMiddleware` checks every request before a handler sees it; what it and the metrics need to know
 about the routes (which answer beyond the connection cap, which take JSON, every route's label) is read
@@ -22,15 +21,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.routing import Mount
 
 from murmur.infer.engine import Engine
-from murmur.serve import routes_assistant, routes_openai, routes_ops, routes_tokens, routes_ui
+from murmur.serve import routes_openai, routes_ops, routes_ui
 from murmur.serve.errors import install_error_handlers
 from murmur.serve.metrics import Metrics, RouteLabels
 from murmur.serve.middleware import AllowedHosts, ServerMiddleware
 from murmur.serve.state import ServerState
 from murmur.settings.serve import ServeSettings
 
-ROUTERS = (routes_openai.router, routes_assistant.router, routes_tokens.router, routes_ui.router,
-           routes_ops.router)
+ROUTERS = (routes_openai.router, routes_ui.router, routes_ops.router)
 
 
 def path_templates(router: APIRouter) -> list[str]:
@@ -39,10 +37,8 @@ def path_templates(router: APIRouter) -> list[str]:
 
 
 def create_app(settings: ServeSettings | None = None, engine: Engine | None = None, model_name: str = "murmur",
-               loader: Callable[[], Engine] | None = None, report_dir: Path | None = None,
-               assistant=None) -> FastAPI:
-    """The FastAPI app over `engine`, or over the engine `loader` builds in the background (503 until then);
-    `assistant` (murmur.assistant.service.Assistant) grounds chat in a post index and answers mentions."""
+               loader: Callable[[], Engine] | None = None, report_dir: Path | None = None) -> FastAPI:
+    """The FastAPI app over `engine`, or over the engine `loader` builds in the background (503 until then)."""
     settings = settings or ServeSettings()
     if engine is None and loader is None:
         raise ValueError("create_app needs an engine or a loader")
@@ -63,7 +59,6 @@ def create_app(settings: ServeSettings | None = None, engine: Engine | None = No
     templates = [app.openapi_url, *(path for router in ROUTERS for path in path_templates(router))]
     metrics = Metrics(RouteLabels(templates, timed=routes_openai.PREFIX + "/"), model_name=model_name)
     state = ServerState(settings, model_name, engine, loader, report_dir, metrics)
-    state.assistant = assistant
     app.state.murmur = state
     install_error_handlers(app)
     if settings.allowed_origins:  # inside ServerMiddleware: a preflight passes the Host check first
