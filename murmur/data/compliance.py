@@ -30,7 +30,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from murmur.data.dedup import exact_hash, normalised
-from murmur.data.threads import MERGE_SEPARATOR
+from murmur.data.records import SPLITS
+from murmur.data.threads import MERGE_SEPARATOR, ThreadPost, path_conversation
 from murmur.errors import MurmurError
 from murmur.files import write_json_atomic, write_table_atomic, write_text_atomic
 
@@ -441,27 +442,68 @@ def audit(path: str | Path, deletions: Deletions | None = None) -> list[str]:
 
 
 def _roots_after_cut(posts, gone: set[str]) -> dict[str, str]:
-    """New thread roots for posts whose root was deleted: the earliest ancestor still present.
+    """New thread roots of the kept posts whose thread is cut by a deleted post, by the build's rule: a post
+    whose parent is deleted starts a thread of its own (murmur.data.pipeline._roots).
 
-    Parents are followed as the build does (in_reply_to, else conversation_id); the split is not changed, so a
-    cut thread stays in the split it was in."""
+    Parents are followed as the build does (in_reply_to, else conversation_id) up to the recorded root. The
+    split is not changed, so a cut thread stays in the split it was in."""
     ids = posts.column("id").to_pylist()
-    present = set(ids)
-    parent_of = {}
-    for pid, reply, conv in zip(ids, posts.column("in_reply_to_id").to_pylist(),
-                                posts.column("conversation_id").to_pylist()):
-        parent = reply or (conv if conv != pid else None)
-        if parent in present and parent not in gone:
-            parent_of[pid] = parent
-    result = {}
-    for pid, root in zip(ids, posts.column("root_id").to_pylist()):
-        if root in gone:
-            node, seen = pid, {pid}
-            while node in parent_of and parent_of[node] not in seen:
-                node = parent_of[node]
-                seen.add(node)
-            result[pid] = node
-    return result
+    recorded = dict(zip(ids, posts.column("root_id").to_pylist()))
+    parent_of = {pid: reply or (conv if conv != pid else None) for pid, reply, conv in
+                 zip(ids, posts.column("in_reply_to_id").to_pylist(), posts.column("conversation_id").to_pylist())}
+    found: dict[str, str] = {}  # post -> its root after the cut (shared by every post on the way up)
+    for pid in ids:
+        chain, node = [], pid
+        while True:
+            if node in found:
+                root = found[node]
+                break
+            chain.append(node)
+            parent = parent_of[node]
+            if node == recorded[node] or parent in gone:
+                root = node  # the thread's top as recorded, or a post whose parent is now deleted
+                break
+            if parent not in recorded or parent in chain:  # cut by an earlier build, or a reply cycle
+                root = node if recorded[node] in gone else recorded[node]
+                break
+            node = parent
+        for member in chain:
+            found[member] = root
+    return {pid: root for pid, root in found.items() if root != recorded[pid]}
+
+
+def _cut_conversation(conv: dict, gone: set[str], author_of: dict[str, str], text_of: dict[str, str],
+                      root_of: dict[str, str], min_turns: int) -> list[dict]:
+    """The pieces of a conversation left when its deleted posts are taken out, as the build would make them:
+    each run of posts between deleted ones, turns merged and speakers named again, kept with min_turns turns."""
+    pieces, run = [], []
+    for pid in conv["post_ids"] + [None]:
+        if pid is not None and pid not in gone:
+            run.append(ThreadPost(pid, None, author_of[pid], text_of[pid], len(run)))
+            continue
+        if run:
+            piece = path_conversation(run, root_of.get(run[0].id, conv["root_id"]), conv["split"])
+            if len(piece.turns) >= min_turns:
+                pieces.append({**piece.row(), "_cut_after": pid is not None})
+            run = []
+    return pieces
+
+
+def _as_built(pieces: list[dict], kept: list[dict]) -> list[dict]:
+    """The pieces of cut conversations as thread building would emit them: each once (two paths through a
+    tree can leave the same piece), and none that stops where a deleted post stood while another conversation
+    carries its path on (the build emits only paths that end at a leaf)."""
+    paths = [tuple(c["post_ids"]) for c in kept + pieces]
+    prefixes = {path[:n] for path in paths for n in range(1, len(path))}
+    seen = {c["id"] for c in kept}
+    out = []
+    for piece in pieces:
+        cut_after = piece.pop("_cut_after")
+        if piece["id"] in seen or (cut_after and tuple(piece["post_ids"]) in prefixes):
+            continue
+        seen.add(piece["id"])
+        out.append(piece)
+    return out
 
 
 def purge(path: str | Path, deletions_file: str | Path, min_turns: int | None = None) -> dict:
@@ -474,7 +516,6 @@ def purge(path: str | Path, deletions_file: str | Path, min_turns: int | None = 
     import pyarrow.parquet as pq
 
     from murmur.data.records import CONVERSATION_SCHEMA, POST_SCHEMA, QUARANTINE_SCHEMA
-    from murmur.data.threads import conversation_id
 
     data_dir = data_dir_of(path)
     new_events = load_deletion_events(deletions_file)
@@ -513,35 +554,19 @@ def purge(path: str | Path, deletions_file: str | Path, min_turns: int | None = 
     kept_posts = pa.table(columns, schema=posts.schema if posts.schema.equals(POST_SCHEMA) else None)
     text_of = dict(zip(ids, texts))
 
+    author_of = dict(zip(ids, authors))
+    root_of = dict(zip(kept_posts.column("id").to_pylist(), kept_posts.column("root_id").to_pylist()))
+
     conversations = pq.read_table(data_dir / "conversations.parquet").to_pylist()
-    rebuilt, cut = [], 0
+    rebuilt, pieces, cut = [], [], 0
     for conv in conversations:
         if not gone.intersection(conv["post_ids"]):
             rebuilt.append(conv)
             continue
         cut += 1
-        # Cut at every deleted post (as a build would have): a merged turn may be split in two.
-        segments, current = [], []
-        for turn in conv["turns"]:
-            kept_ids: list[str] = []
-            for pid in turn["post_ids"] + [None]:
-                if pid is not None and pid not in gone:
-                    kept_ids.append(pid)
-                    continue
-                if kept_ids:
-                    current.append({"speaker": turn["speaker"], "post_ids": kept_ids,
-                                    "text": MERGE_SEPARATOR.join(text_of[k] for k in kept_ids)})
-                    kept_ids = []
-                if pid is not None:
-                    segments.append(current)
-                    current = []
-        segments.append(current)
-        for turns in segments:
-            if len(turns) >= min_turns:
-                post_ids = [pid for t in turns for pid in t["post_ids"]]
-                root = conv["root_id"] if conv["root_id"] not in gone else new_root.get(post_ids[0], post_ids[0])
-                rebuilt.append({"id": conversation_id(post_ids), "root_id": root, "split": conv["split"],
-                                "turns": turns, "post_ids": post_ids})
+        # Cut at every deleted post, as a build would have: a merged turn may be split in two.
+        pieces += _cut_conversation(conv, gone, author_of, text_of, root_of, min_turns)
+    rebuilt += _as_built(pieces, rebuilt)
     quarantine_path = data_dir / "quarantine.parquet"
     quarantine = pq.read_table(quarantine_path).to_pylist() if quarantine_path.is_file() else []
     quarantine_kept, unquarantined, redacted = screen_quarantine(
@@ -563,7 +588,7 @@ def purge(path: str | Path, deletions_file: str | Path, min_turns: int | None = 
     stats["dropped"]["deleted"] = stats["dropped"].get("deleted", 0) + len(removed) - canary_removed + unquarantined
     stats["deleted"] = stats.get("deleted", 0) + len(removed) - canary_removed + unquarantined
     split_counts = Counter(kept_posts.column("split").to_pylist())
-    stats["splits"] = {name: split_counts.get(name, 0) for name in ("train", "validation", "test")}
+    stats["splits"] = {name: split_counts.get(name, 0) for name in SPLITS}
     stats["conversations"] = len(rebuilt)
     summary = {"posts_removed": len(removed), "copies_removed": len(copies), "conversations_cut": cut,
                "quarantine_removed": unquarantined, "quarantine_redacted": redacted, "conversations": len(rebuilt)}

@@ -89,6 +89,12 @@ def _turns(path: list[ThreadPost]) -> list[tuple[str, list[ThreadPost]]]:
     return turns
 
 
+def path_conversation(path: list[ThreadPost], root_id: str, split: str) -> Conversation:
+    """The conversation of one reply path (posts in reply order): its turns merged and speakers named as
+    thread building does. `murmur data purge` builds the pieces of a cut thread with it."""
+    return _conversation(_turns(path), root_id, split)
+
+
 def _conversation(turns: list[tuple[str, list[ThreadPost]]], root_id: str, split: str) -> Conversation:
     pseudonyms: dict[str, str] = {}
     result = []
