@@ -20,6 +20,7 @@ OUTPUT_FILES = {
     "pretrain": ["pretrain/checkpoints/latest"],
     "sft": ["sft/checkpoints/latest"],
     "export": ["model/config.json"],
+    "index": ["index/index.json"],
     "eval": ["eval/results.json"],
 }
 
@@ -141,7 +142,7 @@ def test_from_and_only(tmp_path, corpus):
     _build(_settings(tmp_path, corpus), fakes)
     fakes.calls.clear()
     _build(_settings(tmp_path, corpus), fakes, from_stage="export")
-    assert fakes.calls == ["export", "eval"]
+    assert fakes.calls == ["export", "index", "eval"]  # --from: the stage and every one after it
     fakes.calls.clear()
     _build(_settings(tmp_path, corpus), fakes, only="tokenize")
     assert fakes.calls == ["tokenize"]
@@ -187,7 +188,7 @@ def test_interrupted_stage_resumes_in_place_but_a_changed_one_starts_clean(tmp_p
 
     fakes = FakeStages()
     _build(_settings(tmp_path, corpus), fakes)
-    assert fakes.calls == ["pretrain", "sft", "export", "eval"]
+    assert fakes.calls == ["pretrain", "sft", "export", "index", "eval"]  # the index was never reached
     assert partial.exists()  # same inputs: the folder (its checkpoints) was kept so training resumes
 
     _build(_settings(tmp_path, corpus, train={"steps": 30}), fakes)
@@ -202,7 +203,7 @@ def test_base_model_skips_pretraining_and_finetunes_with_its_tokenizer(tmp_path,
     (base / "tokenizer.json").write_text("{}")
     fakes = FakeStages()
     result = _build(_settings(tmp_path, corpus, model={"base": str(base)}), fakes)
-    assert fakes.calls == ["data", "tokenizer", "tokenize", "sft", "export", "eval"]
+    assert fakes.calls == ["data", "tokenizer", "tokenize", "sft", "export", "index", "eval"]
     assert [s["action"] for s in result.stages if s["stage"] == "pretrain"] == ["not needed"]
     seen = fakes.settings_seen["sft"]
     assert seen.sft.init_from == str(base) and seen.tokenizer.pretrained == str(base)

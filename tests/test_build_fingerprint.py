@@ -47,7 +47,7 @@ def test_a_chat_shard_setting_reruns_tokenize_and_chat_finetuning_never_the_toke
 
     plan = plan_build(_settings(tmp_path, corpus, **setting))
     assert _actions(plan) == {"data": "skip", "tokenizer": "skip", "tokenize": "run", "pretrain": "skip",
-                              "sft": "run", "export": "run", "eval": "run"}
+                              "sft": "run", "export": "run", "index": "skip", "eval": "run"}
     assert f"tokenizer.{next(iter(setting))}" in plan.step("tokenize").reason
     _build(_settings(tmp_path, corpus, **setting), fakes)
     assert fakes.calls == ["tokenize", "sft", "export", "eval"]
@@ -70,7 +70,7 @@ def test_a_tokenizer_setting_reruns_everything_from_the_tokenizer(tmp_path, corp
     _build(_settings(tmp_path, corpus), fakes)
     fakes.calls.clear()
     _build(_settings(tmp_path, corpus, vocab_size=512), fakes)
-    assert fakes.calls == list(STAGE_NAMES[1:])
+    assert fakes.calls == [name for name in STAGE_NAMES[1:] if name != "index"]  # the index reads data/ alone
 
 
 def test_an_interrupted_tokenize_of_a_chat_setting_still_spares_pretraining(tmp_path, corpus):
