@@ -1,6 +1,6 @@
 """Every layout the planner recommends, on real processes: torchrun --nproc-per-node 4 on gloo/CPU.
 
-One launch trains HSDP 2×2, FSDP 2 × TP 2, PP 2 × FSDP 2, PP 2 × TP 2, and PP 4 with two interleaved
+One launch trains HSDP 2×2, FSDP 2 × TP 2, PP 2 × FSDP 2, PP 2 × TP 2, PP 2 × 2 replicas, and PP 4 with two interleaved
 stages per rank (Interleaved1F1B and InterleavedZeroBubble), each on the same global batch as one process;
 every step's loss and the validation losses must match the one-process run within float32 reduction-order
 noise. Checkpoints then cross layouts: PP 2 × FSDP 2 -> FSDP 4 -> one process, and HSDP -> PP 2 × TP 2,

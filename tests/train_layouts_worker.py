@@ -25,6 +25,7 @@ LAYOUTS: dict[str, tuple[int, dict]] = {
     "fsdp_tp": (2, {"parallel": {"dp_shard": 2, "tp": 2}}),
     "pp_fsdp": (2, {"parallel": {"pp": 2, "dp_shard": 2}}),
     "pp_tp": (2, {"parallel": {"pp": 2, "tp": 2, "dp_shard": 1}}),
+    "pp_replicas": (2, {"parallel": {"pp": 2, "dp_replicate": 2, "dp_shard": 1}}),  # DDP fails here: FSDP2
     "pp4_interleaved": (8, {"parallel": {"pp": 4, "dp_shard": 1, "pp_schedule": "Interleaved1F1B",
                                          "virtual_stages": 2}}),
     "pp4_zero_bubble": (8, {"parallel": {"pp": 4, "dp_shard": 1, "pp_schedule": "InterleavedZeroBubble",

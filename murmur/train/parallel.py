@@ -59,9 +59,10 @@ class Layout:
     def sharded(self) -> bool:
         """Whether FSDP2 owns the parameters (FSDP, or HSDP when dp_replicate > 1 too).
 
-        TP with replicas is sharded as well: DDP cannot wrap the DTensors tensor parallel makes.
+        TP or PP with replicas is sharded as well (HSDP, possibly with one shard): DDP cannot wrap the
+        DTensors tensor parallel makes, and its reducer fails under a pipeline schedule in torch 2.13.
         """
-        return self.dp_shard > 1 or (self.tp > 1 and self.dp_replicate > 1)
+        return self.dp_shard > 1 or (self.dp_replicate > 1 and (self.tp > 1 or self.pp > 1))
 
     @property
     def replicated(self) -> bool:

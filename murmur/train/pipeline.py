@@ -16,9 +16,10 @@ InterleavedZeroBubble (`virtual_stages` stages per rank, looped: stage s on rank
 
 What torch 2.13 cannot run, the settings refuse (measured on gloo, docs/train.md):
 InterleavedZeroBubble with data parallelism computes wrong gradients under FSDP2 (the loss leaves the
-one-process trajectory by 1e-3 at the second step) and fails an internal assertion of DDP's reducer;
-ZBVZeroBubble trains correctly but its forward-only `eval()` still runs its backward actions
-("can't steal_bwd_input if this stage doesn't have backward"), so no validation can run through it.
+one-process trajectory by 1e-3 at the second step); ZBVZeroBubble trains correctly but its forward-only
+`eval()` still runs its backward actions ("can't steal_bwd_input if this stage doesn't have backward"),
+so no validation can run through it. DDP's reducer fails under any schedule (an internal assertion on
+rebuilt parameter indices), so replicas of a pipeline are FSDP2 with one shard (`Layout.sharded`).
 
 The last stage's loss is the summed cross-entropy of a micro-batch times the step's scale (data-parallel
 size / global target count), with the schedule's own gradient scaling off: the gradients are those of
@@ -99,7 +100,7 @@ def check_pipeline(settings: ModelSettings, layout, microbatches: int, section: 
                           "pp_schedule=\"Interleaved1F1B\"")
     if schedule in ZERO_BUBBLE_SCHEDULES and layout.dp_size > 1:
         raise MurmurError(f"{where}.pp_schedule={schedule} with data parallelism (dp_replicate × dp_shard = "
-                          f"{layout.dp_size}) computes wrong gradients in torch 2.13 (FSDP2) or fails (DDP); "
+                          f"{layout.dp_size}) computes wrong gradients in torch 2.13 (FSDP2); "
                           "use pp_schedule=\"Interleaved1F1B\", or zero bubble with pp × tp only")
     if settings.tie_embeddings:
         raise MurmurError(f"{where}.pp={pp} puts the embedding and the output head on different stages, so they "
