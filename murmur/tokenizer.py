@@ -10,6 +10,11 @@ saved as `chat_template.jinja`, so `transformers.AutoTokenizer.apply_chat_templa
 A foreign tokenizer (imported model) keeps its own Jinja template; Murmur renders it the same way
 `transformers` does and finds the assistant spans by rendering prefixes of the conversation.
 
+Tools (OpenAI function definitions) render in the manner of Hermes and Qwen: their JSON inside `<tools>` in
+the system turn, an assistant's calls as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, and
+results (`tool` messages) inside `<tool_response>` in a user turn. A foreign template that renders
+tools itself is given them as `transformers` gives them (`tools=`, arguments as objects).
+
 Only the template's own markers become control tokens. A special token's literal typed inside a message
 (`<|im_end|>` in a user's text) is encoded as the characters it is made of, so no message can close its
 turn or open a forged system turn; `transformers` would read it as the control token.
@@ -49,6 +54,60 @@ MAX_MODEL_LENGTH = 1_000_000
 
 
 Message = dict[str, Any]
+
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+TOOLS_PREAMBLE = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}}\n</tool_call>")
+
+
+def tool_call_text(name: str, arguments: Any) -> str:
+    """One call as the model writes it: `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`."""
+    return f"{TOOL_CALL_OPEN}\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n{TOOL_CALL_CLOSE}"
+
+
+def call_arguments(call: dict[str, Any]) -> tuple[str, Any]:
+    """(name, arguments as an object when they are JSON text) of an OpenAI tool call or bare function."""
+    function = call.get("function", call) if isinstance(call, dict) else {}
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass  # kept as the text it is
+    return str(function.get("name", "")), arguments
+
+
+def with_tools_as_text(messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None) -> list[Message]:
+    """Plain role/content messages for ChatML: tool definitions in the system turn, an assistant's calls
+    after its content, and each run of `tool` results as one user turn."""
+    out: list[Message] = []
+    if tools:
+        listing = TOOLS_PREAMBLE.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        if messages and messages[0].get("role") == "system":
+            out.append({"role": "system", "content": f"{message_text(messages[0].get('content'))}\n\n{listing}"})
+            messages = messages[1:]
+        else:
+            out.append({"role": "system", "content": listing})
+    for message in messages:
+        role = message.get("role")
+        content = message_text(message.get("content"))
+        if role == "assistant" and message.get("tool_calls"):
+            calls = [tool_call_text(*call_arguments(call)) for call in message["tool_calls"]]
+            content = "\n".join([content, *calls] if content else calls)
+        if role == "tool":
+            response = f"<tool_response>\n{content}\n</tool_response>"
+            if out and out[-1].get("tool_results"):
+                out[-1]["content"] += "\n" + response
+            else:
+                out.append({"role": "user", "content": response, "tool_results": True})
+            continue
+        out.append({"role": role, "content": content})
+    return [{"role": m["role"], "content": m["content"]} for m in out]
 
 
 def message_text(content: Any) -> str:
@@ -220,18 +279,24 @@ class ChatTokenizer:
 
     # ---- chat ---------------------------------------------------------------------------------
 
-    def render_chat_text(self, messages: Sequence[Message], add_generation_prompt: bool = False
-                         ) -> tuple[str, list[tuple[int, int]]]:
+    def render_chat_text(self, messages: Sequence[Message], add_generation_prompt: bool = False,
+                         tools: Sequence[dict[str, Any]] | None = None) -> tuple[str, list[tuple[int, int]]]:
         """The chat as text, and the character spans the model is trained on (assistant content and the
         token that ends its turn)."""
-        text, spans, _ = self._render(messages, add_generation_prompt)
+        text, spans, _ = self._render(messages, add_generation_prompt, tools)
         return text, spans
 
-    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> list[int]:
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = False,
+                    tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of a chat: exactly what `apply_chat_template(messages, tokenize=True)` gives, except that
-        special-token literals inside the messages are encoded as text (see the module docstring)."""
-        text, _, markers = self._render(messages, add_generation_prompt)
+        special-token literals inside the messages (and tools) are encoded as text (see the module docstring)."""
+        text, _, markers = self._render(messages, add_generation_prompt, tools)
         return self._encode_rendered(text, markers)[0]
+
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template shows tool definitions to the model (Murmur's always does)."""
+        return self._chatml or bool(self.chat_template and "tools" in self.chat_template)
 
     def render_chat_with_mask(self, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
         """Token ids of a chat and a loss mask: 1 exactly on assistant content and its end-of-turn token."""
@@ -283,11 +348,14 @@ class ChatTokenizer:
                 offsets.append((start, end))
         return ids, offsets
 
-    def _render(self, messages: Sequence[Message], add_generation_prompt: bool
+    def _render(self, messages: Sequence[Message], add_generation_prompt: bool,
+                tools: Sequence[dict[str, Any]] | None = None
                 ) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
         """(text, trained spans, markers): the character spans of the template's own control tokens."""
         if not self._chatml:
-            return self._render_with_template(messages, add_generation_prompt)
+            return self._render_with_template(messages, add_generation_prompt, tools)
+        if tools or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages):
+            messages = with_tools_as_text(messages, tools)
         parts: list[str] = []
         spans: list[tuple[int, int]] = []
         markers: list[tuple[int, int]] = []
@@ -311,7 +379,8 @@ class ChatTokenizer:
             markers.append((pos, pos + len(IM_START)))
         return "".join(parts), spans, markers
 
-    def _render_with_template(self, messages: Sequence[Message], add_generation_prompt: bool
+    def _render_with_template(self, messages: Sequence[Message], add_generation_prompt: bool,
+                              tools: Sequence[dict[str, Any]] | None = None
                               ) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
         """Render with a foreign Jinja template; assistant spans come from rendering each prefix.
 
@@ -320,16 +389,17 @@ class ChatTokenizer:
         if not self.chat_template:
             raise MurmurError(f"tokenizer {self.path or ''} has no chat template; add chat_template.jinja or "
                               "use a tokenizer trained by `murmur tokenizer`")
-        messages = [dict(m, content=message_text(m.get("content"))) for m in messages]
-        guard = _LiteralGuard(self._special_re, messages, self.chat_template)
-        messages = guard.hide(messages)
-        text = self._jinja_render(messages, add_generation_prompt)
+        messages = [_with_call_objects(dict(m, content=message_text(m.get("content")))) for m in messages]
+        tools = list(tools) if tools else None
+        guard = _LiteralGuard(self._special_re, [*messages, *(tools or [])], self.chat_template)
+        messages, tools = guard.hide(messages), guard.hide(tools)
+        text = self._jinja_render(messages, add_generation_prompt, tools)
         spans = []
         for i, message in enumerate(messages):
             if message.get("role") != "assistant":
                 continue
-            before = self._jinja_render(messages[:i], add_generation_prompt=True)
-            after = self._jinja_render(messages[:i + 1], add_generation_prompt=False)
+            before = self._jinja_render(messages[:i], True, tools)
+            after = self._jinja_render(messages[:i + 1], False, tools)
             if after.startswith(before) and text.startswith(after):
                 spans.append((len(before), len(after)))
             else:  # a template that rewrites history; fall back to the content itself
@@ -339,7 +409,8 @@ class ChatTokenizer:
         markers = [m.span() for m in self._special_re.finditer(text)] if self._special_re else []
         return guard.reveal(text, spans, markers)
 
-    def _jinja_render(self, messages: list[Message], add_generation_prompt: bool) -> str:
+    def _jinja_render(self, messages: list[Message], add_generation_prompt: bool,
+                      tools: list[dict[str, Any]] | None = None) -> str:
         if self._jinja is None:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -353,7 +424,20 @@ class ChatTokenizer:
             self._jinja = env.from_string(self.chat_template)
         specials = {key: _token_content(self.config.get(key)) or "" for key in
                     ("bos_token", "eos_token", "pad_token", "unk_token")}
-        return self._jinja.render(messages=messages, add_generation_prompt=add_generation_prompt, **specials)
+        return self._jinja.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                  tools=tools, **specials)
+
+
+def _with_call_objects(message: Message) -> Message:
+    """An assistant message whose tool calls' arguments are objects, as templates written for
+    `transformers` expect (OpenAI sends them as JSON text)."""
+    if not message.get("tool_calls"):
+        return message
+    calls = []
+    for call in message["tool_calls"]:
+        name, arguments = call_arguments(call)
+        calls.append({**call, "type": "function", "function": {"name": name, "arguments": arguments}})
+    return {**message, "tool_calls": calls}
 
 
 def mask_from_offsets(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:

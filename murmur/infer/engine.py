@@ -64,6 +64,7 @@ class StepOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenChoice] = field(default_factory=list)
+    prompt_logprobs: list[TokenChoice] | None = None  # on the first output, when asked
     finished: bool = False
     finish_reason: str | None = None
     prompt_tokens: int = 0
@@ -81,6 +82,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[TokenChoice] | None = None
+    prompt_logprobs: list[TokenChoice] | None = None
 
 
 class Request:
@@ -96,6 +98,8 @@ class Request:
         self.generator = None if params.greedy else make_generator(params.seed, device)
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.stop_matcher = StopMatcher(params.stop)
+        self.grammar = params.grammar.start() if params.grammar is not None else None
+        self.prompt_logprobs: list[TokenChoice] | None = None
         self.slot: int | None = None
         self.length = 0  # positions already in the cache
         self.last_token: int | None = None  # sampled, not yet fed to the model
@@ -171,8 +175,11 @@ class Engine:
         self.compiled = compile
         self._decode_step = self._compile_decode() if compile else self._decode_logits
         vocab = model.settings.vocab_size
-        # Tokens each slot has seen (prompt and output), for the repetition penalty.
+        # Tokens each slot has seen (prompt and output), for the repetition penalty; how often each slot
+        # generated each token, for the presence and frequency penalties.
         self.seen = torch.zeros(max_batch_size, vocab, dtype=torch.bool, device=self.device)
+        self.counts = torch.zeros(max_batch_size, vocab, dtype=torch.int32, device=self.device)
+        self._grammars = None
         self.stop_ids = set(getattr(tokenizer, "stop_ids", set()))
         self._free = list(range(max_batch_size))
         self._waiting: deque[Request] = deque()
@@ -205,12 +212,23 @@ class Engine:
                               "(`murmur export`) or serve a run folder")
         return cls(loaded.model, ChatTokenizer.load(loaded.tokenizer_dir), **kwargs)
 
+    @property
+    def grammars(self):
+        """The `murmur.infer.grammar.GrammarCompiler` of this engine's tokenizer (built on first use)."""
+        if self._grammars is None:
+            from murmur.infer.grammar import GrammarCompiler
+
+            self._grammars = GrammarCompiler(self.tokenizer, self.model.settings.vocab_size)
+        return self._grammars
+
     # ---- prompts -------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: Prompt) -> tuple[list[int], int]:
+    def encode_prompt(self, prompt: Prompt, tools: Sequence[dict[str, Any]] | None = None
+                      ) -> tuple[list[int], int]:
         """Token ids of a prompt (text, chat messages or ids) and the length of its reusable prefix.
 
-        For chat messages the prefix is the leading system message(s), shared by many conversations.
+        For chat messages the prefix is the leading system message(s), shared by many conversations;
+        `tools` (OpenAI function definitions) are rendered by the chat template with them.
         """
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt), 0
@@ -219,10 +237,10 @@ class Engine:
             return [int(t) for t in items], 0
         if not all(isinstance(m, dict) for m in items):
             raise MurmurError("a prompt is a string, a list of chat messages (dicts) or a list of token ids")
-        ids = self.tokenizer.render_chat(items, add_generation_prompt=True)
+        ids = self.tokenizer.render_chat(items, add_generation_prompt=True, tools=tools)
         system = list(itertools.takewhile(lambda m: m.get("role") == "system", items))
         prefix_len = 0
-        if system and self.prefixes is not None:
+        if system and self.prefixes is not None and not tools:
             prefix = self.tokenizer.render_chat(system)
             if ids[:len(prefix)] == prefix:
                 prefix_len = len(prefix)
@@ -243,6 +261,9 @@ class Engine:
         vocab = self.model.settings.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise RequestError(f"logit_bias names token id {max(params.logit_bias)}; this model's token ids are in "
+                               f"[0, {vocab})", param="logit_bias")
         if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > self.max_seq_len:
             raise RequestError(f"max_tokens {params.max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds "
                                f"this model's context of {self.max_seq_len} tokens; lower max_tokens or shorten "
@@ -394,8 +415,8 @@ class Engine:
 
     def _reuse_prefix(self, request: Request) -> int:
         """Copy a cached shared prefix into the request's slot; return how many positions it filled."""
-        if not request.prefix_len or self.prefixes is None:
-            return 0
+        if not request.prefix_len or self.prefixes is None or request.params.prompt_logprobs is not None:
+            return 0  # (prompt log-probabilities need every prompt position computed)
         entry = self.prefixes.get(tuple(request.prompt_ids[:request.prefix_len]))
         if entry is None:
             return 0
@@ -416,6 +437,10 @@ class Engine:
                             return_hidden=True)
         last = torch.tensor(lengths, device=self.device) - 1
         logits = self.model.lm_head(hidden[torch.arange(len(rows), device=self.device), last])
+        for row, request in enumerate(requests):
+            if request.params.prompt_logprobs is not None:
+                request.prompt_logprobs = self._prompt_logprobs(hidden[row, :lengths[row]], request.prompt_ids,
+                                                                request.params.prompt_logprobs)
         for request, start in group:
             slot, ids = request.slot, request.prompt_ids
             if request.prefix_len and self.prefixes is not None and start == 0:
@@ -424,9 +449,11 @@ class Engine:
             self.counters["prompt_tokens"] += len(ids)
             self.seen[slot] = False
             self.seen[slot, torch.tensor(ids, device=self.device)] = True
+            self.counts[slot] = 0
         slot_index = torch.tensor(slots, device=self.device)
         choices = sample(logits, [r.params for r in requests], [r.generator for r in requests],
-                         self._seen_for(requests, slot_index))
+                         self._seen_for(requests, slot_index), self._counts_for(requests, slot_index),
+                         self._allowed(requests))
         self._mark_seen(slot_index, choices)
         for request, choice in zip(requests, choices):
             self._accept(request, choice)
@@ -446,7 +473,8 @@ class Engine:
             logits = logits[slots]
         for request in batch:
             request.length += 1
-        choices = sample(logits, [r.params for r in batch], [r.generator for r in batch], self._seen_for(batch, slots))
+        choices = sample(logits, [r.params for r in batch], [r.generator for r in batch], self._seen_for(batch, slots),
+                         self._counts_for(batch, slots), self._allowed(batch))
         self._mark_seen(slots, choices)
         for request, choice in zip(batch, choices):
             self._accept(request, choice)
@@ -455,9 +483,40 @@ class Engine:
         """The rows of `seen` for `slots`, only when some request uses a repetition penalty (a B x V copy)."""
         return self.seen[slots] if any(r.params.repetition_penalty != 1 for r in requests) else None
 
+    def _counts_for(self, requests: list[Request], slots: torch.Tensor) -> torch.Tensor | None:
+        """The rows of `counts` for `slots`, only when some request uses a presence or frequency penalty."""
+        return self.counts[slots] if any(r.params.penalised for r in requests) else None
+
+    def _allowed(self, requests: list[Request]) -> torch.Tensor | None:
+        """The tokens each request's grammar allows next, or None when no request has one."""
+        if all(r.grammar is None for r in requests):
+            return None
+        from murmur.infer.grammar import allowed_tokens
+
+        return allowed_tokens([r.grammar for r in requests], self.model.settings.vocab_size).to(self.device)
+
     def _mark_seen(self, slots: torch.Tensor, choices: list[TokenChoice]) -> None:
-        """Record each row's sampled token in `seen`, in one write for the whole batch."""
-        self.seen[slots, torch.tensor([c.token for c in choices], device=self.device)] = True
+        """Record each row's sampled token in `seen` and `counts`, in one write each for the whole batch."""
+        tokens = torch.tensor([c.token for c in choices], device=self.device)
+        self.seen[slots, tokens] = True
+        self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=self.counts.dtype), accumulate=True)
+
+    PROMPT_LOGPROB_ROWS = 256  # prompt positions scored per head product: bounds memory at rows x vocab floats
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, ids: list[int], top: int) -> list[TokenChoice]:
+        """Each prompt token's log-probability given the tokens before it (None for the first, which has
+        no context), with the `top` most likely alternatives."""
+        out = [TokenChoice(ids[0])]
+        targets = torch.tensor(ids[1:], device=self.device)
+        for begin in range(0, len(ids) - 1, self.PROMPT_LOGPROB_ROWS):
+            end = min(begin + self.PROMPT_LOGPROB_ROWS, len(ids) - 1)
+            logprobs = self.model.lm_head(hidden[begin:end]).float().log_softmax(-1)
+            chosen = logprobs.gather(-1, targets[begin:end, None])[:, 0].tolist()
+            if top:
+                values, top_ids = (t.tolist() for t in logprobs.topk(top, dim=-1))
+            for k, (token, logprob) in enumerate(zip(ids[begin + 1:end + 1], chosen)):
+                out.append(TokenChoice(token, logprob, list(zip(top_ids[k], values[k])) if top else None))
+        return out
 
     def _step_logits(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
         keys = self._key_positions[:length]
@@ -512,14 +571,22 @@ class Engine:
         request.last_token = token
         self.counters["generation_tokens"] += 1
         out = StepOutput(request.id, token_ids=[token], logprobs=[choice] if request.params.logprobs else [])
+        if len(request.output_ids) == 1:
+            out.prompt_logprobs = request.prompt_logprobs
         params = request.params
         if token in params.stop_token_ids or (token in self.stop_ids and not params.ignore_eos):
             self._finish(request, "stop", out, flush=True)
+            return
+        if request.grammar is not None and not request.grammar.accept(token):
+            self._finish(request, "error", out, error=f"the output left its grammar ({params.grammar.description}): "
+                                                      f"{request.grammar.error or 'token not allowed'}")
             return
         text, stopped = request.stop_matcher.feed(request.detokenizer.add(token))
         out.text = text
         if stopped:
             self._finish(request, "stop", out)
+        elif request.grammar is not None and request.grammar.finished:
+            self._finish(request, "stop", out, flush=True)  # complete: only the end of the output may follow
         elif params.max_tokens is not None and len(request.output_ids) >= params.max_tokens:
             self._finish(request, "length", out, flush=True)
         elif request.length + 1 >= self.max_seq_len:
@@ -601,7 +668,7 @@ class Engine:
                 (prompt_ids, prefix_len), p = pending.popleft()
                 request_id = self.submit(prompt_ids, p, outputs.put, prefix_len=prefix_len)
                 order.append(request_id)
-                results[request_id] = {"text": [], "ids": [], "logprobs": [], "final": None}
+                results[request_id] = {"text": [], "ids": [], "logprobs": [], "prompt_logprobs": None, "final": None}
             if self._thread is None and outputs.empty():
                 self.step()
                 continue
@@ -610,6 +677,8 @@ class Engine:
             entry["text"].append(out.text)
             entry["ids"].extend(out.token_ids)
             entry["logprobs"].extend(out.logprobs)
+            if out.prompt_logprobs is not None:
+                entry["prompt_logprobs"] = out.prompt_logprobs
             if out.finished:
                 entry["final"] = out
                 done += 1
@@ -621,6 +690,6 @@ class Engine:
                 raise MurmurError(final.error)
             completions.append(Completion("".join(entry["text"]), entry["ids"], final.finish_reason,
                                           final.prompt_tokens, final.completion_tokens,
-                                          entry["logprobs"] if p.logprobs else None))
+                                          entry["logprobs"] if p.logprobs else None, entry["prompt_logprobs"]))
         return completions
 

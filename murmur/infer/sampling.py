@@ -9,12 +9,15 @@ numbers whether it runs alone or beside fifteen others.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from murmur.errors import MurmurError
+
+MAX_LOGIT_BIAS = 300  # entries of one request's logit_bias, as OpenAI allows
 
 
 @dataclass
@@ -27,6 +30,12 @@ class SamplingParams:
     context is full". stop strings end the output before the match; stop_token_ids add to the
     tokenizer's end-of-turn tokens unless ignore_eos is set. logprobs returns the chosen token's
     log-probability under the model and the top_logprobs most likely alternatives.
+
+    OpenAI's penalties: presence_penalty is subtracted once from every token already generated,
+    frequency_penalty once per time it was generated (the prompt does not count); logit_bias adds its
+    value to a token id's logit (-100 bans it, 100 all but forces it). prompt_logprobs (None: off)
+    returns each prompt token's log-probability and that many alternatives. grammar (a
+    `murmur.infer.grammar.Grammar`) allows only tokens that keep the output inside it.
     """
 
     temperature: float = 1.0
@@ -41,6 +50,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    prompt_logprobs: int | None = None
+    grammar: Any = None  # a murmur.infer.grammar.Grammar (not imported here: the grammar library is optional)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -61,12 +75,28 @@ class SamplingParams:
             problems.append(f"max_tokens must be >= 1 (got {self.max_tokens})")
         if not 0 <= self.top_logprobs <= 20:
             problems.append(f"top_logprobs must be in [0, 20] (got {self.top_logprobs})")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            problems.append(f"prompt_logprobs must be in [0, 20] (got {self.prompt_logprobs})")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                problems.append(f"{name} must be in [-2, 2] (got {getattr(self, name)})")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            problems.append(f"logit_bias holds {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS}")
+        if any(not -100 <= bias <= 100 for bias in self.logit_bias.values()):
+            problems.append("logit_bias values must be in [-100, 100]")
+        if any(token < 0 for token in self.logit_bias):
+            problems.append("logit_bias keys must be token ids >= 0")
         if problems:
             raise MurmurError("; ".join(problems))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        """Whether the output's own token counts change the logits (presence or frequency penalty)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 @dataclass
@@ -142,12 +172,44 @@ def draw(logits: Tensor, params: list[SamplingParams], generators: list[torch.Ge
     return (cdf <= u * cdf[:, -1:]).sum(-1).clamp_max(logits.shape[-1] - 1)
 
 
+def apply_penalties(logits: Tensor, counts: Tensor, params: list[SamplingParams]) -> Tensor:
+    """OpenAI's presence and frequency penalties from `counts` (B, V): how often each row generated each token."""
+    device = logits.device
+    counts = counts.to(logits.dtype)
+    presence = _param_column([p.presence_penalty for p in params], device)
+    frequency = _param_column([p.frequency_penalty for p in params], device)
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
+
+
+def apply_logit_bias(logits: Tensor, params: list[SamplingParams]) -> Tensor:
+    """Each row's logit_bias added to its logits (one indexed add for the whole batch)."""
+    rows, ids, values = [], [], []
+    vocab = logits.shape[-1]
+    for row, p in enumerate(params):
+        for token, bias in p.logit_bias.items():
+            if token < vocab:
+                rows.append(row)
+                ids.append(token)
+                values.append(bias)
+    if not rows:
+        return logits
+    logits = logits.clone()
+    device = logits.device
+    logits.index_put_((torch.tensor(rows, device=device), torch.tensor(ids, device=device)),
+                      torch.tensor(values, dtype=logits.dtype, device=device), accumulate=True)
+    return logits
+
+
 def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           seen: Tensor | None = None) -> list[TokenChoice]:
+           seen: Tensor | None = None, counts: Tensor | None = None, allowed: Tensor | None = None
+           ) -> list[TokenChoice]:
     """One token per row of `logits` (B, V), each row by its own request's parameters.
 
-    seen: (B, V) bool of tokens already in each request's context, for the repetition penalty.
-    Log-probabilities are those of the model's own distribution (before any filter), as OpenAI reports.
+    seen: (B, V) bool of tokens already in each request's context, for the repetition penalty; counts:
+    (B, V) how often each row generated each token, for presence and frequency penalties; allowed: (B, V)
+    bool of the tokens a row's grammar allows (every token in rows without one).
+    Log-probabilities are those of the model's own distribution (before any penalty, bias, filter or
+    grammar), as OpenAI reports.
     """
     logits = logits.float()
     want_logprobs = any(p.logprobs for p in params)
@@ -155,6 +217,12 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
     if seen is not None and any(p.repetition_penalty != 1 for p in params):
         logits = apply_repetition_penalty(logits, seen, _param_column([p.repetition_penalty for p in params],
                                                                       logits.device))
+    if counts is not None and any(p.penalised for p in params):
+        logits = apply_penalties(logits, counts, params)
+    if any(p.logit_bias for p in params):
+        logits = apply_logit_bias(logits, params)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if len(sampled_rows) == len(params):
         chosen = draw(logits, params, generators)

@@ -1,7 +1,8 @@
 """The server: one FastAPI app over one `Engine`, built by `create_app`.
 
-The routes live on three routers by concern: the OpenAI API (`routes_openai`, under /v1, behind API keys
-and the rate limit), the pages (`routes_ui`: the chat page, its files, the run's report) and operations
+The routes live on four routers by concern: the OpenAI API (`routes_openai`, under /v1, behind API keys
+and the rate limit), the tokenizer (`routes_tokens`: /tokenize, /detokenize, /tokenizer_info, likewise),
+the pages (`routes_ui`: the chat page, its files, the run's report) and operations
 (`routes_ops`: /health, /metrics). What the handlers share is the `ServerState` on `app.state.murmur`.
 `ServerMiddleware` checks every request before a handler sees it; what it and the metrics need to know
 about the routes (which answer beyond the connection cap, which take JSON, every route's label) is read
@@ -21,14 +22,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.routing import Mount
 
 from murmur.infer.engine import Engine
-from murmur.serve import routes_openai, routes_ops, routes_ui
+from murmur.serve import routes_openai, routes_ops, routes_tokens, routes_ui
 from murmur.serve.errors import install_error_handlers
 from murmur.serve.metrics import Metrics, RouteLabels
 from murmur.serve.middleware import AllowedHosts, ServerMiddleware
 from murmur.serve.state import ServerState
 from murmur.settings.serve import ServeSettings
 
-ROUTERS = (routes_openai.router, routes_ui.router, routes_ops.router)
+ROUTERS = (routes_openai.router, routes_tokens.router, routes_ui.router, routes_ops.router)
 
 
 def path_templates(router: APIRouter) -> list[str]:
@@ -57,7 +58,7 @@ def create_app(settings: ServeSettings | None = None, engine: Engine | None = No
     for router in ROUTERS:
         app.include_router(router)
     templates = [app.openapi_url, *(path for router in ROUTERS for path in path_templates(router))]
-    metrics = Metrics(RouteLabels(templates, timed=routes_openai.PREFIX + "/"), model_name=model_name)
+    metrics = Metrics(RouteLabels(templates, timed=routes_openai.PREFIX + "/"))
     state = ServerState(settings, model_name, engine, loader, report_dir, metrics)
     app.state.murmur = state
     install_error_handlers(app)

@@ -7,6 +7,7 @@ generation service; these need no tokenizing at all.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from murmur.serve.errors import APIError
@@ -64,3 +65,36 @@ def check_work(settings: ServeSettings, *, prompts: int, n: int, chars: int, max
         raise APIError(400, f"{max_param} is {max_tokens}; this server generates at most "
                             f"{settings.max_reply_tokens} tokens per choice (serve.max_reply_tokens).",
                        param=max_param, code="invalid_value")
+
+
+# Schemas and tools come from requests: their size and nesting are bounded before any grammar is built
+# (the grammar library then bounds its own work, `murmur.infer.grammar`). OpenAI allows 128 tools.
+MAX_SCHEMA_BYTES = 65_536  # a response_format schema, as compact JSON
+MAX_SCHEMA_DEPTH = 32  # nested objects and arrays in a schema or a tool's parameters
+MAX_TOOLS = 128
+MAX_TOOLS_BYTES = 262_144  # every tool definition of a request together, as compact JSON
+
+
+def json_depth(value: Any) -> int:
+    """How deeply objects and arrays nest in `value` (0 for a scalar), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def check_json_size(value: Any, *, param: str, max_bytes: int, what: str) -> None:
+    """Refuse a schema-like value that is too large or too deeply nested to compile."""
+    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    if size > max_bytes:
+        raise APIError(400, f"{what} is {size} bytes as JSON; this server takes at most {max_bytes}. Simplify it.",
+                       param=param, code="invalid_value")
+    depth = json_depth(value)
+    if depth > MAX_SCHEMA_DEPTH:
+        raise APIError(400, f"{what} nests {depth} levels of objects and arrays; this server takes at most "
+                            f"{MAX_SCHEMA_DEPTH}. Flatten it.", param=param, code="invalid_value")

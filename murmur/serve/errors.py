@@ -61,6 +61,21 @@ def failure_of(out: StepOutput) -> APIError | None:
     return None
 
 
+def unknown_field(loc: list[str]) -> APIError:
+    """The refusal of a field Murmur does not implement: never ignored, since a client that asked for it
+    (JSON output, a penalty) would otherwise get something else with status 200."""
+    from murmur.serve.schemas import UNSUPPORTED
+
+    param = ".".join(loc)
+    name = loc[-1] if loc else param
+    if len(loc) == 1 and name in UNSUPPORTED:
+        return APIError(400, f"{name} is an OpenAI parameter this server does not support ({UNSUPPORTED[name]}); "
+                             "remove it from the request. docs/serve.md lists the supported parameters.",
+                        param=param, code="unsupported_parameter")
+    return APIError(400, f"Unrecognized request argument supplied: {param[:100]}. Remove it; docs/serve.md lists "
+                         "the parameters this server takes.", param=param[:100], code="unsupported_parameter")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Answer every failure in OpenAI's error shape."""
 
@@ -76,6 +91,9 @@ def install_error_handlers(app: FastAPI) -> None:
             return APIError(400, "We could not parse the JSON body of your request: it is not valid JSON.").response()
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
+        unknown = next((e for e in problems if e.get("type") == "extra_forbidden"), None)
+        if unknown is not None:
+            return unknown_field([str(p) for p in unknown.get("loc", ()) if p != "body"]).response()
         message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
                             for e in problems[:5])
         return APIError(400, f"Invalid request: {message}", param=param, code="invalid_value").response()

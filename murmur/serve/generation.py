@@ -34,9 +34,10 @@ from murmur.serve.schemas import SamplingFields
 from murmur.settings.serve import ServeSettings
 
 
-def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: bool, top_logprobs: int
-                    ) -> SamplingParams:
-    """The engine's sampling parameters for a request's body; max_tokens None: the server's default."""
+def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: bool, top_logprobs: int,
+                    grammar: Any = None, prompt_logprobs: int | None = None) -> SamplingParams:
+    """The engine's sampling parameters for a request's body; max_tokens None: the server's default;
+    grammar: the `Grammar` its output must match (response_format, forced tool calls), or None."""
     temperature = 1.0 if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
     if top_p == 0:  # the smallest possible nucleus: the most likely token
@@ -44,7 +45,11 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: bool
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return SamplingParams(temperature=temperature, top_p=top_p, top_k=body.top_k or 0, min_p=body.min_p or 0.0,
                           repetition_penalty=body.repetition_penalty or 1.0, seed=body.seed, max_tokens=max_tokens,
-                          stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs)
+                          stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs,
+                          presence_penalty=body.presence_penalty or 0.0,
+                          frequency_penalty=body.frequency_penalty or 0.0,
+                          logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
+                          grammar=grammar, prompt_logprobs=prompt_logprobs)
 
 
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:
@@ -62,6 +67,7 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False
     fields: dict[str, str] = field(default_factory=dict)  # engine param -> the request's field, for refusals
+    tools: list[dict[str, Any]] | None = None  # function definitions the chat template shows the model
 
 
 class ResponseFormat(Protocol):
@@ -71,8 +77,10 @@ class ResponseFormat(Protocol):
     object: str  # of a whole response
     chunk_object: str  # of a streamed chunk
 
-    def choice(self, index: int, text: str, final: StepOutput, logprobs: list[TokenChoice]) -> dict[str, Any]:
-        """Choice `index` of a whole response: its text, its last output and every token's logprobs."""
+    def choice(self, index: int, text: str, final: StepOutput, logprobs: list[TokenChoice],
+               prompt_logprobs: list[TokenChoice] | None = None) -> dict[str, Any]:
+        """Choice `index` of a whole response: its text, its last output, every token's logprobs (and the
+        prompt's, when they were asked for)."""
 
     def opening(self, n: int) -> list[dict[str, Any]]:
         """The chunk choices a stream starts with, before any token."""
@@ -132,19 +140,22 @@ class Generation:
                 self.unfinished.discard(index)
             yield index, out
 
-    async def collect(self) -> list[tuple[str, StepOutput, list[TokenChoice]]]:
-        """Each choice's whole text, last output and logprobs, in choice order."""
+    async def collect(self) -> list[tuple[str, StepOutput, list[TokenChoice], list[TokenChoice] | None]]:
+        """Each choice's whole text, last output, logprobs and prompt logprobs (None unless asked), in order."""
         n = len(self.request_ids)
         texts: list[list[str]] = [[] for _ in range(n)]
         logprobs: list[list[TokenChoice]] = [[] for _ in range(n)]
+        prompt_logprobs: list[list[TokenChoice] | None] = [None] * n
         finals: list[StepOutput | None] = [None] * n
         async with aclosing(self.events()) as events:
             async for index, out in events:
                 texts[index].append(out.text)
                 logprobs[index].extend(out.logprobs)
+                if out.prompt_logprobs is not None:
+                    prompt_logprobs[index] = out.prompt_logprobs
                 if out.finished:
                     finals[index] = out
-        return [("".join(t), f, lp) for t, f, lp in zip(texts, finals, logprobs)]
+        return [("".join(t), f, lp, plp) for t, f, lp, plp in zip(texts, finals, logprobs, prompt_logprobs)]
 
 
 def sse(data: dict[str, Any] | str) -> bytes:
@@ -184,12 +195,12 @@ class GenerationService:
         finally:
             generation.abort()
         choices, completion_tokens = [], 0
-        for index, (text, final, logprobs) in enumerate(result):
+        for index, (text, final, logprobs, prompt_logprobs) in enumerate(result):
             error = failure_of(final)
             if error:
                 raise error
             completion_tokens += final.completion_tokens
-            choices.append(fmt.choice(index, text, final, logprobs))
+            choices.append(fmt.choice(index, text, final, logprobs, prompt_logprobs))
         return {**head, "object": fmt.object, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
     def plan(self, request: GenerationRequest) -> tuple[list[Planned], int]:
@@ -198,7 +209,7 @@ class GenerationService:
         planned, prompt_tokens = [], 0
         for prompt in request.prompts:
             try:
-                ids, prefix_len = self.engine.encode_prompt(prompt)
+                ids, prefix_len = self.engine.encode_prompt(prompt, request.tools)
                 self.engine.check_prompt(ids, request.sampling)
             except MurmurError as err:
                 raise api_error(err, request.fields) from None

@@ -15,8 +15,10 @@ from murmur.serve.checks import check_text, check_work
 from murmur.serve.errors import APIError
 from murmur.serve.formats import ChatFormat, CompletionFormat
 from murmur.serve.generation import GenerationRequest, GenerationService, sampling_params
-from murmur.serve.schemas import ChatCompletionRequest, CompletionRequest
+from murmur.serve.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 from murmur.serve.state import ServerState, authorize, server_state
+from murmur.serve.structured import response_grammar
+from murmur.serve.tools import plan_tools
 
 PREFIX = "/v1"
 router = APIRouter(prefix=PREFIX, dependencies=[Depends(authorize)])
@@ -30,6 +32,26 @@ def begin(state: ServerState, body: ChatCompletionRequest | CompletionRequest) -
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     return engine
+
+
+def engine_message(message: ChatMessage) -> dict:
+    """A request's chat message as the chat template takes it: role, text, and any tool calls or call id."""
+    from murmur.tokenizer import message_text
+
+    content = message_text([p.model_dump() for p in message.content] if isinstance(message.content, list)
+                           else message.content)
+    out = {"role": "system" if message.role == "developer" else message.role, "content": content}
+    if message.tool_calls:
+        out["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    if message.name is not None and message.role == "tool":
+        out["name"] = message.name
+    return out
+
+
+def message_chars(message: dict) -> int:
+    return len(message["content"]) + sum(len(c["function"]["arguments"]) for c in message.get("tool_calls", ()))
 
 
 def include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
@@ -49,25 +71,23 @@ async def list_models(request: Request):
 @with_cancellation
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     """Answer a conversation as the assistant (OpenAI's Chat Completions)."""
-    from murmur.tokenizer import message_text
-
     state = server_state(request)
     engine = begin(state, body)
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": message_text(
-        [p.model_dump() for p in m.content] if isinstance(m.content, list) else m.content)}
-        for m in body.messages]
+    messages = [engine_message(m) for m in body.messages]
     max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens or body.max_tokens
-    check_work(state.settings, prompts=1, n=body.n, chars=sum(len(m["content"]) for m in messages),
+    check_work(state.settings, prompts=1, n=body.n, chars=sum(message_chars(m) for m in messages),
                max_tokens=max_tokens, prompt_param="messages", max_param=max_param, messages=len(messages))
+    tools = plan_tools(engine, body)
+    grammar = tools.grammar if tools and tools.grammar else response_grammar(engine, body.response_format)
     generation = GenerationRequest(
         prompts=[messages], n=body.n, stream=body.stream, include_usage=include_usage(body),
-        sampling=sampling_params(body, max_tokens, body.logprobs, body.top_logprobs or 0),
-        fields={"prompt": "messages", "max_tokens": max_param})
+        sampling=sampling_params(body, max_tokens, body.logprobs, body.top_logprobs or 0, grammar),
+        fields={"prompt": "messages", "max_tokens": max_param}, tools=tools.definitions if tools else None)
     return await GenerationService(engine, state.settings, state.model_name).respond(
-        generation, ChatFormat(engine.tokenizer, body.logprobs))
+        generation, ChatFormat(engine.tokenizer, body.logprobs, read_calls=bool(tools and tools.read_calls)))
 
 
 @router.post("/completions")
@@ -85,9 +105,15 @@ async def completions(body: CompletionRequest, request: Request):
     if not token_ids and not texts:
         raise APIError(400, "prompt is an empty list; send at least one prompt", param="prompt")
     logprobs = body.logprobs is not None
+    prompts = [prompt] if token_ids else texts
+    # Echoed, each choice starts with its prompt's text (choices are prompt-major: n per prompt).
+    echo = [engine.tokenizer.decode(p) if token_ids else p for p in prompts for _ in range(body.n)] \
+        if body.echo else None
     generation = GenerationRequest(
-        prompts=[prompt] if token_ids else texts, n=body.n, stream=body.stream, include_usage=include_usage(body),
-        sampling=sampling_params(body, body.max_tokens, logprobs, body.logprobs or 0),
+        prompts=prompts, n=body.n, stream=body.stream, include_usage=include_usage(body),
+        sampling=sampling_params(body, body.max_tokens, logprobs, body.logprobs or 0,
+                                 response_grammar(engine, body.response_format),
+                                 prompt_logprobs=body.logprobs if body.echo and logprobs else None),
         fields={"prompt": "prompt", "max_tokens": "max_tokens"})
     return await GenerationService(engine, state.settings, state.model_name).respond(
-        generation, CompletionFormat(engine.tokenizer, logprobs))
+        generation, CompletionFormat(engine.tokenizer, logprobs, echo))

@@ -39,7 +39,7 @@ async def health(request: Request):
         raise api_error(err) from None
     else:
         try:
-            [(_, final, _)] = await asyncio.wait_for(generation.collect(), timeout=state.settings.health_timeout_s)
+            [(_, final, _, _)] = await asyncio.wait_for(generation.collect(), timeout=state.settings.health_timeout_s)
         except TimeoutError:
             generation.abort()
             raise unavailable(f"the engine did not answer a one-token probe in "
