@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from murmur.errors import MurmurError
+from murmur.model_card import run_folder_of, write_model_card
 
 
 def final_stage_dir(run_dir: Path) -> Path:
@@ -32,6 +33,7 @@ def run_stage(settings, run_dir: str | Path) -> dict:
     loaded = load_model(final_stage_dir(run_dir))
     out = save_hf_model(loaded.model, run_dir / "model", tokenizer_dir=loaded.tokenizer_dir,
                         special_tokens=special_token_ids(loaded.tokenizer_dir))
+    write_model_card(out, run_dir, settings)
     return {"model_dir": str(out), "from": str(loaded.path)}
 
 
@@ -44,9 +46,11 @@ def export_hf(src: str | Path, out_dir: str | Path, dtype: str | None = None,
     from murmur.source import load_model
 
     loaded = load_model(src)
-    return save_hf_model(loaded.model, out_dir, tokenizer_dir=loaded.tokenizer_dir,
-                         special_tokens=special_token_ids(loaded.tokenizer_dir), max_shard_bytes=max_shard_bytes,
-                         dtype=getattr(torch, dtype) if dtype else None)
+    out = save_hf_model(loaded.model, out_dir, tokenizer_dir=loaded.tokenizer_dir,
+                        special_tokens=special_token_ids(loaded.tokenizer_dir), max_shard_bytes=max_shard_bytes,
+                        dtype=getattr(torch, dtype) if dtype else None)
+    write_model_card(out, run_folder_of(src))
+    return out
 
 
 def export_gguf(src: str | Path, out_dir: str | Path, quant: str = "f16") -> Path:
