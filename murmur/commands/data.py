@@ -1,4 +1,5 @@
-"""`murmur data`: curate raw posts into clean posts and conversations; `audit` and `purge` for deletions.
+"""`murmur data`: curate raw posts into clean posts and conversations; `audit` and `purge` for deletions
+(which reach the run's post index too, docs/index.md).
 
     murmur data --source FORMAT:PATH [--source ...] --out DIR [--deletions FILE] [--executor local|ray]
     murmur data audit DIR [--deletions FILE]
@@ -31,11 +32,12 @@ def register(subparsers) -> None:
     p.set_defaults(func=run, data_action=None)
     actions = p.add_subparsers(dest="data_action", metavar="{audit,purge}")
     audit = actions.add_parser("audit", help="prove deleted posts and accounts are gone from a run's outputs, "
-                                             "the quarantine included")
+                                             "the quarantine and the post index included")
     audit.add_argument("dir", help="a run folder or its data folder")
     audit.add_argument("--deletions", metavar="FILE", help="deletion list to check (default: every list the run applied)")
     audit.set_defaults(func=run_audit)
-    purge = actions.add_parser("purge", help="remove newly deleted posts and accounts from an existing run")
+    purge = actions.add_parser("purge", help="remove newly deleted posts and accounts from an existing run "
+                                             "and its post index")
     purge.add_argument("dir", metavar="RUN_DIR", help="a run folder or its data folder")
     purge.add_argument("--deletions", metavar="FILE", required=True, help="the deletion list to apply")
     purge.set_defaults(func=run_purge)
@@ -77,10 +79,23 @@ def print_funnel(stats: dict, out) -> None:
         print(f"{stats['elapsed_s']:.1f} s, {stats['posts_per_s']:,.0f} records/s -> {out}")
 
 
-def run_audit(args: argparse.Namespace) -> int:
-    from murmur.data.compliance import audit, load_deletions
+def _index_deletions(path, deletions):
+    """What must be gone from the run's post index: the deletion list, and every post the data stage or a
+    purge removed for a deleted account or as a copy of a deleted text (data/deleted_posts.txt)."""
+    from murmur.data.compliance import Deletions, data_dir_of, deleted_post_ids
 
-    problems = audit(args.dir, load_deletions(args.deletions) if args.deletions else None)
+    return Deletions(posts=deletions.posts | deleted_post_ids(data_dir_of(path)), accounts=set(deletions.accounts))
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from murmur import index
+    from murmur.data.compliance import audit, data_dir_of, load_deletions, recorded_deletions
+
+    deletions = load_deletions(args.deletions) if args.deletions else None
+    problems = audit(args.dir, deletions)
+    # The index of the run (RUN/index, beside the data folder) is audited for the same deletions.
+    recorded = deletions if deletions is not None else recorded_deletions(data_dir_of(args.dir))
+    problems += index.audit(args.dir, _index_deletions(args.dir, recorded))
     for problem in problems[:50]:
         print(f"FAIL {problem}", file=sys.stderr)
     if problems:
@@ -91,12 +106,24 @@ def run_audit(args: argparse.Namespace) -> int:
 
 
 def run_purge(args: argparse.Namespace) -> int:
-    from murmur.data.compliance import purge
+    from murmur import index
+    from murmur.data.compliance import data_dir_of, purge, recorded_deletions
+    from murmur.errors import MurmurError
 
     summary = purge(args.dir, args.deletions)
     print(f"purged {summary['posts_removed']} posts ({summary['copies_removed']} copies of deleted texts), "
           f"cut {summary['conversations_cut']} conversations, {summary['quarantine_removed']} quarantined records "
           f"({summary['quarantine_redacted']} more kept without their raw text)")
+    # Every list the run has applied (the new one is recorded by now), as the data purge honours them all:
+    # an index built or followed before an older purge is brought in line too. Deleting again is a no-op.
+    try:
+        removed = index.purge(args.dir, _index_deletions(args.dir, recorded_deletions(data_dir_of(args.dir))))
+    except MurmurError as err:
+        raise MurmurError(f"the data folder was purged but its post index was not: {err}. Fix that, then run the "
+                          "same purge again (it changes nothing already purged)") from None
+    if removed["index"] != "none":
+        print(f"index ({removed['index']}): removed {removed['index_posts_removed']} posts, each left as a "
+              "tombstone so that no stream brings it back")
     if summary.get("token_problems"):
         for problem in summary["token_problems"]:
             print(f"FAIL tokens: {problem}", file=sys.stderr)
