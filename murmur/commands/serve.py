@@ -33,21 +33,32 @@ def register(subparsers) -> None:
                    "to call the API from a browser, e.g. https://app.example.com (CORS; repeatable)")
     p.add_argument("--trusted-proxy", action="append", metavar="ADDRESS", help="a reverse proxy whose "
                    "X-Forwarded-For gives the client address (repeatable)")
-    p.add_argument("--recipe", help="read the [serve] section of this recipe first")
-    p.add_argument("--set", action="append", default=[], metavar="serve.KEY=VALUE", help="any serve setting")
+    index = p.add_mutually_exclusive_group()
+    index.add_argument("--index", metavar="RUN_DIR|URL", help="ground chat in this post index and answer "
+                       "mentions (a run or index folder, or postgresql://...); default the run's own index/")
+    index.add_argument("--no-index", action="store_true", help="serve without a post index, even when the run "
+                       "has one")
+    p.add_argument("--recipe", help="read the [serve] (and [index], [data]) sections of this recipe first")
+    p.add_argument("--set", action="append", default=[], metavar="serve.KEY=VALUE", help="any serve setting "
+                   "(index.KEY=VALUE for retrieval's ranking, e.g. index.top_k=4)")
     p.set_defaults(func=run)
 
 
 def settings_from_args(args: argparse.Namespace):
     """ServeSettings from the recipe, --set overrides, then the explicit flags."""
+    return all_settings_from_args(args).serve
+
+
+def all_settings_from_args(args: argparse.Namespace):
+    """The recipe's settings with --set overrides, serve's explicit flags applied."""
     from murmur.config import apply_overrides, read_recipe, settings_from_dict
     from murmur.errors import SettingsError
     from murmur.serve.launch import api_keys
 
     data = read_recipe(args.recipe) if args.recipe else {}
     for item in args.set:
-        if not item.startswith("serve."):
-            raise SettingsError(f"--set {item!r}: only serve.* settings apply to `murmur serve`")
+        if not item.startswith(("serve.", "index.")):
+            raise SettingsError(f"--set {item!r}: only serve.* and index.* settings apply to `murmur serve`")
     data = apply_overrides(data, args.set)
     flags = {"host": args.host, "port": args.port, "model_name": args.model_name, "device": args.device,
              "max_batch_size": args.max_batch_size, "rate_limit_per_minute": args.rate_limit, "compile": args.compile,
@@ -55,8 +66,8 @@ def settings_from_args(args: argparse.Namespace):
              "trusted_proxies": comma_list(args.trusted_proxy)}
     serve = data.setdefault("serve", {})
     serve.update({k: v for k, v in flags.items() if v is not None})
-    settings = settings_from_dict(data, origin="serve settings").serve
-    settings.api_keys = api_keys(args.api_key, settings)
+    settings = settings_from_dict(data, origin="serve settings")
+    settings.serve.api_keys = api_keys(args.api_key, settings.serve)
     return settings
 
 
@@ -70,5 +81,8 @@ def comma_list(values: list[str] | None) -> list[str] | None:
 def run(args: argparse.Namespace) -> int:
     from murmur.serve.launch import serve
 
-    serve(args.src, settings_from_args(args))
+    settings = all_settings_from_args(args)
+    index = None if args.no_index else args.index or settings.index.url
+    serve(args.src, settings.serve, index=index, use_index=not args.no_index, index_settings=settings.index,
+          data_settings=settings.data)
     return 0

@@ -22,14 +22,15 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.routing import Mount
 
 from murmur.infer.engine import Engine
-from murmur.serve import routes_openai, routes_ops, routes_tokens, routes_ui
+from murmur.serve import routes_assistant, routes_openai, routes_ops, routes_tokens, routes_ui
 from murmur.serve.errors import install_error_handlers
 from murmur.serve.metrics import Metrics, RouteLabels
 from murmur.serve.middleware import AllowedHosts, ServerMiddleware
 from murmur.serve.state import ServerState
 from murmur.settings.serve import ServeSettings
 
-ROUTERS = (routes_openai.router, routes_tokens.router, routes_ui.router, routes_ops.router)
+ROUTERS = (routes_openai.router, routes_assistant.router, routes_tokens.router, routes_ui.router,
+           routes_ops.router)
 
 
 def path_templates(router: APIRouter) -> list[str]:
@@ -38,8 +39,10 @@ def path_templates(router: APIRouter) -> list[str]:
 
 
 def create_app(settings: ServeSettings | None = None, engine: Engine | None = None, model_name: str = "murmur",
-               loader: Callable[[], Engine] | None = None, report_dir: Path | None = None) -> FastAPI:
-    """The FastAPI app over `engine`, or over the engine `loader` builds in the background (503 until then)."""
+               loader: Callable[[], Engine] | None = None, report_dir: Path | None = None,
+               assistant=None) -> FastAPI:
+    """The FastAPI app over `engine`, or over the engine `loader` builds in the background (503 until then);
+    `assistant` (murmur.assistant.service.Assistant) grounds chat in a post index and answers mentions."""
     settings = settings or ServeSettings()
     if engine is None and loader is None:
         raise ValueError("create_app needs an engine or a loader")
@@ -58,8 +61,9 @@ def create_app(settings: ServeSettings | None = None, engine: Engine | None = No
     for router in ROUTERS:
         app.include_router(router)
     templates = [app.openapi_url, *(path for router in ROUTERS for path in path_templates(router))]
-    metrics = Metrics(RouteLabels(templates, timed=routes_openai.PREFIX + "/"))
+    metrics = Metrics(RouteLabels(templates, timed=routes_openai.PREFIX + "/"), model_name=model_name)
     state = ServerState(settings, model_name, engine, loader, report_dir, metrics)
+    state.assistant = assistant
     app.state.murmur = state
     install_error_handlers(app)
     if settings.allowed_origins:  # inside ServerMiddleware: a preflight passes the Host check first

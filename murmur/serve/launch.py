@@ -54,8 +54,32 @@ def api_keys(flag_keys: list[str] | None, settings: ServeSettings) -> list[str]:
     return list(dict.fromkeys([*settings.api_keys, *(flag_keys or []), *env]))
 
 
-def serve(src: str | Path, settings: ServeSettings) -> None:
-    """Run the server until interrupted; the model loads in the background (503 until ready)."""
+def open_assistant(src: str | Path, settings: ServeSettings, index=None, use_index: bool = True,
+                   index_settings=None, data_settings=None):
+    """The assistant over the post index at `index` (a folder or url), else the run's own index/ when it
+    has one; None with `use_index=False` or when there is no index."""
+    from murmur.assistant.service import Assistant
+    from murmur.index.location import POINTER, open_index
+    from murmur.settings.data import DataSettings
+    from murmur.settings.index import IndexSettings
+
+    if not use_index:
+        return None
+    if index is None:
+        path = Path(src).resolve()
+        run = path.parent if path.name == "model" else path
+        if not (run / "index" / POINTER).is_file():
+            return None
+        index = run
+    index_settings = index_settings or IndexSettings()
+    return Assistant(open_index(index, index_settings), index_settings, settings.assistant,
+                     data_settings or DataSettings())
+
+
+def serve(src: str | Path, settings: ServeSettings, *, index=None, use_index: bool = True, index_settings=None,
+          data_settings=None) -> None:
+    """Run the server until interrupted; the model loads in the background (503 until ready). The post index
+    (`index`, else the run's own) grounds chat and answers mentions (docs/assistant.md)."""
     import uvicorn
 
     from murmur.accel import resolve_device
@@ -67,6 +91,11 @@ def serve(src: str | Path, settings: ServeSettings) -> None:
         raise MurmurError(f"{src} does not exist; pass a Hugging Face model directory, a Murmur run folder or a "
                           "GGUF (gguf:PATH)")
     resolve_device(settings.device)  # fail now, not in the background
+    assistant = open_assistant(src, settings, index, use_index, index_settings, data_settings)
     app = create_app(settings, model_name=settings.model_name or served_name(src),
-                     loader=lambda: build_engine(src, settings), report_dir=report_dir_of(src))
-    uvicorn.Server(uvicorn_config(app, settings)).run()
+                     loader=lambda: build_engine(src, settings), report_dir=report_dir_of(src), assistant=assistant)
+    try:
+        uvicorn.Server(uvicorn_config(app, settings)).run()
+    finally:
+        if assistant is not None:
+            assistant.index.close()

@@ -15,6 +15,7 @@ from murmur.serve.checks import check_text, check_work
 from murmur.serve.errors import APIError
 from murmur.serve.formats import ChatFormat, CompletionFormat
 from murmur.serve.generation import GenerationRequest, GenerationService, sampling_params
+from murmur.serve.retrieval import ground_chat
 from murmur.serve.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 from murmur.serve.state import ServerState, authorize, server_state
 from murmur.serve.structured import response_grammar
@@ -86,8 +87,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         prompts=[messages], n=body.n, stream=body.stream, include_usage=include_usage(body),
         sampling=sampling_params(body, max_tokens, body.logprobs, body.top_logprobs or 0, grammar),
         fields={"prompt": "messages", "max_tokens": max_param}, tools=tools.definitions if tools else None)
-    return await GenerationService(engine, state.settings, state.model_name).respond(
-        generation, ChatFormat(engine.tokenizer, body.logprobs, read_calls=bool(tools and tools.read_calls)))
+    generation, fmt = await ground_chat(state, body.retrieval, engine, generation, ChatFormat(
+        engine.tokenizer, body.logprobs, read_calls=bool(tools and tools.read_calls)))  # posts and citations
+    return await GenerationService(engine, state.settings, state.model_name).respond(generation, fmt)
 
 
 @router.post("/completions")

@@ -37,7 +37,7 @@ UNSUPPORTED = {
     "suffix": "insertion (suffix) is not supported", "best_of": "best_of is not supported; use n",
 }
 # Fields Murmur adds to OpenAI's, in the manner of vLLM.
-MURMUR_EXTENSIONS = ("top_k", "min_p", "repetition_penalty", "ignore_eos")
+MURMUR_EXTENSIONS = ("top_k", "min_p", "repetition_penalty", "ignore_eos", "retrieval")
 
 
 class Strict(BaseModel):
@@ -62,6 +62,20 @@ class ToolCall(Strict):
     function: FunctionCall
 
 
+class URLCitation(Strict):
+    url: StrictStr = Field(..., max_length=2048)
+    title: StrictStr | None = Field(None, max_length=1024)
+    start_index: int = Field(..., ge=0, le=INT64)
+    end_index: int = Field(..., ge=0, le=INT64)
+
+
+class Annotation(Strict):
+    """A citation in an answer (docs/assistant.md), as a client sends the answer back in the history."""
+
+    type: Literal["url_citation"] = "url_citation"
+    url_citation: URLCitation
+
+
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
@@ -70,7 +84,8 @@ class ChatMessage(Strict):
     tool_call_id: StrictStr | None = Field(None, max_length=256, description="the call a tool message answers")
     # Fields of an assistant message as the API returned it, which SDKs send back unchanged.
     refusal: StrictStr | None = None
-    annotations: list[Any] | None = Field(None, max_length=0)
+    annotations: list[Annotation] | None = Field(None, max_length=256, description="an answer's citations, sent "
+                                                  "back with the history (not shown to the model)")
     audio: None = None  # only as the SDK echoes it back: null
     function_call: None = None
 
@@ -161,6 +176,8 @@ class SamplingFields(Strict):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    retrieval: StrictBool | None = Field(None, description="Murmur: ground the answer in the post index and cite "
+                                         "posts (default: on when the server has an index)")
     max_completion_tokens: int | None = Field(None, ge=1, le=INT64)
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)

@@ -34,6 +34,7 @@ class ServerState:
         self.access = Access(settings.api_keys, settings.rate_limit_per_minute, settings.rate_limit_max_clients)
         self.metrics = metrics
         self.created = int(time.time())
+        self.assistant = None  # murmur.assistant.service.Assistant: the post index chat is grounded in, or None
         if engine is not None:
             self._attach(engine)
 

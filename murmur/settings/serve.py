@@ -4,6 +4,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from murmur.settings.assistant import AssistantSettings
 from murmur.settings.base import Section
 
 
@@ -61,3 +62,6 @@ class ServeSettings(Section):
                                      "address literals and the bind address; [\"*\"] = any")
     allowed_origins: list[str] = Field(default_factory=list, description="web origins allowed cross-origin "
                                        "access (CORS); empty = none")
+
+    # The in-app assistant: chat grounded in the post index, citations, mentions (docs/assistant.md).
+    assistant: AssistantSettings = Field(default_factory=AssistantSettings)
