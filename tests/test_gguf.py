@@ -418,6 +418,11 @@ def test_unsupported_architecture_quant_and_tokenizer_are_named(tiny, tmp_path):
         load_gguf_model(rewrite("t.gguf", **{"tokenizer.ggml.model": "llama"}))
     with pytest.raises(MurmurError, match="pre-tokenizer 'mystery'"):
         load_gguf_model(rewrite("p.gguf", **{"tokenizer.ggml.pre": "mystery"}))
+    tokens = file.metadata["tokenizer.ggml.tokens"]
+    with pytest.raises(MurmurError, match=f"has {len(tokens) + 1} tokens but the model embeds only {len(tokens)}"):
+        load_gguf_model(rewrite("v.gguf", **{"tokenizer.ggml.tokens": [*tokens, "extra"],
+                                             "tokenizer.ggml.token_type": [*file.metadata["tokenizer.ggml.token_type"],
+                                                                           1]}))
     with pytest.raises(MurmurError, match="block_count=3, the tensors hold 2 blocks"):
         load_gguf_model(rewrite("b.gguf", **{"llama.block_count": 3}))
 

@@ -85,6 +85,10 @@ def read_gguf_model(path: str | Path, device: str | torch.device = "cpu", dtype:
     if ROPE_FREQS in names:
         settings = settings.model_copy(update={"rope_scaling": llama3_scaling(file.tensor(ROPE_FREQS), settings,
                                                                               source)})
+    tokens = file.metadata.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and len(tokens) > settings.vocab_size:
+        raise MurmurError(f"{source}: the tokenizer has {len(tokens)} tokens but the model embeds only "
+                          f"{settings.vocab_size}; ids past the embedding cannot be run")
     # Every shape is checked before anything is dequantized: the file's own sizes bound the memory spent.
     expected = expected_shapes(settings)
     for name, info in file.tensors.items():

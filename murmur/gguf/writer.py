@@ -11,6 +11,7 @@ whose rows are not whole q8_0 blocks (32 values) is stored as f16.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ def modelfile(gguf_name: str, chat) -> str:
     else:
         lines += ["# No TEMPLATE: the chat template travels in the GGUF (tokenizer.chat_template)."]
     for stop in sorted(chat.stop_ids):
-        lines.append(f'PARAMETER stop "{chat.tokenizer.id_to_token(stop)}"')
+        lines.append(f"PARAMETER stop {json.dumps(chat.tokenizer.id_to_token(stop), ensure_ascii=False)}")
     return "\n".join(lines) + "\n"
 
 
