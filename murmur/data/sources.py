@@ -60,7 +60,8 @@ def chitchat_path() -> Path:
     try:
         import chitchat_dataset
     except ImportError:
-        raise MurmurError("source 'chitchat:' needs the chitchat-dataset package: pip install chitchat-dataset") from None
+        raise MurmurError("source 'chitchat:' (the demo corpus) needs the chitchat-dataset package: "
+                          "pip install 'murmur[demo]'") from None
     return Path(chitchat_dataset.__file__).parent / "dataset.json"
 
 
