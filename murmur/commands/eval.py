@@ -44,13 +44,14 @@ def run(args: argparse.Namespace) -> int:
         raise MurmurError("--lm-eval needs at least one task name, e.g. --lm-eval arc_easy,hellaswag")
     out = Path(args.out) if args.out else Path(args.src)
     results = evaluate(args.src, settings.eval, data_dir=args.data, out_dir=out, lm_eval_tasks=tasks,
-                       lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit)
+                       lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit,
+                       index_settings=settings.index)
     compare = []
     if args.compare:
         other = Path(args.compare)
         other_results = read_results(other)
         if other_results is None:
-            other_results = evaluate(other, settings.eval)
+            other_results = evaluate(other, settings.eval, index_settings=settings.index)
             write_report(other, other_results)
         name = other_results.get("name", other.name)
         if name == results.get("name"):  # two folders of the same name: tell them apart by path

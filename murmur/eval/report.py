@@ -190,6 +190,10 @@ def _headline(results: dict) -> dict[str, Any]:
         for method in ("ll", "pmi"):
             out[f"ranking {method} hits@1"] = ranking[method]["hits@1"]
             out[f"ranking {method} MRR"] = ranking[method]["mrr"]
+    retrieval = results.get("retrieval")
+    if retrieval:
+        for key in ("recall@1", "recall@10"):
+            out[f"parent retrieval {key}"] = retrieval.get(key)
     canaries = results.get("privacy", {}).get("canaries") or []
     planted = [c["exposure"] for c in canaries if c["inserted"]]
     if planted:
@@ -263,6 +267,16 @@ def render_markdown(results: dict, charts: dict[str, str], numbers: dict, compar
             m = ranking[method]
             lines.append(f"| {method} | {_fmt(m['hits@1'])} | {_fmt(m['hits@5'])} | {_fmt(m['mrr'])} |")
         lines += ["", f"![reply ranking]({charts['ranking']})", ""]
+
+    retrieval = results.get("retrieval")
+    if retrieval:
+        recalls = [k for k in retrieval if k.startswith("recall@")]
+        lines += [f"## Retrieval from the post index ({retrieval['split']} split)", "",
+                  (f"Each of {_fmt(retrieval['examples'])} held-out replies whose parent is indexed searches the "
+                   "index with its own text (itself excluded); recall@k is the share whose parent is among the "
+                   "first k posts retrieved (docs/index.md)."), "",
+                  "| " + " | ".join(recalls) + " |", "| " + " | ".join("---" for _ in recalls) + " |",
+                  "| " + " | ".join(_fmt(retrieval[k]) for k in recalls) + " |", ""]
 
     privacy = results.get("privacy", {})
     lines += ["## Privacy", ""]

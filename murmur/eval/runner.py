@@ -6,7 +6,8 @@
 
 The final model is what `murmur.source.load_model` picks for the folder (the latest SFT checkpoint, else the
 latest pretraining one, else the exported model/). With checkpoints="all", bits per byte is also measured
-for every saved checkpoint, on a smaller fixed sample of posts.
+for every saved checkpoint, on a smaller fixed sample of posts. When the data folder's run has a post index
+(RUN/index), the retrieval it grounds answers in is scored too: recall@1/@10 of held-out replies' parents.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from murmur.accel import resolve_device
 from murmur.errors import MurmurError
 from murmur.files import write_json_atomic
 from murmur.settings.eval import EvalSettings
+from murmur.settings.index import IndexSettings
 
 STAGES = ("pretrain", "sft")
 
@@ -88,11 +90,24 @@ def _load(src: Path, device: torch.device):
     return loaded.model.eval(), ChatTokenizer.load(loaded.tokenizer_dir), info
 
 
+def parent_retrieval(data_dir: Path, settings: IndexSettings | None) -> dict | None:
+    """Recall of held-out replies' parents from the post index beside the data folder, None without an index
+    (`murmur.index.parent_recall`)."""
+    from murmur.index import open_index, parent_recall
+    from murmur.index.location import POINTER, index_dir_of
+
+    if not (index_dir_of(data_dir) / POINTER).is_file():
+        return None
+    with open_index(data_dir, settings) as index:
+        return parent_recall(index, data_dir, settings)
+
+
 def evaluate(src: str | Path, settings: EvalSettings, data_dir: str | Path | None = None,
              out_dir: str | Path | None = None, lm_eval_tasks: list[str] | None = None,
              lm_eval_include: str | Path | None = None, lm_eval_limit: int | None = None,
-             progress=print) -> dict:
-    """Evaluate the model at `src` on held-out data and write OUT/eval/ and OUT/report/ (OUT = out_dir or src)."""
+             progress=print, index_settings: IndexSettings | None = None) -> dict:
+    """Evaluate the model at `src` on held-out data and write OUT/eval/ and OUT/report/ (OUT = out_dir or src);
+    `index_settings` rank the post index's retrieval when the run has one."""
     from murmur.eval.bpb import bits_per_byte, read_split_posts
     from murmur.eval.privacy import run_canaries, scan_for_pii
     from murmur.eval.ranking import run_ranking
@@ -110,6 +125,9 @@ def evaluate(src: str | Path, settings: EvalSettings, data_dir: str | Path | Non
     device = torch.device(resolve_device(settings.device))
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    # Before the model loads: an index that cannot be opened (a server down) fails in seconds, not minutes.
+    retrieval = parent_retrieval(data_dir, index_settings)
+    timings["retrieval"] = time.perf_counter() - started
     model, tokenizer, info = _load(src, device)
     progress(f"eval: {info['path']} ({info['params']:,} parameters) on {device}")
 
@@ -118,6 +136,10 @@ def evaluate(src: str | Path, settings: EvalSettings, data_dir: str | Path | Non
              for split in settings.bpb_splits}
     results: dict[str, Any] = {"name": out_dir.resolve().name, "created_at": datetime.now(UTC).isoformat(
         timespec="seconds"), "model": info, "data": str(data_dir), "settings": settings.model_dump(mode="json")}
+    if retrieval is not None:
+        results["retrieval"] = retrieval
+        progress(f"eval: parent retrieval from the index, {retrieval['examples']} {retrieval['split']} replies: "
+                 + ", ".join(f"{k} {_share(v)}" for k, v in retrieval.items() if k.startswith("recall@")))
 
     mark = time.perf_counter()
     results["bpb"] = {split: bits_per_byte(model, tokenizer, t, settings.batch_size).to_dict()
@@ -178,6 +200,10 @@ def evaluate(src: str | Path, settings: EvalSettings, data_dir: str | Path | Non
     return results
 
 
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def read_results(path: str | Path) -> dict | None:
     """A run's eval/results.json, or None when it was never evaluated."""
     file = Path(path) / "eval" / "results.json"
@@ -193,10 +219,12 @@ def run_stage(settings, run_dir: str | Path) -> dict:
     """The `murmur build` entry point: evaluate the run's final model, write eval/ and report/."""
     from murmur.eval.report import write_report
 
-    results = evaluate(run_dir, settings.eval)
+    results = evaluate(run_dir, settings.eval, index_settings=settings.index)
     page = write_report(run_dir, results)
     summary = {f"bpb_{split}": v["bpb"] for split, v in results["bpb"].items()}
     if results.get("ranking"):
         summary["ranking_pmi_hits@1"] = results["ranking"]["pmi"]["hits@1"]
+    if results.get("retrieval"):
+        summary["retrieval_recall@10"] = results["retrieval"]["recall@10"]
     summary["report"] = str(page)
     return summary
