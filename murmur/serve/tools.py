@@ -103,9 +103,13 @@ class ToolCallReader:
     def __init__(self) -> None:
         self.buffer = ""
         self.calls = 0
+        self.after_call = False  # newlines right after a call separate it from what follows: not content
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
         self.buffer += text
+        if self.after_call:
+            self.buffer = self.buffer.lstrip("\n")
+            self.after_call = not self.buffer
         content, calls = [], []
         while True:
             start = self.buffer.find(TOOL_CALL_OPEN)
@@ -131,6 +135,7 @@ class ToolCallReader:
                 content.append(before.rstrip("\n"))
                 calls.append(call)
                 self.buffer = rest.lstrip("\n")
+                self.after_call = not self.buffer
         return "".join(content), calls
 
     def flush(self) -> str:
