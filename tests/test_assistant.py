@@ -226,34 +226,39 @@ def second_handle(index):
 
 
 def test_a_followed_deletion_reaches_prompts_within_a_second(served, tmp_path):
+    """A follower (another connection, as `murmur index --follow` would be) deletes a post; from then on no
+    prompt shows it. The bar is one second from the write; the best of three attempts must meet it (a loaded
+    machine can stall any one measurement; a follower or server that caches stale results fails all three)."""
     client, engine = served
     engine.reply = "ok"
     index = client.app.state.murmur.assistant.index
     stream = tmp_path / "stream.jsonl"
     stream.write_bytes(b"")
-    applied = threading.Event()
     stop = threading.Event()
+    latencies = []
     with second_handle(index) as writer:
-        follower = Follower(writer, stream, EventReader(), poll_interval_s=0.05,
-                            on_batch=lambda counts: counts["deleted"] and applied.set())
-        thread = threading.Thread(target=follower.run, args=(stop,), daemon=True)
+        thread = threading.Thread(target=Follower(writer, stream, EventReader(), poll_interval_s=0.05).run,
+                                  args=(stop,), daemon=True)
         thread.start()
         try:
-            chat(client)
-            assert "[p1]" in engine.prompts[-1]
-            written = time.monotonic()
-            with open(stream, "ab") as f:
-                f.write(json.dumps({"data": {"delete": {"tweet": {"id": "p1"}}}}).encode() + b"\n")
-            assert applied.wait(10)
-            while "[p1]" in (chat(client), engine.prompts[-1])[1] and time.monotonic() - written < 10:
-                pass
-            took = time.monotonic() - written
+            for ident, question in [("p1", "pier 7 meetup"), ("p3", "trivia night"), ("p2", "fishing")]:
+                chat(client, question)
+                assert f"[{ident}]" in engine.prompts[-1]
+                written = time.monotonic()
+                with open(stream, "ab") as f:
+                    f.write(json.dumps({"data": {"delete": {"tweet": {"id": ident}}}}).encode() + b"\n")
+                while time.monotonic() - written < 10:
+                    chat(client, question)
+                    if f"[{ident}]" not in engine.prompts[-1]:
+                        break
+                latencies.append(time.monotonic() - written)
+                assert f"[{ident}]" not in engine.prompts[-1]
+                if latencies[-1] < 1.0:
+                    break
         finally:
             stop.set()
             thread.join(10)
-    assert "[p1]" not in engine.prompts[-1]
-    # The bar is one second from the write; a loaded machine may stall one measurement, never by ten.
-    assert took < 1.0 or applied.is_set(), took
+    assert min(latencies) < 1.0, latencies
 
 
 def test_posts_route_needs_a_key_checks_records_and_applies_them(served, tokenizer, model, index):
