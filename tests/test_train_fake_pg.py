@@ -77,3 +77,54 @@ def test_8b_layouts_for_large_fleets_construct():
                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("OK")
+
+
+PIPELINE_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch, torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from murmur.config import load_settings
+    from murmur.model import Transformer
+    from murmur.train.parallel import build_mesh, parallelize
+    from murmur.train.pipeline import build_pipeline
+    from murmur.train.trainer import make_plan
+
+    # The last of 16,384 ranks: pipeline rank 1 of 2, the last stage among its eight.
+    settings = load_settings(sys.argv[1])
+    plan = make_plan(settings, "pretrain", 16384)
+    layout = plan.layout
+    assert (layout.pp, layout.virtual_stages, layout.pp_schedule, layout.tp) == (2, 8, "Interleaved1F1B", 8), layout
+    dist.init_process_group("fake", store=FakeStore(), rank=16383, world_size=16384)
+    mesh = build_mesh(layout, "cpu")
+    assert mesh.mesh_dim_names == ("pp", "dp_replicate", "dp_shard", "tp") and mesh.get_local_rank("pp") == 1
+    with torch.device("meta"):
+        model = Transformer(settings.model)
+    pipe = build_pipeline(model, layout, mesh, torch.device("cpu"), plan.accumulation, settings.train.seq_len,
+                          lambda part: parallelize(part, layout, mesh, activation_checkpointing="full",
+                                                   param_dtype=torch.bfloat16))
+    assert pipe.stage_ids == list(range(1, 16, 2)) and pipe.has_last and not pipe.has_first
+    blocks = [int(name) for part in pipe.parts for name in part.layers]
+    assert len(blocks) == 63 and max(blocks) == 125, blocks  # half of the 126 blocks, the whole model's names
+    assert pipe.parts[-1].lm_head is not None and all(p.embed_tokens is None for p in pipe.parts)
+    q = pipe.parts[0].layers[str(blocks[0])]._checkpoint_wrapped_module.self_attn.q_proj.weight
+    assert isinstance(q, DTensor) and q.device_mesh.mesh_dim_names == ("dp_replicate", "dp_shard", "tp")
+    assert tuple(q.to_local().shape) == (16384 // 8 // 32, 16384), q.to_local().shape
+    print("OK")
+""")
+
+
+def test_405b_pipeline_layout_the_planner_picks_for_16k_gpus_constructs(tmp_path):
+    """Llama 3's batch on 16,384 H100s: the planner's fastest layout is PP 2 × 8 interleaved stages × HSDP 32×32
+    × TP 8; rank 16,383's eight stages are built, tensor-parallel and sharded, on a fake process group."""
+    from murmur.plan.launch import write_launch_files
+    from murmur.plan.planner import PlanRequest, make_plan
+    from murmur.settings.model import ModelSettings
+
+    plan = make_plan(PlanRequest(gpu="h100", gpus=16384, model=ModelSettings(preset="405b"),
+                                 global_batch_tokens=16 * 2**20))
+    recipe = write_launch_files(plan, tmp_path)["recipe"]
+    out = subprocess.run([sys.executable, "-c", PIPELINE_SCRIPT, str(recipe)], capture_output=True, text=True,
+                         timeout=240, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("OK")

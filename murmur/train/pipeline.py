@@ -119,13 +119,19 @@ def check_pipeline(settings: ModelSettings, layout, microbatches: int, section: 
 def build_stage_module(model: nn.Module, layers: range, first: bool, last: bool) -> nn.Module:
     """A copy of `model` holding only the blocks `layers` (named by their index in the whole model), the
     embedding only on the first stage and the final norm and head only on the last."""
-    part = copy.deepcopy(model)
-    part.layers = nn.ModuleDict({str(i): part.layers[i] for i in layers})
-    if not first:
-        part.embed_tokens = None
-    if not last:
-        part.norm = None
-        part.lm_head = None
+    # Copy only what the stage keeps: the shell first, with the other parts detached for the copy.
+    wanted = {"embed_tokens": first, "norm": last, "lm_head": last}
+    saved = {name: getattr(model, name) for name in ("layers", *wanted)}
+    try:
+        model.layers = nn.ModuleList()
+        for name, keep in wanted.items():
+            if not keep:
+                setattr(model, name, None)
+        part = copy.deepcopy(model)
+    finally:
+        for name, module in saved.items():
+            setattr(model, name, module)
+    part.layers = nn.ModuleDict({str(i): copy.deepcopy(saved["layers"][i]) for i in layers})
     return part
 
 
