@@ -70,6 +70,7 @@ function messageNode(message) {
 function fillMessage(node, message) {
   if (message.role === "assistant") {
     node.innerHTML = Markdown.render(message.content || "");  // escaped by the renderer
+    if (message.citations && message.citations.length) node.append(citationList(message.citations));
     if (message.note) {
       const note = document.createElement("span");
       note.className = "note";
@@ -79,6 +80,44 @@ function fillMessage(node, message) {
   } else {
     node.textContent = message.content;
   }
+}
+
+// The posts a reply cites (its url_citation annotations), as links under it: built as DOM nodes, never as HTML,
+// and only http(s) links (a javascript: url from a misconfigured template would not run).
+function safeUrl(url) {
+  try {
+    const parsed = new URL(url, location.href);
+    return parsed.protocol === "http:" || parsed.protocol === "https:" ? parsed.href : null;
+  } catch { return null; }
+}
+
+function citationsOf(annotations) {
+  const seen = new Set();
+  const list = [];
+  for (const a of annotations || []) {
+    const c = a && a.type === "url_citation" && a.url_citation;
+    const url = c && typeof c.url === "string" && safeUrl(c.url);
+    if (!url || seen.has(url)) continue;
+    seen.add(url);
+    list.push({ url, title: typeof c.title === "string" && c.title ? c.title : url });
+  }
+  return list;
+}
+
+function citationList(citations) {
+  const list = document.createElement("ol");
+  list.className = "citations";
+  for (const c of citations) {
+    const item = document.createElement("li");
+    const link = document.createElement("a");
+    link.href = c.url;
+    link.textContent = c.title;
+    link.target = "_blank";
+    link.rel = "noopener noreferrer";
+    item.append(link);
+    list.append(item);
+  }
+  return list;
 }
 
 function renderMessages() {
@@ -163,6 +202,9 @@ async function streamReply(chat) {
           if (chunk.error) throw new Error(chunk.error.message);
           const choice = chunk.choices && chunk.choices[0];
           if (choice && choice.delta && choice.delta.content) { reply.content += choice.delta.content; paint(); }
+          if (choice && choice.delta && choice.delta.annotations) {
+            reply.citations = citationsOf(choice.delta.annotations); paint();
+          }
           if (choice && choice.finish_reason === "length") reply.note = "(cut at the token limit)";
         }
       }
