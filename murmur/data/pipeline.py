@@ -47,7 +47,7 @@ from murmur.data.records import (
     QUARANTINE_SCHEMA,
     SPLITS,
 )
-from murmur.data.sources import FileReader, SourceFile, resolve_sources
+from murmur.data.sources import FileReader, SourceFile, archive_deletion_events, resolve_sources
 from murmur.data.split import split_of
 from murmur.data.threads import ThreadPost, tree_conversations
 from murmur.errors import MurmurError
@@ -80,6 +80,8 @@ def run(settings: DataSettings, out: str | Path, progress: bool | None = None) -
     # Deletions are for ever: a rebuild honours every list this output folder ever applied (purges included).
     recorded = recorded_deletion_events(out)
     new_events = load_deletion_events(settings.deletions) if settings.deletions else []
+    # An archive's deleted-tweets.js lists posts its owner deleted: they are deletions like any other.
+    new_events += archive_deletion_events(sources, settings.max_json_depth)
     deletions = Deletions.from_events(recorded + new_events)
     batch_fp = _fingerprint(settings, sources, exclude=EXECUTION_ONLY | GLOBAL_ONLY)
     full_fp = _fingerprint(settings, sources, exclude=EXECUTION_ONLY | {"deletions"},
@@ -129,7 +131,7 @@ def _fingerprint(settings: DataSettings, sources: list[SourceFile], exclude: set
     """Every data setting but those in `exclude` (a new setting is covered without a list to edit), the
     sources' sizes and times, the code's version, and `extra`."""
     return digest({"settings": settings_by_key(settings, ignore=exclude),
-                   "sources": [(s.label, s.size(), s.path.stat().st_mtime_ns) for s in sources],
+                   "sources": [s.stamp() for s in sources],
                    "version": [murmur.__version__, PIPELINE_VERSION],
                    "extra": hashlib.sha256(extra.encode()).hexdigest()})
 

@@ -67,10 +67,12 @@ def chitchat_path() -> Path:
 
 @dataclass
 class SourceFile:
-    """One input file and the format it is read as."""
+    """One input file and the format it is read as. An X archive's tweets file also names the archive's
+    note-tweet.js (the full text of long posts), read with it."""
 
     format: str
     path: Path
+    notes: Path | None = None
 
     @property
     def label(self) -> str:
@@ -83,6 +85,86 @@ class SourceFile:
 
     def size(self) -> int:
         return self.path.stat().st_size
+
+    def stamp(self) -> list:
+        """What identifies this input's content for a rerun: label, size and modification time of the file
+        and of its companion note file."""
+        files = [self.path] + ([self.notes] if self.notes else [])
+        return [self.label] + [[f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+# -- X account archives -------------------------------------------------------------------------------------
+
+# Direct messages are private whatever a recipe says: no source ever reads a file named like one.
+_DIRECT_MESSAGES = re.compile(r"direct[-_]message", re.IGNORECASE)
+_TWEETS_PART = re.compile(r"tweets(?:-part(\d+))?\.js")
+NOTE_TWEETS = "note-tweet.js"
+DELETED_TWEETS = "deleted-tweets.js"
+
+
+def is_direct_messages(path: Path) -> bool:
+    """Whether a file is one of an X archive's direct-message files (direct-messages.js, -group, headers...)."""
+    return bool(_DIRECT_MESSAGES.match(path.name))
+
+
+def _archive_data_folder(folder: Path) -> Path:
+    """An archive's data folder: DIR/data when it exists (the unpacked download), else DIR itself."""
+    return folder / "data" if (folder / "data").is_dir() else folder
+
+
+def archive_tweet_files(folder: Path) -> list[Path]:
+    """tweets.js then tweets-part1.js, tweets-part2.js, ... of an archive folder (X splits large archives)."""
+    data = _archive_data_folder(folder)
+    found = []
+    for path in data.iterdir():
+        match = _TWEETS_PART.fullmatch(path.name)
+        if match and path.is_file():
+            found.append((int(match.group(1) or 0), path))
+    return [path for _, path in sorted(found)]
+
+
+def _archive_source(path: Path) -> SourceFile:
+    notes = path.parent / NOTE_TWEETS
+    return SourceFile("x-archive", path, notes if notes.is_file() else None)
+
+
+def archive_deletion_events(sources: list[SourceFile], max_depth: int) -> list:
+    """`post:ID` deletion events for the tweets each archive's deleted-tweets.js lists: posts its owner deleted
+    stay deleted, whatever else holds them. A deletion file that cannot be read stops the run (its posts
+    could not be honoured)."""
+    from murmur.data.compliance import DeletionEvent
+
+    events, seen = [], set()
+    for source in sources:
+        if source.format != "x-archive":
+            continue
+        path = source.path.parent / DELETED_TWEETS
+        if path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        items = _archive_document(path.read_bytes(), max_depth)
+        if items is None:
+            raise MurmurError(f"{_printable_path(path)} is not a readable archive file (expected "
+                              "window.YTD.deleted_tweets.part0 = [...]); its posts must stay deleted, so the run "
+                              "stops: repair or re-download the archive")
+        for item in items:
+            tweet = item.get("tweet", item) if isinstance(item, dict) else None
+            tweet_id = _str_id(tweet.get("id_str") or tweet.get("id")) if isinstance(tweet, dict) else None
+            if tweet_id and not _has_surrogates(tweet_id):
+                events.append(DeletionEvent("post", tweet_id))
+    return events
+
+
+def _archive_document(data: bytes, max_depth: int) -> list | None:
+    """The array of an archive file (`window.YTD.NAME.part0 = [...]`), or None if it is not one."""
+    start = data.find(b"[")
+    if start < 0 or nests_deeper_than(data[start:], max_depth):
+        return None
+    try:
+        items = json.loads(data[start:].decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    return items if isinstance(items, list) else None
 
 
 def resolve_sources(specs: list[str]) -> list[SourceFile]:
@@ -101,16 +183,35 @@ def resolve_sources(specs: list[str]) -> list[SourceFile]:
             raise MurmurError(f"source {spec!r} has no path; write {fmt}:PATH")
         matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True)) if glob.has_magic(pattern) \
             else [os.path.expanduser(pattern)]
-        matches = [m for m in matches if not os.path.isdir(m)] or matches
+        if fmt != "x-archive":  # an archive may be named by its folder
+            matches = [m for m in matches if not os.path.isdir(m)] or matches
         if not matches:
             raise MurmurError(f"source {spec!r}: no file matches {pattern!r}")
+        explicit = not glob.has_magic(pattern)
         for match in matches:
             path = Path(match)
+            if is_direct_messages(path):
+                if explicit:
+                    raise MurmurError(f"source {spec!r}: direct messages are private and never read, whatever "
+                                      "the recipe says; remove this source")
+                continue  # a glob passes over them without a word
+            if fmt == "x-archive" and path.is_dir():
+                parts = archive_tweet_files(path)
+                if not parts:
+                    raise MurmurError(f"source {spec!r}: archive folder {path} holds no tweets.js (nor its data/ "
+                                      "folder); give the unpacked archive's folder")
+                files.extend(_archive_source(part) for part in parts)
+                continue
+            if fmt == "x-archive" and path.name in (NOTE_TWEETS, DELETED_TWEETS):
+                if explicit:
+                    raise MurmurError(f"source {spec!r}: {path.name} is read with the archive's tweets.js, not "
+                                      "as posts; give the archive's folder or its tweets.js")
+                continue
             if path.is_dir():
                 raise MurmurError(f"source {spec!r}: {path} is a folder; give a file or a glob such as {path}/*.jsonl")
             if not path.is_file():
                 raise MurmurError(f"source {spec!r}: file {path} not found")
-            files.append(SourceFile(fmt, path))
+            files.append(_archive_source(path) if fmt == "x-archive" else SourceFile(fmt, path))
     return files
 
 
@@ -482,6 +583,7 @@ class FileReader:
             yield self._bad(1, "not_an_archive: expected window.YTD.tweets.part0 = [...]", whole)
             return
         author = self.settings.archive_author_id or _archive_owner(self.source.path, self.settings.max_json_depth)
+        notes = self._archive_notes()
         for index, item in enumerate(items, start=1):
             self._document = (index, len(items))
             tweet = item.get("tweet", item) if isinstance(item, dict) else None
@@ -496,19 +598,50 @@ class FileReader:
             if not isinstance(body, str) or not body.strip():
                 yield self._bad(index, "no_text", json.dumps(tweet)[:1000], tweet_id)
                 continue
+            created_at = _parse_time(tweet.get("created_at"))
+            full = _note_text(notes, tweet_id, created_at, body)
+            if full is not None:
+                body, entities_ok = full, False  # the short text's entity offsets do not fit the note's text
+            else:
+                entities_ok = True
             post = Post(id=tweet_id, author_id=author, text=body, source=self.source.label, line=index,
-                        created_at=_parse_time(tweet.get("created_at")), lang=_str_or_none(tweet.get("lang")),
+                        created_at=created_at, lang=_str_or_none(tweet.get("lang")),
                         in_reply_to_id=_str_id(tweet.get("in_reply_to_status_id_str")
                                                or tweet.get("in_reply_to_status_id")))
             if body.startswith("RT @"):
                 post.retweet_of_id = ""  # the archive does not name the original
-            entities = tweet.get("entities")
+            entities = tweet.get("entities") if entities_ok else None
             if isinstance(entities, dict):
                 post.mentions = [(*span, _hint(m.get("screen_name"))) for m in _list(entities.get("user_mentions"))
                                  if (span := _archive_span(m))]
                 post.urls = [(*span, _hint(u.get("expanded_url")) or _hint(u.get("url")))
                              for u in _list(entities.get("urls")) if (span := _archive_span(u))]
             yield self._finished(index, post)
+
+    def _archive_notes(self) -> dict:
+        """The archive's long posts from note-tweet.js, by note id and by creation time ({} without one).
+        An unreadable note file leaves the short texts in place."""
+        if self.source.notes is None:
+            return {}
+        try:
+            data = self.source.notes.read_bytes()
+        except OSError:
+            return {}
+        items = _archive_document(data, self.settings.max_json_depth) or []
+        notes: dict = {}
+        for item in items:
+            note = item.get("noteTweet") if isinstance(item, dict) else None
+            core = note.get("core") if isinstance(note, dict) else None
+            text = core.get("text") if isinstance(core, dict) else None
+            if not isinstance(text, str) or not text.strip() or _has_surrogates(text):
+                continue
+            note_id = _str_id(note.get("noteTweetId"))
+            if note_id:
+                notes[("id", note_id)] = text
+            created = _parse_time(note.get("createdAt"))
+            if created is not None:
+                notes.setdefault(("time", created), []).append(text)
+        return notes
 
     # -- generic tables -------------------------------------------------------------------------------------
 
@@ -743,6 +876,27 @@ def _parse_time(value) -> datetime | None:
         return None
 
 
+_TRUNCATION = re.compile(r"(?:\s*https://t\.co/\w+)+\s*$|\s*(?:…|\.\.\.)\s*$")
+
+
+def _note_text(notes: dict, tweet_id: str, created_at: datetime | None, body: str) -> str | None:
+    """The full text of a long post, when note-tweet.js has it: the note with the tweet's id, else the note
+    created at the same instant whose text begins as the tweet's truncated text does (tweets.js keeps the
+    first 280 characters, an ellipsis and a link)."""
+    if ("id", tweet_id) in notes:
+        return notes[("id", tweet_id)]
+    if created_at is None:
+        return None
+    prefix = body
+    while (shorter := _TRUNCATION.sub("", prefix)) != prefix:
+        prefix = shorter
+    prefix = " ".join(prefix.split())
+    for text in notes.get(("time", created_at), []):
+        if prefix and " ".join(text.split()).startswith(prefix):
+            return text
+    return None
+
+
 def _archive_owner(path: Path, max_depth: int) -> str:
     """The account id of an archive: from account.js beside tweets.js, else the archive's folder name."""
     account = path.parent / "account.js"
@@ -759,5 +913,5 @@ def _archive_owner(path: Path, max_depth: int) -> str:
     return path.parent.name or "archive"
 
 
-__all__ = ["FileReader", "Record", "SourceFile", "chitchat_path", "nests_deeper_than", "open_binary",
-           "resolve_sources"]
+__all__ = ["FileReader", "Record", "SourceFile", "archive_deletion_events", "archive_tweet_files", "chitchat_path",
+           "is_direct_messages", "nests_deeper_than", "open_binary", "resolve_sources"]
