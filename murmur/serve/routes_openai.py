@@ -99,15 +99,17 @@ async def completions(body: CompletionRequest, request: Request):
     state = server_state(request)
     engine = begin(state, body)
     prompt = body.prompt
-    token_ids = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int)
+    # Token ids: one prompt (a list of ids) or several (a list of such lists, as vLLM takes them).
+    token_ids = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], str)
+    id_prompts = ([prompt] if isinstance(prompt[0], int) else prompt) if token_ids else []
     texts = [] if token_ids else [prompt] if isinstance(prompt, str) else prompt
-    check_work(state.settings, prompts=1 if token_ids else len(texts), n=body.n,
+    check_work(state.settings, prompts=len(id_prompts) if token_ids else len(texts), n=body.n,
                chars=sum(len(t) for t in texts), max_tokens=body.max_tokens, prompt_param="prompt",
                max_param="max_tokens")
     if not token_ids and not texts:
         raise APIError(400, "prompt is an empty list; send at least one prompt", param="prompt")
     logprobs = body.logprobs is not None
-    prompts = [prompt] if token_ids else texts
+    prompts = id_prompts if token_ids else texts
     # Echoed, each choice starts with its prompt's text (choices are prompt-major: n per prompt).
     echo = [engine.tokenizer.decode(p) if token_ids else p for p in prompts for _ in range(body.n)] \
         if body.echo else None

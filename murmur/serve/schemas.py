@@ -187,6 +187,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: StrictStr | list[StrictStr] | list[int] = Field(..., description="text, texts, or token ids")
+    prompt: StrictStr | list[StrictStr] | list[int] | list[list[int]] = Field(
+        ..., description="text, texts, token ids, or lists of token ids")
     logprobs: int | None = Field(None, ge=0, le=20, description="alternatives per token (OpenAI: up to 5)")
     echo: StrictBool = Field(False, description="the prompt before the completion (with its logprobs when asked)")
