@@ -1,8 +1,9 @@
 """Duplicate detection: an exact hash of normalised text, and MinHash LSH over character shingles.
 
 Short posts have too few words for word n-grams, so shingles are character k-grams. Signatures are computed
-for a whole batch at once with numpy (measured faster than datasketch, see docs/journal.md); the LSH step
-keeps, in every band, the earliest post of each bucket, so it never compares posts pairwise.
+for a whole batch at once with numpy (measured faster than datasketch, see docs/journal.md). Posts sharing an
+LSH bucket in any band are linked; a cluster of near duplicates is a connected component of those links, and
+only its earliest post is kept. Nothing is compared pairwise: each bucket links its posts to its earliest one.
 """
 
 from __future__ import annotations
@@ -99,3 +100,41 @@ def first_occurrence(keys: np.ndarray) -> np.ndarray:
         _, index = np.unique(keys, return_index=True)
         mask[index] = True
     return mask
+
+
+def bucket_links(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Links (member, first) from each post to the first post of its bucket, for `keys` in priority order:
+    indices into `keys`, posts alone in their bucket not linked."""
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    heads = first[inverse.reshape(-1)]
+    linked = np.flatnonzero(heads != np.arange(keys.shape[0]))
+    return linked, heads[linked]
+
+
+def min_label_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """For nodes 0..n-1 linked by edges (a[i], b[i]): each node's component, named by its smallest node.
+
+    Labels only ever fall to a smaller node of the same component, and pointer jumping (label of the label)
+    halves chains each pass, so a few vectorised passes settle even long chains."""
+    label = np.arange(n, dtype=np.int64)
+    if a.size == 0:
+        return label
+    while True:
+        low = np.minimum(label[a], label[b])
+        new = label.copy()
+        np.minimum.at(new, a, low)
+        np.minimum.at(new, b, low)
+        new = new[new]
+        if np.array_equal(new, label):
+            return label
+        label = new
+
+
+def near_duplicates(band_keys: list[np.ndarray]) -> np.ndarray:
+    """True for every post but the first of its near-duplicate cluster; each array holds one band's keys of
+    the same posts, in priority order (earliest first), so a component's smallest index is its earliest post."""
+    n = band_keys[0].shape[0] if band_keys else 0
+    links = [bucket_links(keys) for keys in band_keys]
+    a = np.concatenate([m for m, _ in links]) if links else np.zeros(0, np.int64)
+    b = np.concatenate([f for _, f in links]) if links else np.zeros(0, np.int64)
+    return min_label_components(n, a, b) != np.arange(n)

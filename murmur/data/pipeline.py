@@ -38,7 +38,7 @@ from murmur.data.compliance import (
     recorded_deletion_events,
     screen_quarantine,
 )
-from murmur.data.dedup import first_occurrence
+from murmur.data.dedup import bucket_links, first_occurrence, min_label_components
 from murmur.data.executors import make_executor
 from murmur.data.pii import PiiDetector
 from murmur.data.records import (
@@ -270,16 +270,22 @@ def _global_step(settings: DataSettings, work: Path, n_batches: int, deletions: 
         duplicate[order[~first_occurrence(exact[order])]] = True
         drop(duplicate, "duplicate")
         if settings.near_dedup:
+            # Clusters of near duplicates (posts linked through any band's bucket) keep their earliest post.
             order = order[(reason == 0)[order]]
-            near = np.zeros(n, dtype=bool)
+            links_a, links_b = [], []
             for first_band in range(0, settings.minhash_bands, BANDS_PER_READ):
                 names = [band_column(b) for b in range(first_band, min(settings.minhash_bands,
                                                                         first_band + BANDS_PER_READ))]
                 bands = pa.concat_tables([pq.read_table(work / f"batch-{i:06d}.parquet", columns=names)
                                           for i in range(n_batches)])
                 for name in names:
-                    near[order[~first_occurrence(bands.column(name).to_numpy()[order])]] = True
+                    member, first = bucket_links(bands.column(name).to_numpy()[order])
+                    links_a.append(member)
+                    links_b.append(first)
                 del bands
+            labels = min_label_components(order.size, np.concatenate(links_a), np.concatenate(links_b))
+            near = np.zeros(n, dtype=bool)
+            near[order[labels != np.arange(order.size)]] = True
             drop(near, "near_duplicate")
         removed = np.flatnonzero(np.isin(reason, [GLOBAL_REASONS.index("deleted"),
                                                   GLOBAL_REASONS.index("deleted_copy")]))

@@ -1,0 +1,3 @@
+"""The data stage on a Ray cluster: workers read, clean and fingerprint (reading), hash-partitioned shuffles
+(shuffle) carry exact dedup, deletions and thread roots (global_step), near-duplicate clusters are merged from
+per-partition forests (components); the driver holds object references and counts, O(partitions)."""
