@@ -12,6 +12,7 @@ deleted post (in_reply_to_id, conversation_id) are cleared, as `murmur data purg
 
 from __future__ import annotations
 
+import math
 import threading
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -26,6 +27,10 @@ MAX_RESULTS = 1000  # rows one search may return, whatever the caller asks
 # FTS5's BM25 constants; the PostgreSQL backend uses the same so the two rank alike.
 BM25_K1 = 1.2
 BM25_B = 0.75
+# Posts one search scores at most. A query whose every word is common (Zipf's law makes the first few words of
+# a vocabulary appear in most posts) would otherwise score most of the index; past this it ranks the newest of
+# the posts holding its words instead, beside every post holding its rarer words (see PostIndex._ranked).
+MAX_SCORED_POSTS = 20_000
 
 
 class IndexUnavailable(MurmurError):
@@ -166,7 +171,38 @@ class PostIndex(ABC):
         if not terms or not limit:
             return []
         with self._lock:
-            return [Hit(post, score, score) for post, score in self._bm25(terms, limit)]
+            return [Hit(post, score, score) for post, score in self._ranked(terms, limit)]
+
+    def _ranked(self, terms: list[str], limit: int) -> list[tuple[IndexedPost, float]]:
+        """The BM25 top `limit`, scoring only as many posts as it takes to prove the order exact (MaxScore).
+
+        A post gains less than idf x (k1 + 1) from a word, however often it holds it. Words are taken rarest
+        first: the posts holding one of the first few words (the candidates) are scored with every word; a post
+        holding none of them scores less than the sum of the other words' ceilings, so once the limit-th
+        candidate reaches that sum, no other post can enter the list. Common words have a tiny idf (FTS5
+        floors it at 1e-6 past half the posts), so the proof usually holds with the rarest word alone, and the
+        posts holding the common words are never read. Ties break by id, as in a full scoring.
+
+        When the candidates would pass MAX_SCORED_POSTS, the newest MAX_SCORED_POSTS of them are scored,
+        merged with the exact ranking of the largest prefix of rare words that fitted: the work per query is
+        bounded, and only a query made of words in more posts than that is ranked approximately."""
+        n_posts, df = self._term_stats(terms)
+        present = sorted((t for t in terms if df.get(t)), key=lambda t: (df[t], t))
+        ceilings = [bm25_idf(n_posts, df[t]) * (BM25_K1 + 1) for t in present]
+        found: list[tuple[IndexedPost, float]] = []
+        for size in range(1, len(present) + 1):
+            essential, last = present[:size], size == len(present)
+            work = sum(df[t] for t in essential)  # at least the posts holding any of them
+            if work > MAX_SCORED_POSTS:
+                newest = self._bm25(present, limit, essential, newest=MAX_SCORED_POSTS)
+                merged = {post.id: (post, score) for post, score in found + newest}
+                return sorted(merged.values(), key=lambda hit: (-hit[1], hit[0].id))[:limit]
+            if not last and work < limit and work + df[present[size]] <= MAX_SCORED_POSTS:
+                continue  # too few to fill the list: the candidates can prove nothing yet
+            found = self._bm25(present, limit, essential)
+            if last or (len(found) == limit and found[-1][1] >= sum(ceilings[size:])):
+                return found
+        return found
 
     def get(self, ids: Iterable[str]) -> dict[str, IndexedPost]:
         """The posts with these ids that are in the index."""
@@ -271,7 +307,14 @@ class PostIndex(ABC):
     def _cursor(self, source: str) -> Cursor | None: ...
 
     @abstractmethod
-    def _bm25(self, terms: list[str], limit: int) -> list[tuple[IndexedPost, float]]: ...
+    def _term_stats(self, terms: list[str]) -> tuple[int, dict[str, int]]:
+        """The posts indexed, and each word's document frequency (words in no post may be left out)."""
+
+    @abstractmethod
+    def _bm25(self, terms: list[str], limit: int, among: list[str], newest: int | None = None
+              ) -> list[tuple[IndexedPost, float]]:
+        """The `limit` best posts by BM25 over all `terms`, among the posts holding a word of `among` (only the
+        `newest` of those when given), best first, ties by id."""
 
     @abstractmethod
     def _rows_where(self, column: str, values: list[str]) -> list[IndexedPost]: ...
@@ -284,6 +327,12 @@ class PostIndex(ABC):
 
     @abstractmethod
     def _close(self) -> None: ...
+
+
+def bm25_idf(n_posts: int, df: int) -> float:
+    """FTS5's inverse document frequency: never zero or negative, so a very common word still counts a little."""
+    value = math.log((n_posts - df + 0.5) / (df + 0.5))
+    return value if value > 0 else 1e-6
 
 
 def post_terms(post: IndexedPost) -> list[str]:

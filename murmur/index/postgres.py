@@ -13,13 +13,12 @@ with one transaction, so readers see the old index or the new one, never half of
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 from collections import Counter
 from urllib.parse import urlsplit, urlunsplit
 
 from murmur.index.base import (BM25_B, BM25_K1, POST_COLUMNS, Cursor, IndexedPost, IndexUnavailable, PostIndex,
-                               post_from_row)
+                               bm25_idf, post_from_row)
 from murmur.index.text import MAX_WORD_BYTES, words
 
 SCHEMA_VERSION = "1"
@@ -77,12 +76,6 @@ def tsvector_literal(terms: list[str]) -> str:
     # Words are letters and digits only (murmur.index.text); quoting is defensive.
     return " ".join("'{}':{}".format(term.replace("\\", "\\\\").replace("'", "''"), ",".join(map(str, places)))
                     for term, places in positions.items())
-
-
-def idf(n_posts: int, df: int) -> float:
-    """FTS5's inverse document frequency: never zero or negative, so a very common word still counts a little."""
-    value = math.log((n_posts - df + 0.5) / (df + 0.5))
-    return value if value > 0 else 1e-6
 
 
 class PostgresIndex(PostIndex):
@@ -218,28 +211,29 @@ class PostgresIndex(PostIndex):
                               (source,)).fetchone()
         return Cursor(*row) if row else None
 
-    def _bm25(self, terms: list[str], limit: int) -> list[tuple[IndexedPost, float]]:
-        n_posts, n_terms = self.db.execute(self._sql("SELECT posts, terms FROM {s}.totals")).fetchone()
-        if not n_posts:
-            return []
-        df = dict(self.db.execute(self._sql("SELECT term, df FROM {s}.terms WHERE term = ANY(%s)"),
-                                  (terms,)).fetchall())
-        present = [t for t in terms if df.get(t)]
-        if not present:
-            return []
-        weights = [idf(n_posts, df[t]) for t in present]
-        query = " | ".join("'{}'".format(t.replace("\\", "\\\\").replace("'", "''")) for t in present)
+    def _term_stats(self, terms: list[str]) -> tuple[int, dict[str, int]]:
+        n_posts = self.db.execute(self._sql("SELECT posts FROM {s}.totals")).fetchone()[0]
+        return n_posts, dict(self.db.execute(self._sql("SELECT term, df FROM {s}.terms WHERE term = ANY(%s)"),
+                                             (terms,)).fetchall())
+
+    def _bm25(self, terms: list[str], limit: int, among: list[str], newest: int | None = None
+              ) -> list[tuple[IndexedPost, float]]:
+        n_posts, df = self._term_stats(terms)
+        n_terms = self.db.execute(self._sql("SELECT terms FROM {s}.totals")).fetchone()[0]
+        # The GIN index finds the posts holding a word of `among`; only those have their tsvector unnested.
+        query = " | ".join("'{}'".format(t.replace("\\", "\\\\").replace("'", "''")) for t in among)
+        newest_first = "ORDER BY created_at DESC NULLS LAST, id COLLATE \"C\" DESC LIMIT %(newest)s" if newest else ""
         rows = self.db.execute(self._sql(
             f"SELECT {COLUMNS}, s.score FROM ("
             "  SELECT m.id, sum(q.idf * u.tf * (%(k1)s + 1) / (u.tf + %(k1)s * (1 - %(b)s + %(b)s * m.n_terms / "
             "  %(avgdl)s))) AS score"
-            "  FROM (SELECT id, tsv, n_terms FROM {s}.posts WHERE tsv @@ %(query)s::tsquery) m"
+            f"  FROM (SELECT id, tsv, n_terms FROM {{s}}.posts WHERE tsv @@ %(query)s::tsquery {newest_first}) m"
             "  CROSS JOIN LATERAL (SELECT lexeme, cardinality(positions) AS tf FROM unnest(m.tsv)) u"
             "  JOIN unnest(%(terms)s::text[], %(idf)s::float8[]) AS q(term, idf) ON q.term = u.lexeme"
             "  GROUP BY m.id, m.n_terms"
             ") s JOIN {s}.posts p ON p.id = s.id ORDER BY s.score DESC, p.id COLLATE \"C\" LIMIT %(limit)s"),
-            {"k1": BM25_K1, "b": BM25_B, "avgdl": n_terms / n_posts, "query": query, "terms": present,
-             "idf": weights, "limit": limit}).fetchall()
+            {"k1": BM25_K1, "b": BM25_B, "avgdl": n_terms / n_posts, "query": query, "terms": terms,
+             "idf": [bm25_idf(n_posts, df[t]) for t in terms], "limit": limit, "newest": newest}).fetchall()
         return [(post_from_row(row), float(row[6])) for row in rows]
 
     def _rows_where(self, column: str, values: list[str]) -> list[IndexedPost]:

@@ -177,13 +177,37 @@ class SqliteIndex(PostIndex):
         row = self.db.execute("SELECT source, offset, head FROM cursors WHERE source = ?", (source,)).fetchone()
         return Cursor(*row) if row else None
 
-    def _bm25(self, terms: list[str], limit: int) -> list[tuple[IndexedPost, float]]:
+    def _term_stats(self, terms: list[str]) -> tuple[int, dict[str, int]]:
+        # fts5vocab reads the words' document counts from the FTS5 index itself, the counts bm25() uses.
+        self.db.execute("CREATE VIRTUAL TABLE IF NOT EXISTS temp.posts_vocab USING fts5vocab(main, posts_fts, 'row')")
+        df = dict(self._in("SELECT term, doc FROM temp.posts_vocab WHERE term IN ({})", terms))
+        return self.db.execute("SELECT count(*) FROM posts").fetchone()[0], df
+
+    def _bm25(self, terms: list[str], limit: int, among: list[str], newest: int | None = None
+              ) -> list[tuple[IndexedPost, float]]:
         # Each term a quoted string: FTS5 reads it as one literal word, never as query syntax.
-        match = " OR ".join(f'"{term}"' for term in terms)
-        rows = self.db.execute(
-            f"SELECT {COLUMNS}, -bm25(posts_fts) AS score FROM posts_fts JOIN posts p ON p.rowid = posts_fts.rowid "
-            "WHERE posts_fts MATCH ? ORDER BY score DESC, p.id LIMIT ?", (match, limit)).fetchall()
-        return [(post_from_row(row), row[6]) for row in rows]
+        def any_of(words: list[str]) -> str:
+            return " OR ".join(f'"{word}"' for word in words)
+
+        # FTS5's bm25() scores only the words of the MATCH expression. To score every word but read only the
+        # posts holding a word of `among`, match `(among) AND (every word)`: its bm25() counts the words of
+        # `among` twice, so their score (bm25 of `among` alone, on the same posts) is taken away again.
+        rows = "ORDER BY rowid DESC LIMIT ?" if newest else "LIMIT -1"
+        if set(among) == set(terms):
+            sql = (f"WITH m AS MATERIALIZED (SELECT rowid AS r, bm25(posts_fts) AS s FROM posts_fts "
+                   f"WHERE posts_fts MATCH ?1 {rows.replace('?', '?3')}) "
+                   f"SELECT {COLUMNS}, -m.s AS score FROM m JOIN posts p ON p.rowid = m.r "
+                   "ORDER BY score DESC, p.id LIMIT ?2")
+            args = (any_of(terms), limit) + ((newest,) if newest else ())
+        else:
+            sql = (f"WITH m AS MATERIALIZED (SELECT rowid AS r, bm25(posts_fts) AS s FROM posts_fts "
+                   f"WHERE posts_fts MATCH ?1 {rows.replace('?', '?4')}), "
+                   f"e AS MATERIALIZED (SELECT rowid AS r, bm25(posts_fts) AS s FROM posts_fts "
+                   f"WHERE posts_fts MATCH ?2 {rows.replace('?', '?4')}) "
+                   f"SELECT {COLUMNS}, e.s - m.s AS score FROM m JOIN e ON e.r = m.r JOIN posts p ON p.rowid = m.r "
+                   "ORDER BY score DESC, p.id LIMIT ?3")
+            args = (f"({any_of(among)}) AND ({any_of(terms)})", any_of(among), limit) + ((newest,) if newest else ())
+        return [(post_from_row(row), row[6]) for row in self.db.execute(sql, args).fetchall()]
 
     def _rows_where(self, column: str, values: list[str]) -> list[IndexedPost]:
         assert column in POST_COLUMNS
