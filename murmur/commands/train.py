@@ -5,6 +5,7 @@ Runs in one process, or under torchrun for many:
     murmur train recipe.toml
     torchrun --nproc-per-node 8 -m murmur train recipe.toml --set train.parallel.dp_shard=8
     torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m murmur train recipe.toml
+    murmur train plans/405b/recipe.toml --dry-run --world-size 16384   # a `murmur plan --write` layout, PP included
 
 A stage resumes from its latest checkpoint when it is run again with the same model settings.
 """
