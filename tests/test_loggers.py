@@ -96,14 +96,13 @@ def test_wandb_offline_run_holds_the_records(tmp_path, monkeypatch):
 
 
 TRACKIO_SCRIPT = """
-import io, json, sys, torch
+import json, sys
 from pathlib import Path
-from murmur.train.metrics import MetricsLogger
-stage = Path(sys.argv[1]) / "myrun" / "pretrain"
-logger = MetricsLogger(stage, 20, 1e6, torch.device("cpu"), 1, loggers=["trackio"], stream=io.StringIO())
+from murmur.train.trackers import open_trackers
+[tracker] = open_trackers(["trackio"], Path(sys.argv[1]) / "myrun" / "pretrain", {"lr": 1e-3})
 for record in json.loads(sys.argv[2]):
-    logger.log(record)
-logger.close()
+    tracker.log({k: v for k, v in record.items() if k != "step" and v is not None}, record["step"])
+tracker.close()
 from trackio.sqlite_storage import SQLiteStorage
 print("LOGS=" + json.dumps(SQLiteStorage.get_logs("myrun", "pretrain")))
 """
@@ -111,7 +110,8 @@ print("LOGS=" + json.dumps(SQLiteStorage.get_logs("myrun", "pretrain")))
 
 def test_trackio_run_holds_the_records_locally(tmp_path):
     pytest.importorskip("trackio", reason="trackio is an extra: pip install 'murmur[trackio]'")
-    # trackio reads TRACKIO_DIR when imported: a process of its own keeps the test's folder its only store.
+    # trackio reads TRACKIO_DIR when imported: a process of its own keeps the test's folder its only store
+    # (the tracker alone there, without torch: MetricsLogger's part is the same for every tracker).
     env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio")}
     done = subprocess.run([sys.executable, "-c", TRACKIO_SCRIPT, str(tmp_path), json.dumps(RECORDS)], env=env,
                           capture_output=True, text=True, timeout=120)
