@@ -182,6 +182,15 @@ def evaluate(src: str | Path, settings: EvalSettings, data_dir: str | Path | Non
                           "pii_scan": scan_for_pii([s["reply"] for s in samples])}
     timings["privacy"] = time.perf_counter() - mark
 
+    if retrieval is not None:  # the run has a post index: does the model use what retrieval gives it?
+        from murmur.eval.grounded import run_probe
+
+        mark = time.perf_counter()
+        results["grounded"] = grounded = run_probe(model, tokenizer, data_dir, settings.seed)
+        timings["grounded"] = time.perf_counter() - mark
+        progress(f"eval: grounded answers to {grounded['questions']} planted facts: retrieval on "
+                 f"{_share(grounded['share_on'])}, off {_share(grounded['share_off'])}")
+
     if lm_eval_tasks:
         try:
             from murmur.eval.lm_eval_adapter import MurmurLM, run_lm_eval
