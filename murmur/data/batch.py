@@ -53,6 +53,9 @@ class BatchResult:
     dropped_authors: Counter = field(default_factory=Counter)
     in_by_source: Counter = field(default_factory=Counter)
     quarantine: list[dict] = field(default_factory=list)
+    # Where each surviving post and each quarantined record was in the batch (the Ray executor orders by it).
+    kept_positions: list[int] = field(default_factory=list)
+    quarantine_positions: list[int] = field(default_factory=list)
 
 
 def id_hash(value: str | None) -> int:
@@ -86,10 +89,11 @@ class BatchProcessor:
         result = BatchResult(index=index, n_in=len(items), table=schema.empty_table())
         kept: list[Post] = []
         texts: list[str] = []
-        for item in items:
+        for position, item in enumerate(items):
             result.in_by_source[item.source] += 1
             if isinstance(item, Quarantined):
                 result.quarantine.append(item.row(s.quarantine_snippet_chars))
+                result.quarantine_positions.append(position)
                 continue
             cleaned = self.cleaner.clean(item)
             reason = self.filter.reason(item, cleaned)
@@ -99,6 +103,7 @@ class BatchProcessor:
                 continue
             item.text = cleaned.text
             kept.append(item)
+            result.kept_positions.append(position)
             texts.append(cleaned.text)
         if not kept:
             return result

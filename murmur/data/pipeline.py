@@ -49,7 +49,7 @@ from murmur.data.records import (
 )
 from murmur.data.sources import FileReader, SourceFile, archive_deletion_events, resolve_sources
 from murmur.data.split import split_of
-from murmur.data.threads import ThreadPost, tree_conversations
+from murmur.data.threads import bucket_conversations
 from murmur.errors import MurmurError
 from murmur.files import atomic_path, move_atomic, write_json_atomic, write_table_atomic
 from murmur.fingerprint import digest, settings_by_key
@@ -57,7 +57,7 @@ from murmur.settings.data import DataSettings
 
 PIPELINE_VERSION = 1
 # Settings that change where or how fast the work runs, not what it produces.
-EXECUTION_ONLY = {"executor", "address", "workers"}
+EXECUTION_ONLY = {"executor", "address", "workers", "split_bytes", "partitions"}
 # Settings the per-batch step does not read: changing them reuses spilled batches.
 GLOBAL_ONLY = {"deletions", "max_author_repeats", "min_turns", "max_turns", "max_paths_per_tree",
                "validation_fraction", "test_fraction", "canaries", "canary_repeats"}
@@ -97,8 +97,13 @@ def run(settings: DataSettings, out: str | Path, progress: bool | None = None) -
     work.mkdir(exist_ok=True)
 
     show = sys.stderr.isatty() if progress is None else progress
-    n_batches = _run_batches(settings, sources, work, show)
-    stats = _global_step(settings, work, n_batches, deletions)
+    if settings.executor == "ray":
+        from murmur.data.distributed.driver import run_ray
+
+        stats = run_ray(settings, sources, work, deletions, None)
+    else:
+        n_batches = _run_batches(settings, sources, work, show)
+        stats = _global_step(settings, work, n_batches, deletions)
     stats.update({"fingerprint": full_fp, "executor": settings.executor, "sources": [s.label for s in sources],
                   "dedup_min_chars": settings.dedup_min_chars, "min_turns": settings.min_turns})
     elapsed = time.perf_counter() - started
@@ -420,16 +425,9 @@ def _write_outputs(settings: DataSettings, work: Path, sizes: list[int], keep: n
         for b in range(n_buckets):
             table = pq.read_table(work / f"threads-{b:04d}.parquet").sort_by([("root_id", "ascending"),
                                                                                ("order", "ascending")])
-            rows = []
-            for root, posts in _group_by_root(table):
-                if len(posts) < settings.min_turns:
-                    continue
-                split = split_of(root, settings.validation_fraction, settings.test_fraction, settings.seed)
-                for conversation in tree_conversations(root, posts, split, settings.min_turns, settings.max_turns,
-                                                       settings.max_paths_per_tree):
-                    rows.append(conversation.row())
-                    n_turns += len(conversation.turns)
-                    conversation_splits[split] += 1
+            rows, turns, splits = bucket_conversations(table, settings)
+            n_turns += turns
+            conversation_splits.update(splits)
             n_conversations += len(rows)
             if rows:
                 writer.write_table(pa.Table.from_pylist(rows, schema=CONVERSATION_SCHEMA))
@@ -456,16 +454,3 @@ def _bucket(root_id: str, n_buckets: int) -> int:
     if n_buckets == 1:
         return 0
     return int.from_bytes(hashlib.blake2b(root_id.encode(), digest_size=4).digest(), "little") % n_buckets
-
-
-def _group_by_root(table: pa.Table) -> Iterator[tuple[str, list[ThreadPost]]]:
-    columns = [table.column(name).to_pylist() for name in ("id", "parent_id", "author_id", "text", "root_id", "order")]
-    current, posts = None, []
-    for pid, parent, author, text, root, order in zip(*columns):
-        if root != current:
-            if posts:
-                yield current, posts
-            current, posts = root, []
-        posts.append(ThreadPost(pid, parent, author, text, order))
-    if posts:
-        yield current, posts

@@ -73,6 +73,12 @@ class SourceFile:
     format: str
     path: Path
     notes: Path | None = None
+    # A byte range of a plain line-per-record file, so that workers can share one large file: the lines that
+    # start in [start, end) are read, numbered from first_line (the number of the first line starting at or
+    # after start).
+    start: int = 0
+    end: int | None = None
+    first_line: int = 1
 
     @property
     def label(self) -> str:
@@ -229,6 +235,15 @@ class CountingFile(io.RawIOBase):
         n = self._file.readinto(buffer)
         self.bytes_read += n or 0
         return n
+
+    def seekable(self) -> bool:
+        return self._file.seekable()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
 
     def close(self) -> None:
         self._file.close()
@@ -398,12 +413,18 @@ class FileReader:
         with a quarantined record."""
         stream, self._raw = open_binary(self.source.path)
         limit = self.settings.max_record_bytes
-        number, cut = 0, False
+        number, cut = self.source.first_line - 1, False
+        start, end = self.source.start, self.source.end
         try:
+            if start > 0:  # a range starts at the first line that starts at or after its first byte
+                stream.seek(start - 1)
+                skip_line(stream)
             while True:
                 try:
                     if cut:
                         skip_line(stream)
+                    if end is not None and stream.tell() >= end:
+                        return
                     line = stream.readline(limit + 1)
                 except STREAM_ERRORS as err:  # a truncated or corrupt gzip/zstd stream
                     yield number + 1, self._bad(number + 1, "truncated_or_corrupt_file", str(err))

@@ -8,10 +8,14 @@ longer paths are cut into pieces of `max_turns` turns; paths shorter than `min_t
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import pyarrow as pa
+
 from murmur.data.records import Conversation, Turn
+from murmur.data.split import split_of
 
 MERGE_SEPARATOR = "\n"
 
@@ -103,3 +107,34 @@ def _conversation(turns: list[tuple[str, list[ThreadPost]]], root_id: str, split
         result.append(Turn(speaker, MERGE_SEPARATOR.join(p.text for p in posts), [p.id for p in posts]))
     post_ids = [pid for turn in result for pid in turn.post_ids]
     return Conversation(conversation_id(post_ids), root_id, split, result)
+
+
+def bucket_conversations(table: pa.Table, settings) -> tuple[list[dict], int, Counter]:
+    """The conversations of a bucket of posts (columns id, parent_id, author_id, text, root_id, order; whole
+    trees, sorted by root_id then order): their rows, their number of turns, and how many in each split.
+    Both executors build conversations with it, one bucket at a time."""
+    rows, n_turns, splits = [], 0, Counter()
+    for root, posts in group_by_root(table):
+        if len(posts) < settings.min_turns:
+            continue
+        split = split_of(root, settings.validation_fraction, settings.test_fraction, settings.seed)
+        for conversation in tree_conversations(root, posts, split, settings.min_turns, settings.max_turns,
+                                               settings.max_paths_per_tree):
+            rows.append(conversation.row())
+            n_turns += len(conversation.turns)
+            splits[split] += 1
+    return rows, n_turns, splits
+
+
+def group_by_root(table: pa.Table) -> Iterator[tuple[str, list[ThreadPost]]]:
+    """The posts of a table sorted by root_id, a tree at a time."""
+    columns = [table.column(name).to_pylist() for name in ("id", "parent_id", "author_id", "text", "root_id", "order")]
+    current, posts = None, []
+    for pid, parent, author, text, root, order in zip(*columns):
+        if root != current:
+            if posts:
+                yield current, posts
+            current, posts = root, []
+        posts.append(ThreadPost(pid, parent, author, text, order))
+    if posts:
+        yield current, posts

@@ -19,6 +19,10 @@ class DataSettings(Section):
     address: str | None = Field(None, description="Ray cluster address; default starts a local Ray instance")
     workers: int = Field(0, ge=0, description="worker processes (local) or CPUs (local Ray); 0 = all cores")
     batch_size: int = Field(4096, ge=1, description="records per batch: bounds memory, unit of parallel work")
+    split_bytes: int = Field(64 << 20, ge=1 << 10, description="ray: plain jsonl/text files larger than this are "
+                                                                 "read by several workers, in ranges of this size")
+    partitions: int = Field(0, ge=0, description="ray: partitions of the global step's shuffles; 0 = one per "
+                                                 "100,000 posts, at least one per CPU")
 
     # Reading
     columns: dict[str, str] = Field(
