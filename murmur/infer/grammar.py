@@ -4,11 +4,11 @@ A `GrammarCompiler` (one per tokenizer; `Engine.grammars`) turns a JSON schema o
 `Grammar`, which rides in `SamplingParams.grammar`. Each request the engine serves with one gets its own
 `GrammarState` (the parser's position); before every sampling step the engine asks `allowed_tokens` for
 the tokens each row may take, and the sampler masks the rest. The work runs on the logits after the
-model's (compiled) step, on CPU, in llguidance (docs/journal.md says why that library: it measured
-cheapest per token here, and it bounds its own work per grammar and per token).
+model's (compiled) step, on CPU, in llguidance (docs/journal.md says why that library: it bounds its
+own work per grammar and per token, and needs no ahead-of-time compilation of a request's schema).
 
-Every grammar comes from a request, so it is hostile: compiling is bounded by `LIMITS` (grammar size,
-lexer work), and so is the work of each token's mask; a grammar that exceeds them is refused with a
+Every grammar comes from a request, so it is hostile: compiling is bounded (grammar size,
+lexer work, `_limits()`), and so is the work of each token's mask; a grammar that exceeds them is refused with a
 RequestError naming the request's field, and a request whose grammar runs out of work mid-way ends
 with an error rather than stalling the batch.
 """
