@@ -7,10 +7,10 @@ the tokens each row may take, and the sampler masks the rest. The work runs on t
 model's (compiled) step, on CPU, in llguidance (docs/journal.md says why that library: it bounds its
 own work per grammar and per token, and needs no ahead-of-time compilation of a request's schema).
 
-Every grammar comes from a request, so it is hostile: compiling is bounded (grammar size,
-lexer work, `_limits()`), and so is the work of each token's mask; a grammar that exceeds them is refused with a
-RequestError naming the request's field, and a request whose grammar runs out of work mid-way ends
-with an error rather than stalling the batch.
+Every grammar comes from a request, so it is hostile: compiling is bounded (grammar size, lexer
+work: `_limits()`), and so is the work of each token's mask; a grammar that exceeds them is refused
+with a RequestError naming the request's field, and a request whose grammar runs out of work mid-way
+ends with an error rather than stalling the batch.
 """
 
 from __future__ import annotations
