@@ -11,6 +11,8 @@ import time
 
 import pytest
 from assistant_fixtures import ScriptedEngine
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from fastapi.testclient import TestClient
 from index_fixtures import backend, make_index, postgres_url  # noqa: F401 (fixtures)
 from serve_fixtures import make_model, tokenizer  # noqa: F401 (fixture)
@@ -19,6 +21,7 @@ from murmur.assistant.citations import cite, marker_spans, post_title, post_url
 from murmur.assistant.grounding import ground, posts_block, with_posts
 from murmur.assistant.service import Assistant
 from murmur.index.base import IndexedPost
+from murmur.index.text import words
 from murmur.index.events import EventReader
 from murmur.index.follow import Follower
 from murmur.index.postgres import PostgresIndex
@@ -398,3 +401,47 @@ def test_grounded_chat_through_the_real_engine(tokenizer, model, make_index, bac
     assert body["usage"]["prompt_tokens"] == len(tokenizer.render_chat(grounded.messages, add_generation_prompt=True))
     assert message["content"] == expected
     assert message["annotations"] == cite(expected, grounded.posts, URL)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(["[p1]", "[p2]", "[p9]", "[", "]", "pier", "7", "meetup", "moved", "to", "Thursday",
+                                 " ", "é", "\n", "[p1", "p2]"]), max_size=40))
+def test_every_citation_span_lies_in_the_reply_and_names_a_shown_post(pieces):
+    text = "".join(pieces)
+    by_id = {p.id: p for p in POSTS}
+    for annotation in cite(text, POSTS[:3], URL, min_overlap_words=2):
+        span = annotation["url_citation"]
+        start, end = span["start_index"], span["end_index"]
+        assert 0 <= start < end <= len(text)
+        post_id = span["url"].rsplit("/", 1)[1]
+        assert post_id in {"p1", "p2", "p3"}
+        cited = text[start:end]
+        if marker_spans(text, {"p1", "p2", "p3"}):
+            assert cited == f"[{post_id}]"
+        else:  # the overlap rule: the span's words run consecutively in the cited post
+            run = " ".join(words(cited))
+            assert len(words(cited)) >= 2 and run in " ".join(words(by_id[post_id].text))
+
+
+def test_serve_opens_the_runs_own_index_unless_told_not_to(tmp_path):
+    from murmur.commands.serve import all_settings_from_args, register
+    from murmur.index.location import open_index
+    from murmur.serve.launch import open_assistant
+
+    run = tmp_path / "run"
+    assert open_assistant(run, ServeSettings()) is None  # no index: a plain server
+    open_index(run, create=True).close()
+    helper = open_assistant(run / "model", ServeSettings())
+    assert helper is not None and helper.index.backend == "sqlite"
+    helper.index.close()
+    assert open_assistant(run, ServeSettings(), use_index=False) is None
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve", str(run), "--no-index", "--set", "index.top_k=3",
+                              "--set", "serve.assistant.citation_url=/p/{id}"])
+    settings = all_settings_from_args(args)
+    assert args.no_index and settings.index.top_k == 3 and settings.serve.assistant.citation_url == "/p/{id}"
+    with pytest.raises(Exception, match="needs \\{id\\}"):
+        AssistantSettings(citation_url="https://example.social/post/")

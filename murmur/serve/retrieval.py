@@ -11,6 +11,7 @@ in the index when the answer ends: a post deleted while the model was writing is
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import replace
 from typing import Any
 
@@ -20,6 +21,8 @@ from murmur.errors import MurmurError
 from murmur.index.base import IndexedPost
 from murmur.serve.errors import APIError, unavailable
 from murmur.serve.generation import GenerationRequest, ResponseFormat
+
+log = logging.getLogger("murmur.serve")
 
 
 class CitingFormat:
@@ -90,6 +93,8 @@ async def ground_chat(state, asked: bool | None, engine, request: GenerationRequ
     try:
         grounded = await asyncio.to_thread(ground, request.prompts[0], assistant.index, assistant.index_settings,
                                            assistant.settings, fits=prompt_fits(engine, request, reply_tokens))
-    except MurmurError as err:
-        raise unavailable(f"the post index cannot be read: {err}", "index_unavailable") from None
+    except MurmurError as err:  # the reason (a path, a server's address) goes to the log, not to the client
+        log.error("chat: the post index cannot be read: %s", err)
+        raise unavailable("the post index cannot be read now; retry later, or send \"retrieval\": false",
+                          "index_unavailable") from None
     return replace(request, prompts=[grounded.messages]), CitingFormat(fmt, grounded.posts, assistant)
