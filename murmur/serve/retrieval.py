@@ -73,10 +73,10 @@ def retrieval_wanted(state, asked: bool | None) -> bool:
     return asked
 
 
-def prompt_fits(engine, request: GenerationRequest, reply_tokens: int):
-    """Whether chat messages leave `reply_tokens` of the context for the reply."""
+def prompt_fits(engine, reply_tokens: int, tools: list[dict] | None = None):
+    """Whether chat messages (shown `tools`) leave `reply_tokens` of the context for the reply."""
     def fits(messages: list[dict]) -> bool:
-        ids, _ = engine.encode_prompt(messages, request.tools)
+        ids, _ = engine.encode_prompt(messages, tools)
         return len(ids) + reply_tokens < engine.max_seq_len
     return fits
 
@@ -92,7 +92,7 @@ async def ground_chat(state, asked: bool | None, engine, request: GenerationRequ
     reply_tokens = request.sampling.max_tokens or settings.default_max_tokens or max(1, engine.max_seq_len // 4)
     try:
         grounded = await asyncio.to_thread(ground, request.prompts[0], assistant.index, assistant.index_settings,
-                                           assistant.settings, fits=prompt_fits(engine, request, reply_tokens))
+                                           assistant.settings, fits=prompt_fits(engine, reply_tokens, request.tools))
     except MurmurError as err:  # the reason (a path, a server's address) goes to the log, not to the client
         log.error("chat: the post index cannot be read: %s", err)
         raise unavailable("the post index cannot be read now; retry later, or send \"retrieval\": false",

@@ -105,7 +105,7 @@ async def answer_mention(request: Request, document: Any = Depends(json_document
     engine = state.require_engine(detailed=bool(state.access.keys))
     settings = assistant.settings
     desk = MentionDesk(assistant)
-    fits = prompt_fits(engine, GenerationRequest(prompts=[], sampling=SamplingParams()), settings.reply_max_tokens)
+    fits = prompt_fits(engine, settings.reply_max_tokens)
     try:
         plan = await asyncio.to_thread(desk.plan, document, fits=fits)
     except MentionError as err:
