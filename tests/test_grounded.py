@@ -10,7 +10,6 @@ from assistant_fixtures import ScriptedEngine
 from serve_fixtures import make_model, tokenizer  # noqa: F401 (fixture)
 
 from murmur.eval.grounded import FACTS, contains, grounded_probe, held_out_posts
-from murmur.infer.engine import StepOutput
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
