@@ -1,30 +1,177 @@
-"""The Ray Data executor produces exactly the local executor's outputs (a local Ray instance, a local pool)."""
+"""The Ray executor on a real multi-process cluster (a head and two worker nodes started here): its outputs are
+the local executor's, also when a worker node dies mid-run, and a rerun after the driver was killed resumes
+from the read tasks that had completed."""
 
+import json
+import os
+import random
+import signal
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from data_corpus import source_specs, write_corpus
+from data_corpus import source_specs, tweet, write_corpus
+from test_archive_folder import SECRET, make_archive
 
 from murmur.data import pipeline
+from murmur.data.distributed import driver
 from murmur.settings.data import DataSettings
 
-pytest.importorskip("ray")
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+pytestmark = pytest.mark.slow
+COMPARED = ("in", "kept", "dropped", "quarantined", "quarantine_reasons", "quarantine_redacted", "duplicates",
+            "deleted", "splits", "conversations", "conversation_turns", "conversation_splits", "in_by_source",
+            "top_dropped_authors", "canaries_planted")
 
 
-@pytest.mark.slow
-def test_ray_and_local_outputs_are_identical(tmp_path):
-    paths = write_corpus(tmp_path / "in")
-    columns = {"id": "post", "text": "body", "author_id": "user", "created_at": "when"}
-    common = {"sources": source_specs(paths), "columns": columns, "batch_size": 16, "canaries": 2}
-    local = pipeline.run(DataSettings(**common, workers=2), tmp_path / "local", progress=False)  # a process pool
-    remote = pipeline.run(DataSettings(**common, workers=1, executor="ray"), tmp_path / "ray", progress=False)
-    assert local["in"] > 16 * 3  # several batches went through Ray
-    for key in ("in", "kept", "dropped", "quarantined", "splits", "conversations"):
-        assert local[key] == remote[key]
-    for name in ("posts.parquet", "conversations.parquet", "quarantine.parquet"):
-        assert pq.read_table(tmp_path / "local" / name).equals(pq.read_table(tmp_path / "ray" / name)), name
-    assert (tmp_path / "local" / "canaries.json").read_text() == (tmp_path / "ray" / "canaries.json").read_text()
+def write_inputs(root: Path) -> dict:
+    """The test corpus (duplicates, near duplicates, a thread, spam, bad records of every kind), an archive
+    folder with a planted direct message, a deletion list, and a plain file large enough to be read in ranges
+    (with bad lines and blank lines in the middle, whose numbers must come out as the local reader's)."""
+    paths = write_corpus(root / "in")
+    archive = make_archive(root / "own")
+    rng = random.Random(0)
+    words = ("river lantern copper meadow violin harbor pepper glacier orbit saddle thunder velvet maple "
+             "canyon biscuit ember falcon quartz tulip walnut").split()
+    lines = []
+    for i in range(400):
+        if i % 97 == 13:
+            lines.append('{"id": "broken')
+        elif i % 89 == 5:
+            lines.append("")
+        else:
+            lines.append(json.dumps(tweet(7000 + i, " ".join(rng.choice(words) for _ in range(9)),
+                                          author=f"u{i % 11}", reply_to=7000 + i - 1 if i % 5 else None,
+                                          created=f"2024-06-{1 + i % 28:02d}T00:00:00.000Z")))
+    big = root / "in" / "big.jsonl"
+    big.write_text("\n".join(lines) + "\n")
+    text = root / "in" / "lines.log"
+    text.write_text("".join(f"plain line {i} of a long log about trains\n" if i % 9 else "\n" for i in range(300)))
+    deletions = root / "in" / "deletions.txt"
+    deletions.write_text("post:1000000000000000003\naccount:trent\npost:7020\n")
+    specs = source_specs(paths) + [f"x-archive:{archive}", f"x-api:{big}", f"text:{text}"]
+    return {"sources": specs, "deletions": str(deletions)}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head without CPUs (tasks run on the workers) and two worker nodes of one CPU each."""
+    started = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    workers = [started.add_node(num_cpus=1) for _ in range(2)]
+    started.wait_for_nodes()
+    yield started, workers
+    ray.shutdown()
+    started.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray")
+    inputs = write_inputs(root)
+    common = {"columns": {"id": "post", "text": "body", "author_id": "user", "created_at": "when"},
+              "batch_size": 16, "canaries": 2, "split_bytes": 4096, "partitions": 3, **inputs}
+    local = pipeline.run(DataSettings(**common, workers=1), root / "local", progress=False)
+    return root, common, local
+
+
+def assert_same(root: Path, local: dict, name: str, remote: dict) -> None:
+    for key in COMPARED:
+        assert json.loads(json.dumps(local[key])) == json.loads(json.dumps(remote[key])), key
+    for output in ("posts.parquet", "quarantine.parquet"):  # in input order, as the local executor writes them
+        assert pq.read_table(root / "local" / output).equals(pq.read_table(root / name / output)), output
+    # Conversations come a partition of roots at a time: the same rows, in another order.
+    a, b = (pq.read_table(folder / "conversations.parquet").sort_by("id") for folder in (root / "local", root / name))
+    assert a.num_rows and a.equals(b)
+    assert (root / "local" / "canaries.json").read_text() == (root / name / "canaries.json").read_text()
+    assert (root / "local" / "deleted_posts.txt").read_text() == (root / name / "deleted_posts.txt").read_text()
+    assert (root / "local" / "tombstones.txt").read_text() == (root / name / "tombstones.txt").read_text()
+
+
+def test_ray_cluster_outputs_are_the_local_executors(cluster, corpus):
+    (head, _), (root, common, local) = cluster, corpus
+    assert local["in"] > 500 and local["dropped"]["deleted"] >= 5 and local["dropped"]["near_duplicate"] >= 1
+    assert local["quarantined"] >= 8 and local["conversations"] >= 3
+    remote = pipeline.run(DataSettings(**common, executor="ray", address=head.address), root / "ray",
+                          progress=False)
+    assert_same(root, local, "ray", remote)
+    everything = b"".join(p.read_bytes() for p in (root / "ray").rglob("*") if p.is_file())
+    assert SECRET.encode() not in everything
+
+
+def test_a_worker_killed_mid_run_changes_nothing(cluster, corpus):
+    (head, workers), (root, common, local) = cluster, corpus
+    out = root / "killed"
+    killed = threading.Event()
+
+    def kill_a_worker_once_reading_started():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if any(out.glob(".work-*/ray-*/map-*.json")):
+                # Its raylet and workers die at once; the tasks running there and the objects it held are lost.
+                head.remove_node(workers.pop(0), allow_graceful=False)
+                killed.set()
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=kill_a_worker_once_reading_started)
+    watcher.start()
+    remote = pipeline.run(DataSettings(**common, executor="ray", address=head.address), out, progress=False)
+    watcher.join()
+    assert killed.is_set()
+    assert_same(root, local, "killed", remote)
+
+
+DRIVER = """
+import sys, time
+from murmur.data import pipeline
+from murmur.data.distributed import driver
+from murmur.settings.data import DataSettings
+import json
+settings = DataSettings(**json.loads(sys.argv[1]))
+driver._global = lambda *a, **k: time.sleep(3600)  # the driver is killed while here, after reading
+pipeline.run(settings, sys.argv[2], progress=False)
+"""
+
+
+def test_a_rerun_after_the_driver_was_killed_resumes_from_completed_read_tasks(cluster, corpus, monkeypatch):
+    (head, _), (root, common, local) = cluster, corpus
+    out = root / "resumed"
+    settings = {**common, "executor": "ray", "address": head.address}
+    child = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(settings), str(out)],
+                             env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and child.poll() is None:
+            manifests = list(out.glob(".work-*/ray-*/manifest.json"))
+            if manifests:
+                n_tasks = len(json.loads(manifests[0].read_text())["tasks"])
+                if len(list(manifests[0].parent.glob("map-*.json"))) == n_tasks:
+                    break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the driver did not finish reading")
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    folder = manifests[0].parent
+    before = {p.name: p.stat().st_mtime_ns for p in folder.glob("map-*")}
+    assert not (out / "stats.json").exists()
+    seen = {}
+    real_global = driver._global
+
+    def global_step_after_a_look(*args, **kwargs):
+        seen.update({p.name: p.stat().st_mtime_ns for p in folder.glob("map-*")})
+        return real_global(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "_global", global_step_after_a_look)
+    remote = pipeline.run(DataSettings(**settings), out, progress=False)
+    assert seen == before  # no completed read task was run again
+    assert_same(root, local, "resumed", remote)

@@ -120,8 +120,8 @@ def _map_stage(settings: DataSettings, tasks: list[ReadTask], folder: Path, prog
             return {key: np.array([r[key] for r in results]) for key in ("task", "n_in", "kept", "quarantined")}
 
         items = [dataclasses.asdict(t) for t in pending]
-        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            read, batch_size=1, num_cpus=1, max_retries=TASK_RETRIES)
+        # Ray Data runs a map task again when its worker dies (its retries are unlimited for system failures).
+        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(read, batch_size=1, num_cpus=1)
         for batch in dataset.iter_batches(batch_size=1, batch_format="numpy"):
             if progress is not None:
                 progress.advance(int(batch["n_in"][0]), int(batch["kept"][0]), int(batch["quarantined"][0]))
