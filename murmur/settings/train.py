@@ -47,7 +47,11 @@ class TrainSettings(Section):
     seq_len: int = Field(256, gt=0)
     micro_batch_size: int = Field(16, gt=0, description="sequences per process per forward")
     global_batch_tokens: int = Field(0, ge=0, description="tokens per optimizer step; 0 = one micro-batch per rank")
-    steps: int = Field(1000, gt=0)
+    steps: int = Field(1000, gt=0, description="optimizer steps; with time_budget_minutes, the most steps")
+    time_budget_minutes: float = Field(
+        0, ge=0, description="wall-clock budget of the stage, 0 = none: the trainer times its first steps, fixes "
+        "the number of steps that fit (at most `steps`; schedule computed for it) and records it in "
+        "STAGE/budget.json; --set SECTION.steps=N SECTION.time_budget_minutes=0 reproduces the run")
 
     optimizer: Literal["adamw", "muon"] = Field("adamw", description="muon: Muon for hidden matrices, AdamW "
                                                 "for embeddings, head, norms and biases")

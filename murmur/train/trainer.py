@@ -13,14 +13,16 @@ step. The loop holds no per-step host synchronisation on GPU except where a sett
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import shutil
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -34,6 +36,7 @@ from murmur.model import Transformer, count_params, flops_per_token
 from murmur.settings.model import ModelSettings
 from murmur.settings.train import TrainSettings, section_name, training_settings
 from murmur.shards import IGNORE_INDEX as IGNORE
+from murmur.train import budget as time_budget
 from murmur.train import checkpoint as ckpt
 from murmur.train.metrics import IntervalMeter, MetricsLogger, peak_flops_note
 from murmur.train.lora import apply_lora, check_lora_layout, lora_settings, reset_adapters
@@ -250,13 +253,17 @@ def _pad_rows(batch: dict[str, Tensor], blank: dict[str, Tensor]) -> dict[str, T
 class Trainer:
     """One stage of training in one process (of possibly many). `setup()` then `train()`."""
 
-    def __init__(self, settings, run_dir: Path, stage: str, rt: Runtime, overwrite: bool = False):
+    def __init__(self, settings, run_dir: Path, stage: str, rt: Runtime, overwrite: bool = False,
+                 clock: Callable[[], float] = time.monotonic):
         self.settings = settings
+        self.clock = clock  # for the time budget (a test passes a fake one)
+        self.started = clock()  # the budget counts from here: setup and the first validation are in it
         self.run_dir = Path(run_dir)
         self.stage = stage
         self.rt = rt
         self.overwrite = overwrite
-        self.ts = training_settings(settings, stage)
+        self.ts = training_settings(settings, stage)  # its steps become the budget's number once fixed
+        self.budget_pending = self.ts.time_budget_minutes > 0  # steps not fixed yet: calibrate at step 0
         self.stage_dir = self.run_dir / stage
         self.step = 0  # optimizer steps done, earlier sessions of a resumed stage included
         self.tokens = 0
@@ -404,6 +411,8 @@ class Trainer:
                       f"process{'es' if len(ranks) > 1 else ''})")
         elif init is not None:
             self._load_initial_weights(*init)
+        if self.budget_pending:
+            self._resume_budget()
         byte_lengths = token_byte_lengths(_bytes_tokenizer(self.run_dir, self.tokenizer_dir), model_settings.vocab_size)
         self.byte_lengths = byte_lengths.to(rt.device) if byte_lengths is not None else None  # moved once
         self.val_loader = (_open_loader(self.run_dir, self.stage, "validation", ts, self.dp_rank,
@@ -411,6 +420,100 @@ class Trainer:
                            if _has_split(self.run_dir, self.stage, "validation") else None)
         self.flops_per_token = flops_per_token(model_settings, ts.seq_len)
         return plan
+
+    # ---- the time budget (murmur/train/budget.py)
+
+    def _set_steps(self, steps: int) -> None:
+        """Fix the stage's number of steps: the schedule, the last evaluation and checkpoint follow it."""
+        self.ts = self.ts.model_copy(update={"steps": steps})
+        self.plan.ts = self.ts
+        self.budget_pending = False
+
+    def _resume_budget(self) -> None:
+        """A stage whose budget already fixed its steps keeps them; one resumed past step 0 without a record
+        (the budget was added later) keeps its configured steps, since its schedule already ran on them."""
+        recorded = time_budget.read_budget(self.stage_dir)
+        if recorded is not None:
+            self._set_steps(int(recorded["steps"]))
+            self._say(f"budget       {self.ts.steps} steps, fixed by the time budget when the stage started "
+                      f"({self.stage_dir / time_budget.BUDGET_FILE})")
+        elif self.step > 0:
+            self.budget_pending = False
+            self._say(f"warning: resumed at step {self.step} with no recorded time budget: the stage keeps "
+                      f"{section_name(self.stage)}.steps={self.ts.steps}")
+
+    def _sync_device(self) -> None:
+        if self.rt.device.type == "cuda":
+            torch.cuda.synchronize(self.rt.device)
+
+    def _fix_steps_by_budget(self, batches: Iterator[dict[str, Tensor]], eval_seconds: float
+                             ) -> Iterator[dict[str, Tensor]]:
+        """Time a checkpoint and a few steps, rewind them, fix the steps that fit the budget; the batches to
+        train on (from the first again).
+
+        The rewind restores the trainable weights, the optimizers' states, the data position and the RNG,
+        so the run that follows is exactly a plain run of the fixed number of steps.
+        """
+        ts, section = self.ts, section_name(self.stage)
+        params = [p for part in self.model_parts for p in part.parameters() if p.requires_grad]
+        saved_params = [p.detach().clone() for p in params]
+        # Before the save: saving fills an empty optimizer state (DCP takes one step at lr 0).
+        saved_optimizers = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
+        saved_loader, saved_rng = self.loader.state_dict(), ckpt.rng_state()
+        mark = self.clock()
+        self.save()  # a valid checkpoint of step 0; timed, since the run writes one at least at its end
+        self.checkpointer.wait()
+        checkpoint_seconds = self.clock() - mark
+        scratch = IntervalMeter(self.rt.device)
+        for _ in range(time_budget.WARMUP_STEPS):  # compilation and first allocations: not timed
+            self.take_step(batches, scratch)
+        self._sync_device()
+        mark = self.clock()
+        for _ in range(time_budget.TIMED_STEPS):
+            self.take_step(batches, scratch)
+        self._sync_device()
+        step_seconds = (self.clock() - mark) / time_budget.TIMED_STEPS
+        with torch.no_grad():
+            for param, saved in zip(params, saved_params):
+                param.copy_(saved)
+        for opt, state in zip(self.optimizers, saved_optimizers):
+            opt.load_state_dict(state)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.loader.load_state_dict(saved_loader)
+        ckpt.set_rng_state(saved_rng)
+        self.step, self.tokens = 0, 0
+        # Every process plans with the slowest one's times, so all fix the same number.
+        times = torch.tensor([step_seconds, eval_seconds, checkpoint_seconds, self.clock() - self.started],
+                             dtype=torch.float64, device=self.rt.device)
+        step_s, eval_s, checkpoint_s, spent = _all_reduce(
+            times, dist.ReduceOp.MAX if dist.is_initialized() else None).tolist()
+        budget_s = ts.time_budget_minutes * 60
+        steps = time_budget.steps_that_fit(budget_s - spent, ts.steps, step_s, eval_s, ts.eval_interval,
+                                           checkpoint_s, ts.checkpoint_interval)
+        if steps == 0:
+            self._say(f"warning: {section}.time_budget_minutes={ts.time_budget_minutes:g} leaves no room for a step "
+                      f"({spent:.0f} s spent before training, {step_s:.1f} s per step): running 1 step, over budget;"
+                      f" raise the budget or lower {section}.micro_batch_size")
+            steps = 1
+        planned = spent + time_budget.stage_seconds(steps, step_s, eval_s, ts.eval_interval, checkpoint_s,
+                                                    ts.checkpoint_interval)
+        plan = time_budget.BudgetPlan(
+            time_budget_minutes=ts.time_budget_minutes, steps=steps, steps_ceiling=ts.steps,
+            seconds_per_step=step_s, tokens_per_sec=self.plan.tokens_per_step / step_s if step_s > 0 else 0.0,
+            eval_seconds=eval_s, checkpoint_seconds=checkpoint_s, seconds_before_training=spent,
+            planned_seconds=planned,
+            reproduce=f"--set {section}.steps={steps} --set {section}.time_budget_minutes=0")
+        if self.rt.is_main:
+            time_budget.write_budget(self.stage_dir, plan)
+        if dist.is_initialized():
+            dist.barrier()
+        self._set_steps(steps)
+        self._say(f"budget       {steps} steps fit {ts.time_budget_minutes:g} min (at most {plan.steps_ceiling}): "
+                  f"{step_s:.2f} s/step ({plan.tokens_per_sec:,.0f} tokens/s), validation {eval_s:.1f} s, "
+                  f"checkpoint {checkpoint_s:.1f} s, {spent:.0f} s before training; planned {planned / 60:.1f} min."
+                  f" Reproduce: {plan.reproduce}")
+        return iter(self.loader)
 
     def _load_initial_weights(self, kind: str, path: Path) -> None:
         if kind == "checkpoint":
@@ -700,7 +803,11 @@ class Trainer:
         try:
             if self.step == 0:  # where a fresh stage starts from: for SFT, the pretrained model's loss
                 with meter.paused():
+                    mark = self.clock()
                     last_val = self._evaluate_and_log(logger)
+                    if self.budget_pending:
+                        batches = self._fix_steps_by_budget(batches, self.clock() - mark)
+                        logger.total_steps = self.ts.steps
             while self.step < self.ts.steps:
                 self.take_step(batches, meter)
                 if self.should_log(self.step):
@@ -721,7 +828,9 @@ class Trainer:
         finally:
             logger.close()
         return {"stage": self.stage, "steps": self.step, "tokens": self.tokens, "new_steps": self.step - start_step,
-                "checkpoint": str(self.checkpointer.latest()), **last_val}
+                "checkpoint": str(self.checkpointer.latest()),
+                **({"time_budget_minutes": self.ts.time_budget_minutes} if self.ts.time_budget_minutes else {}),
+                **last_val}
 
 
 def run_stage(settings, run_dir: str | Path, stage: str = "pretrain", *, overwrite: bool = False) -> dict[str, Any]:
