@@ -54,7 +54,7 @@ def write_inputs(root: Path) -> dict:
     big = root / "in" / "big.jsonl"
     big.write_text("\n".join(lines) + "\n")
     text = root / "in" / "lines.log"
-    text.write_text("".join(f"plain line {i} of a long log about trains\n" if i % 9 else "\n" for i in range(300)))
+    text.write_text("".join(f"plain line {i} of a long log about trains\n" if i % 9 else "\n" for i in range(900)))
     deletions = root / "in" / "deletions.txt"
     deletions.write_text("post:1000000000000000003\naccount:trent\npost:7020\n")
     specs = source_specs(paths) + [f"x-archive:{archive}", f"x-api:{big}", f"text:{text}"]
@@ -77,7 +77,7 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray")
     inputs = write_inputs(root)
     common = {"columns": {"id": "post", "text": "body", "author_id": "user", "created_at": "when"},
-              "batch_size": 16, "canaries": 2, "split_bytes": 4096, "partitions": 3, **inputs}
+              "batch_size": 16, "canaries": 2, "split_bytes": 24_000, "partitions": 3, **inputs}
     local = pipeline.run(DataSettings(**common, workers=1), root / "local", progress=False)
     return root, common, local
 
@@ -95,13 +95,16 @@ def assert_same(root: Path, local: dict, name: str, remote: dict) -> None:
     assert (root / "local" / "tombstones.txt").read_text() == (root / name / "tombstones.txt").read_text()
 
 
-def test_ray_cluster_outputs_are_the_local_executors(cluster, corpus):
+def test_ray_cluster_outputs_are_the_local_executors(cluster, corpus, capsys):
     (head, _), (root, common, local) = cluster, corpus
     assert local["in"] > 500 and local["dropped"]["deleted"] >= 5 and local["dropped"]["near_duplicate"] >= 1
     assert local["quarantined"] >= 8 and local["conversations"] >= 3
     remote = pipeline.run(DataSettings(**common, executor="ray", address=head.address), root / "ray",
-                          progress=False)
+                          progress=True)
     assert_same(root, local, "ray", remote)
+    # The progress line counted every record as the read tasks finished.
+    line = capsys.readouterr().err.replace("\r", "\n")
+    assert f"read {local['in']:,} | kept" in line and "records/s" in line and "ETA" in line
     everything = b"".join(p.read_bytes() for p in (root / "ray").rglob("*") if p.is_file())
     assert SECRET.encode() not in everything
 

@@ -2,6 +2,7 @@
 (which reach the run's post index too, docs/index.md).
 
     murmur data --source FORMAT:PATH [--source ...] --out DIR [--deletions FILE] [--executor local|ray]
+                [--progress | --no-progress]
     murmur data audit DIR [--deletions FILE]
     murmur data purge RUN_DIR --deletions FILE
 """
@@ -28,7 +29,10 @@ def register(subparsers) -> None:
     p.add_argument("--recipe", help="a recipe TOML whose [data] section gives the defaults")
     p.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE", dest="overrides",
                    help="override a setting, e.g. --set data.languages='[\"en\",\"fr\"]'")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or funnel")
+    p.add_argument("--quiet", action="store_true", help="no progress line or funnel")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="the progress line on stderr (records read, kept, quarantined, records/s, ETA); "
+                        "default: shown when stderr is a terminal")
     p.set_defaults(func=run, data_action=None)
     actions = p.add_subparsers(dest="data_action", metavar="{audit,purge}")
     audit = actions.add_parser("audit", help="prove deleted posts and accounts are gone from a run's outputs, "
@@ -56,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                        ("sources", args.source or None)):
         if value is not None:
             setattr(settings.data, key, value)
-    stats = run_pipeline(settings.data, args.out, progress=None if not args.quiet else False)
+    stats = run_pipeline(settings.data, args.out, progress=False if args.quiet else args.progress)
     if not args.quiet:
         print_funnel(stats, args.out)
     return 0

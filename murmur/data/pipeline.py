@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -41,6 +40,7 @@ from murmur.data.compliance import (
 from murmur.data.dedup import bucket_links, first_occurrence, min_label_components
 from murmur.data.executors import make_executor
 from murmur.data.pii import PiiDetector
+from murmur.data.progress import Progress
 from murmur.data.records import (
     CONVERSATION_SCHEMA,
     POST_SCHEMA,
@@ -96,14 +96,18 @@ def run(settings: DataSettings, out: str | Path, progress: bool | None = None) -
             shutil.rmtree(stale, ignore_errors=True)
     work.mkdir(exist_ok=True)
 
-    show = sys.stderr.isatty() if progress is None else progress
-    if settings.executor == "ray":
-        from murmur.data.distributed.driver import run_ray
+    line = Progress(sum(s.size() for s in sources), show=progress)
+    try:
+        if settings.executor == "ray":
+            from murmur.data.distributed.driver import run_ray
 
-        stats = run_ray(settings, sources, work, deletions, None)
-    else:
-        n_batches = _run_batches(settings, sources, work, show)
-        stats = _global_step(settings, work, n_batches, deletions)
+            stats = run_ray(settings, sources, work, deletions, line)
+        else:
+            n_batches = _run_batches(settings, sources, work, line)
+            line.stage("dedup, deletions, threads")
+            stats = _global_step(settings, work, n_batches, deletions)
+    finally:
+        line.close()
     stats.update({"fingerprint": full_fp, "executor": settings.executor, "sources": [s.label for s in sources],
                   "dedup_min_chars": settings.dedup_min_chars, "min_turns": settings.min_turns})
     elapsed = time.perf_counter() - started
@@ -157,45 +161,37 @@ def _check_accounting(stats: dict) -> None:
 
 # -- per-batch step ------------------------------------------------------------------------------------------
 
-def _raw_batches(settings: DataSettings, sources: list[SourceFile], done: set[int], bar) -> Iterator[tuple[int, list]]:
-    """(index, records) batches in input order; batches already spilled are read past, not returned."""
+def _raw_batches(settings: DataSettings, sources: list[SourceFile], done: set[int],
+                 position: list[int]) -> Iterator[tuple[int, list]]:
+    """(index, records) batches in input order; batches already spilled are read past, not returned.
+    position[0] follows the input bytes read, for the progress line."""
     index, batch, finished_bytes = 0, [], 0
     for source in sources:
         reader = FileReader(source, settings)
         for record in reader.records():
             batch.append(record)
             if len(batch) >= settings.batch_size:
+                position[0] = finished_bytes + reader.bytes_read
                 if index not in done:
                     yield index, batch
                 index, batch = index + 1, []
-                if bar is not None:
-                    bar.n = finished_bytes + reader.bytes_read
-                    bar.refresh()
         finished_bytes += source.size()
+    position[0] = finished_bytes
     if batch and index not in done:
         yield index, batch
-    if bar is not None:
-        bar.n = finished_bytes
-        bar.refresh()
 
 
-def _run_batches(settings: DataSettings, sources: list[SourceFile], work: Path, show: bool) -> int:
+def _run_batches(settings: DataSettings, sources: list[SourceFile], work: Path, progress: Progress) -> int:
     """Process every batch not already spilled in `work`; returns the number of batches."""
-    from tqdm import tqdm
-
     done = {int(p.stem.split("-")[1]) for p in work.glob("batch-*.json")}
-    bar = tqdm(total=sum(s.size() for s in sources), unit="B", unit_scale=True, desc="murmur data",
-               disable=not show, dynamic_ncols=True)
     executor = make_executor(settings)
-    posts, started = 0, time.perf_counter()
+    position = [0]
     try:
-        for result in executor.map(_raw_batches(settings, sources, done, bar)):
+        for result in executor.map(_raw_batches(settings, sources, done, position)):
             _spill(work, result)
-            posts += result.n_in
-            bar.set_postfix_str(f"{posts / max(1e-9, time.perf_counter() - started):,.0f} posts/s", refresh=False)
+            progress.advance(result.n_in, result.table.num_rows, len(result.quarantine), done_bytes=position[0])
     finally:
         executor.close()
-        bar.close()
     indices = sorted(int(p.stem.split("-")[1]) for p in work.glob("batch-*.json"))
     if indices != list(range(len(indices))):
         raise MurmurError(f"spilled batches in {work} are not contiguous; delete that folder and rerun")

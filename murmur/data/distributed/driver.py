@@ -75,6 +75,7 @@ def run_ray(settings: DataSettings, sources, work: Path, deletions: Deletions, p
             "finish_group", "conversations", "top_authors")}
         tasks, folder = _plan(settings, sources, work)
         totals = _map_stage(settings, tasks, folder, progress)
+        progress.stage("dedup, deletions, threads on the cluster")
         return _global(settings, remote, len(tasks), folder, work, deletions, totals)
     finally:
         if started:
@@ -107,8 +108,8 @@ def _map_stage(settings: DataSettings, tasks: list[ReadTask], folder: Path, prog
 
     done = {t.index for t in tasks if (folder / task_names(t.index)[1]).is_file()}
     pending = [t for t in tasks if t.index not in done]
-    if progress is not None:
-        progress.resumed(len(done), len(tasks))
+    sizes = {t.index: (t.end if t.end is not None else Path(t.path).stat().st_size) - t.start for t in tasks}
+    progress.resumed(sum(sizes[i] for i in done))
     if pending:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
@@ -123,8 +124,8 @@ def _map_stage(settings: DataSettings, tasks: list[ReadTask], folder: Path, prog
         # Ray Data runs a map task again when its worker dies (its retries are unlimited for system failures).
         dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(read, batch_size=1, num_cpus=1)
         for batch in dataset.iter_batches(batch_size=1, batch_format="numpy"):
-            if progress is not None:
-                progress.advance(int(batch["n_in"][0]), int(batch["kept"][0]), int(batch["quarantined"][0]))
+            progress.advance(int(batch["n_in"][0]), int(batch["kept"][0]), int(batch["quarantined"][0]),
+                             more_bytes=sizes[int(batch["task"][0])])
     missing = [t.index for t in tasks if not (folder / task_names(t.index)[1]).is_file()]
     if missing:
         raise MurmurError(f"read tasks {missing[:5]} left no output in {folder}; rerun (completed tasks are kept)")
