@@ -35,7 +35,8 @@ COMPARED = ("in", "kept", "dropped", "quarantined", "quarantine_reasons", "quara
 def write_inputs(root: Path) -> dict:
     """The test corpus (duplicates, near duplicates, a thread, spam, bad records of every kind), an archive
     folder with a planted direct message, a deletion list, and a plain file large enough to be read in ranges
-    (with bad lines and blank lines in the middle, whose numbers must come out as the local reader's)."""
+    (with bad lines and blank lines in the middle, whose numbers must come out as the local reader's), and a
+    log read through a file:// URL, in ranges too."""
     paths = write_corpus(root / "in")
     archive = make_archive(root / "own")
     rng = random.Random(0)
@@ -57,7 +58,7 @@ def write_inputs(root: Path) -> dict:
     text.write_text("".join(f"plain line {i} of a long log about trains\n" if i % 9 else "\n" for i in range(900)))
     deletions = root / "in" / "deletions.txt"
     deletions.write_text("post:1000000000000000003\naccount:trent\npost:7020\n")
-    specs = source_specs(paths) + [f"x-archive:{archive}", f"x-api:{big}", f"text:{text}"]
+    specs = source_specs(paths) + [f"x-archive:{archive}", f"x-api:{big}", f"text:file://{text}"]
     return {"sources": specs, "deletions": str(deletions)}
 
 

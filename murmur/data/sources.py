@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow as pa
@@ -79,10 +79,12 @@ class SourceFile:
     start: int = 0
     end: int | None = None
     first_line: int = 1
+    # Set for remote storage (s3://, gs://, file://, memory://, any fsspec URL); `path` is then its path part.
+    url: str | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.format}:{_printable_path(self.path)}"
+        return f"{self.format}:{self.url}" if self.url else f"{self.format}:{_printable_path(self.path)}"
 
     @property
     def name(self) -> str:
@@ -90,13 +92,74 @@ class SourceFile:
         return _printable_path(Path(self.path.name))
 
     def size(self) -> int:
+        if self.url:
+            return int(_filesystem(self.url)[0].size(self.path.as_posix()))
         return self.path.stat().st_size
+
+    def open_raw(self):
+        """The file's bytes as a seekable binary file object."""
+        if self.url:
+            fs, path = _filesystem(self.url)
+            return fs.open(path, "rb")
+        return open(self.path, "rb")  # noqa: SIM115 - the caller closes it
 
     def stamp(self) -> list:
         """What identifies this input's content for a rerun: label, size and modification time of the file
-        and of its companion note file."""
+        and of its companion note file (for a remote file: what its store reports, time or ETag)."""
+        if self.url:
+            info = _filesystem(self.url)[0].info(self.path.as_posix())
+            version = next((str(info[k]) for k in ("mtime", "LastModified", "ETag", "etag", "updated", "created")
+                            if info.get(k) is not None), "")
+            return [self.label, [int(info.get("size") or 0), version]]
         files = [self.path] + ([self.notes] if self.notes else [])
         return [self.label] + [[f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(pattern: str) -> bool:
+    return bool(_URL.match(pattern))
+
+
+def _filesystem(url: str):
+    """(fsspec filesystem, path) of a URL; the protocol's package (s3fs, gcsfs) is needed for it."""
+    try:
+        import fsspec
+    except ImportError:
+        raise MurmurError(f"{url}: reading URLs needs fsspec: pip install fsspec (and s3fs or gcsfs)") from None
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as err:
+        raise MurmurError(f"{url}: cannot open this storage ({err}); install its fsspec package "
+                          "(s3fs for s3://, gcsfs for gs://)") from None
+
+
+def _resolve_url(spec: str, fmt: str, pattern: str) -> list[SourceFile]:
+    """Files of a remote source: a URL or a URL glob, resolved by its store."""
+    if fmt in ("x-archive", "chitchat"):
+        raise MurmurError(f"source {spec!r}: {fmt} sources are read from local folders (an archive's deletions "
+                          "and notes sit beside it); copy it to local storage")
+    fs, root = _filesystem(pattern)
+    explicit = not glob.has_magic(root)
+    matches = sorted(fs.glob(root)) if not explicit else ([root] if fs.exists(root) else [])
+    files = []
+    for match in matches:
+        path = PurePosixPath(match)
+        if is_direct_messages(Path(path.name)):
+            if explicit:
+                raise MurmurError(f"source {spec!r}: direct messages are private and never read, whatever "
+                                  "the recipe says; remove this source")
+            continue
+        if fs.isdir(match):
+            if explicit:
+                raise MurmurError(f"source {spec!r}: {match} is a folder; give a file or a glob such as "
+                                  f"{pattern.rstrip('/')}/*.jsonl")
+            continue
+        files.append(SourceFile(fmt, Path(path), url=fs.unstrip_protocol(match)))
+    if not files:
+        raise MurmurError(f"source {spec!r}: no file matches {pattern!r}")
+    return files
 
 
 # -- X account archives -------------------------------------------------------------------------------------
@@ -187,6 +250,9 @@ def resolve_sources(specs: list[str]) -> list[SourceFile]:
             continue
         if not pattern:
             raise MurmurError(f"source {spec!r} has no path; write {fmt}:PATH")
+        if is_url(pattern):
+            files.extend(_resolve_url(spec, fmt, pattern))
+            continue
         matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True)) if glob.has_magic(pattern) \
             else [os.path.expanduser(pattern)]
         if fmt != "x-archive":  # an archive may be named by its folder
@@ -224,8 +290,9 @@ def resolve_sources(specs: list[str]) -> list[SourceFile]:
 class CountingFile(io.RawIOBase):
     """A read-only file that remembers how many (compressed) bytes were read, for the progress bar."""
 
-    def __init__(self, path: Path):
-        self._file = open(path, "rb")  # noqa: SIM115 - closed by close(), which the decompressor calls
+    def __init__(self, path: Path | SourceFile):
+        # Closed by close(), which the decompressor calls.
+        self._file = path.open_raw() if isinstance(path, SourceFile) else open(path, "rb")  # noqa: SIM115
         self.bytes_read = 0
 
     def readable(self) -> bool:
@@ -250,16 +317,17 @@ class CountingFile(io.RawIOBase):
         super().close()
 
 
-def open_binary(path: Path) -> tuple[io.BufferedIOBase, CountingFile]:
-    """The decompressed byte stream of a file (plain, gzip or zstd), and the counting raw file under it.
+def open_binary(path: Path | SourceFile) -> tuple[io.BufferedIOBase, CountingFile]:
+    """The decompressed byte stream of a file (plain, gzip or zstd; local, or remote for a SourceFile with a
+    URL), and the counting raw file under it.
 
     Both decompressors produce output only as it is read, so a small file that expands to gigabytes costs no
     more memory than any other. Arrow's zstd reader (unlike zstandard's stream reader) reads every frame and
     raises on a stream cut short inside one.
     """
-    with open(path, "rb") as probe:
-        head = probe.read(4)
     raw = CountingFile(path)
+    head = raw._file.read(4)
+    raw._file.seek(0)
     buffered = io.BufferedReader(raw, 1 << 20)
     if head.startswith(GZIP_MAGIC):
         return gzip.GzipFile(fileobj=buffered, mode="rb"), raw
@@ -411,7 +479,7 @@ class FileReader:
         """Numbered raw lines, none longer than max_record_bytes + 1 bytes (a longer line is cut there, so that
         it reads as too large, and the rest of it is skipped); a truncated or corrupt compressed stream ends
         with a quarantined record."""
-        stream, self._raw = open_binary(self.source.path)
+        stream, self._raw = open_binary(self.source)
         limit = self.settings.max_record_bytes
         number, cut = self.source.first_line - 1, False
         start, end = self.source.start, self.source.end
@@ -440,7 +508,7 @@ class FileReader:
 
     def _read_all(self) -> bytes | Quarantined:
         """The whole decompressed file, for the formats that are one JSON document."""
-        stream, self._raw = open_binary(self.source.path)
+        stream, self._raw = open_binary(self.source)
         try:
             return stream.read()
         except STREAM_ERRORS as err:
@@ -697,7 +765,7 @@ class FileReader:
     def _csv(self) -> Iterator[Record]:
         """Rows under the header row; a record over max_record_bytes (one field or many, on one line or many)
         is quarantined and read past in bounded memory, and the rows after it are read as usual."""
-        stream, self._raw = open_binary(self.source.path)
+        stream, self._raw = open_binary(self.source)
         lines = CsvLines(stream, self.settings.max_record_bytes)
         csv.field_size_limit(max(self.settings.max_record_bytes * 4, 131072))  # CsvLines stops records first
         reader = csv.reader(lines)
@@ -745,7 +813,7 @@ class FileReader:
         import pyarrow.parquet as pq
 
         try:
-            parquet = pq.ParquetFile(self.source.path)
+            parquet = pq.ParquetFile(self.source.open_raw())
             batches = parquet.iter_batches(batch_size=self.settings.batch_size)
         except (pa.ArrowException, OSError) as err:  # a damaged or non-Parquet file
             yield self._bad(None, f"unreadable_parquet: {err}")

@@ -108,7 +108,7 @@ def _map_stage(settings: DataSettings, tasks: list[ReadTask], folder: Path, prog
 
     done = {t.index for t in tasks if (folder / task_names(t.index)[1]).is_file()}
     pending = [t for t in tasks if t.index not in done]
-    sizes = {t.index: (t.end if t.end is not None else Path(t.path).stat().st_size) - t.start for t in tasks}
+    sizes = {t.index: t.size() for t in tasks}
     progress.resumed(sum(sizes[i] for i in done))
     if pending:
         context = ray.data.DataContext.get_current()

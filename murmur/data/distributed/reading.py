@@ -40,10 +40,15 @@ class ReadTask:
     start: int = 0
     end: int | None = None
     first_line: int = 1
+    url: str | None = None
 
     def source(self) -> SourceFile:
         return SourceFile(self.format, Path(self.path), Path(self.notes) if self.notes else None,
-                          self.start, self.end, self.first_line)
+                          self.start, self.end, self.first_line, self.url)
+
+    def size(self) -> int:
+        """The bytes this task reads (its share of the progress line)."""
+        return (self.end if self.end is not None else self.source().size()) - self.start
 
 
 def plan_ranges(sources: list[SourceFile], split_bytes: int) -> list[ReadTask]:
@@ -52,25 +57,25 @@ def plan_ranges(sources: list[SourceFile], split_bytes: int) -> list[ReadTask]:
     for source in sources:
         size = source.size()
         notes = str(source.notes) if source.notes else None
-        if source.format in SPLITTABLE and size > split_bytes and _plain(source.path):
+        if source.format in SPLITTABLE and size > split_bytes and _plain(source):
             for start in range(0, size, split_bytes):
                 tasks.append(ReadTask(len(tasks), source.format, str(source.path), notes, start,
-                                      min(size, start + split_bytes)))
+                                      min(size, start + split_bytes), url=source.url))
         else:
-            tasks.append(ReadTask(len(tasks), source.format, str(source.path), notes))
+            tasks.append(ReadTask(len(tasks), source.format, str(source.path), notes, url=source.url))
     return tasks
 
 
-def _plain(path: Path) -> bool:
-    with open(path, "rb") as probe:
+def _plain(source: SourceFile) -> bool:
+    with source.open_raw() as probe:
         head = probe.read(4)
     return not (head.startswith(GZIP_MAGIC) or head.startswith(ZSTD_MAGIC))
 
 
-def line_ends_between(path: str, low: int, high: int) -> int:
-    """How many line ends the bytes [low, high) of a file hold, read in bounded pieces."""
+def line_ends_between(task: ReadTask, low: int, high: int) -> int:
+    """How many line ends the bytes [low, high) of a task's file hold, read in bounded pieces."""
     count = 0
-    with open(path, "rb") as file:
+    with task.source().open_raw() as file:
         file.seek(low)
         left = high - low
         while left > 0:
@@ -82,12 +87,12 @@ def line_ends_between(path: str, low: int, high: int) -> int:
     return count
 
 
-def count_spans(tasks: list[ReadTask]) -> list[tuple[str, int, int]]:
+def count_spans(tasks: list[ReadTask]) -> list[tuple[ReadTask, int, int]]:
     """For each range after a file's first: the bytes whose line ends number its first line (see number_lines)."""
     spans = []
     for previous, task in zip(tasks, tasks[1:]):
         if task.start > 0:
-            spans.append((task.path, max(0, previous.start - 1), task.start - 1))
+            spans.append((task, max(0, previous.start - 1), task.start - 1))
     return spans
 
 
