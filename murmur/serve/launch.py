@@ -28,7 +28,8 @@ def build_engine(src: str | Path, settings: ServeSettings):
                                 max_queue=settings.max_queue, prefix_cache=settings.prefix_cache,
                                 stuck_after_s=settings.stuck_after_s, compile=settings.compile,
                                 kv_cache_bytes=settings.kv_cache_bytes,
-                                kv_cache_memory_fraction=settings.kv_cache_memory_fraction)
+                                kv_cache_memory_fraction=settings.kv_cache_memory_fraction,
+                                quantize=settings.quantize)
     engine.warmup()  # compile before the first request, while /health still says "loading"
     return engine
 

@@ -23,6 +23,9 @@ class ServeSettings(Section):
     max_queue: int = Field(256, ge=1, description="requests waiting for a slot before 429")
     compile: bool = Field(False, description="compile the decode step with torch.compile: faster decoding "
                           "after a warm-up compilation at start-up (15-20 s for tiny-cpu on 2 CPU cores)")
+    quantize: Literal["none", "int8"] = Field("none", description="int8: linear layers' weights as int8 with a "
+                                              "scale per output channel (a quarter of float32's bytes; "
+                                              "quality cost in docs/serve.md)")
     max_seq_len: int | None = Field(None, ge=2, description="context per request; default the model's")
     kv_cache_memory_fraction: float = Field(0.5, gt=0, le=1, description="share of the memory free at start-up "
                                             "(GPU: free device memory; CPU: MemAvailable) the KV cache may take")

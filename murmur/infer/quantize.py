@@ -1,0 +1,129 @@
+"""Weight-only int8 for serving: each linear layer's weight stored as int8 with one scale per output channel.
+
+Decoding one token reads every weight once and does little arithmetic with it, so on a CPU its speed is
+set by how many bytes the weights take: int8 reads a quarter of float32's. Activations stay in floating
+point (only the weights are rounded), which keeps the quality cost small: docs/journal.md measures it in
+bits per byte. `quantize_model(model, "int8")` swaps the projections and the output head for
+`Int8Linear` in place; the embedding table stays in floating point (it is looked up, not multiplied).
+
+Two kernels, the fastest the device has:
+
+- "int8pack": `torch._weight_int8pack_mm`, which reads the int8 weight directly. On CPU its bfloat16 path is
+  vectorised and its float32 path is not (measured 3-10x slower than bfloat16 on AVX-512, docs/journal.md),
+  so activations enter it in bfloat16 and the result is cast back to the model's dtype.
+- "dequantize": `linear(x, w.to(dtype)) * scale`, for a device where that kernel is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from murmur.errors import MurmurError
+
+log = logging.getLogger("murmur.infer")
+
+QUANTIZATIONS = ("none", "int8")
+
+
+def int8_kernel(device: torch.device) -> str:
+    """"int8pack" when `torch._weight_int8pack_mm` runs on `device` (tried on a tiny product), else "dequantize"."""
+    try:
+        x = torch.ones(1, 32, dtype=torch.bfloat16, device=device)
+        w = torch.ones(8, 32, dtype=torch.int8, device=device)
+        out = torch._weight_int8pack_mm(x, w, torch.ones(8, dtype=torch.bfloat16, device=device))
+        return "int8pack" if out.shape == (1, 8) and float(out[0, 0]) == 32.0 else "dequantize"
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return "dequantize"
+
+
+def quantize_rows(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row (output channel): (int8 weight, scales) with weight ~= int8 * scale[:, None].
+
+    The scales are rounded to `scale_dtype` before the weights are divided by them, so the int8 values are
+    exact for the scales the kernel will actually multiply by.
+    """
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).to(scale_dtype)
+    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+class Int8Linear(nn.Module):
+    """A linear layer whose weight is int8 (out x in) with a scale per output row; same outputs as nn.Linear
+    within rounding. Built from a float layer with `Int8Linear.from_linear`."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, kernel: str):
+        super().__init__()
+        if weight.dtype != torch.int8 or weight.dim() != 2 or scales.shape != weight.shape[:1]:
+            raise MurmurError("Int8Linear needs an int8 (out, in) weight and one scale per output row")
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.kernel = kernel
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, kernel: str) -> Int8Linear:
+        scale_dtype = torch.bfloat16 if kernel == "int8pack" else linear.weight.dtype
+        q, scales = quantize_rows(linear.weight, scale_dtype)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(q, scales, bias, kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "int8pack":
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+            out = torch._weight_int8pack_mm(flat, self.weight, self.scales).to(x.dtype)
+            out = out.reshape(*x.shape[:-1], self.out_features)
+        else:
+            out = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+
+
+@dataclass
+class QuantizeSummary:
+    """What `quantize_model` replaced: layers, and their weight bytes before and after."""
+
+    method: str
+    kernel: str
+    layers: int
+    bytes_before: int
+    bytes_after: int
+
+    def describe(self) -> str:
+        return (f"weights quantized to {self.method} ({self.kernel} kernel): {self.layers} linear layers, "
+                f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB")
+
+
+def quantize_model(model: nn.Module, method: str) -> QuantizeSummary:
+    """Replace every plain nn.Linear of `model` (projections and the output head) by its int8 version, in place.
+
+    A tied output head gets its own int8 copy; the embedding it shares weights with stays as it was.
+    Adapter layers (LoRA kept unmerged) are left alone: they are not plain nn.Linear.
+    """
+    if method not in QUANTIZATIONS:
+        raise MurmurError(f"unknown quantization {method!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    if method == "none":
+        return QuantizeSummary(method, "none", 0, 0, 0)
+    device = next(model.parameters()).device
+    kernel = int8_kernel(device)
+    targets = [(name, module) for name, module in model.named_modules() if type(module) is nn.Linear]
+    before = after = 0
+    with torch.no_grad():
+        for name, linear in targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            quantized = Int8Linear.from_linear(linear, kernel)
+            before += linear.weight.numel() * linear.weight.element_size()
+            after += quantized.weight.numel() + quantized.scales.numel() * quantized.scales.element_size()
+            setattr(parent, child, quantized)
+    summary = QuantizeSummary(method, kernel, len(targets), before, after)
+    log.info("%s", summary.describe())
+    return summary

@@ -1,0 +1,133 @@
+"""Int8 weights for serving: rounding bounds, both kernels, greedy tokens as float32's, the bits-per-byte cost."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from serve_fixtures import CORPUS, make_model, tokenizer  # noqa: F401 (tokenizer: a fixture)
+from torch import nn
+
+from murmur.errors import MurmurError
+from murmur.infer.engine import Engine
+from murmur.infer.quantize import Int8Linear, int8_kernel, quantize_model, quantize_rows
+from murmur.infer.sampling import SamplingParams
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["hello world", "the quick brown fox", "coffee in the morning", "naïve café", "héllo wörld",
+           "**bold** and"]
+
+
+@pytest.fixture(scope="module")
+def trained(tokenizer) -> dict[str, torch.Tensor]:
+    """Weights of a tiny model trained to recite the corpus: its greedy choices are decided by clear margins,
+    as a real model's mostly are (a random model's top two logits are often within rounding of each other)."""
+    torch.manual_seed(0)
+    model = make_model(tokenizer.vocab_size, dim=64).train()
+    ids = torch.tensor([i for text in CORPUS[:5] for i in tokenizer.encode(text + "\n")])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for _ in range(120):
+        starts = torch.randint(0, len(ids) - 33, (8,)).tolist()
+        x = torch.stack([ids[s:s + 32] for s in starts])
+        y = torch.stack([ids[s + 1:s + 33] for s in starts])
+        loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def fresh_model(tokenizer, weights):
+    model = make_model(tokenizer.vocab_size, dim=64)
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 9), cols=st.integers(1, 40), log_scale=st.floats(-6, 3), seed=st.integers(0, 2**16))
+def test_rows_round_to_within_half_a_step_of_their_scale(rows, cols, log_scale, seed):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=generator) * 10**log_scale
+    weight[0] = 0  # an all-zero row must not divide by zero
+    q, scales = quantize_rows(weight, torch.bfloat16)
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= 127
+    error = (weight - q.float() * scales.float()[:, None]).abs()
+    assert bool((error <= scales.float()[:, None] / 2 * 1.0001 + 1e-30).all())
+    assert bool(torch.isfinite(scales.float()).all()) and int(q[0].abs().max()) == 0
+
+
+@pytest.mark.parametrize("kernel", ["int8pack", "dequantize"])
+def test_int8_linear_matches_the_float_layer_within_rounding(kernel):
+    if kernel == "int8pack" and int8_kernel(torch.device("cpu")) != "int8pack":
+        pytest.skip("torch._weight_int8pack_mm does not run on this CPU")
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48, bias=True)
+    x = torch.randn(3, 5, 64)
+    quantized = Int8Linear.from_linear(linear, kernel)
+    out, expected = quantized(x), linear(x)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    relative = float((out - expected).detach().norm() / expected.detach().norm())
+    assert 0 < relative < 0.02  # rounded (not a float copy), and only slightly
+
+
+def test_quantize_model_replaces_every_projection_and_the_tied_head(tokenizer):
+    model = make_model(tokenizer.vocab_size)
+    embedding = model.embed_tokens.weight.detach().clone()
+    summary = quantize_model(model, "int8")
+    linear = [m for m in model.modules() if type(m) is nn.Linear]
+    int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert not linear and len(int8) == summary.layers == 2 * 7 + 1  # 7 projections per block, and the head
+    assert isinstance(model.lm_head, Int8Linear)
+    assert torch.equal(model.embed_tokens.weight, embedding)  # the table it was tied to stays float
+    assert summary.bytes_after < summary.bytes_before / 3.5
+
+
+def test_unknown_quantization_is_a_clear_error(tokenizer):
+    with pytest.raises(MurmurError, match="unknown quantization 'int4'.*none, int8"):
+        quantize_model(make_model(tokenizer.vocab_size), "int4")
+
+
+def test_int8_engine_greedy_tokens_equal_float32_for_the_first_tokens(tokenizer, trained):
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    reference = Engine(fresh_model(tokenizer, trained), tokenizer, max_batch_size=8).generate(PROMPTS, params)
+    engine = Engine(fresh_model(tokenizer, trained), tokenizer, max_batch_size=8, quantize="int8")
+    assert isinstance(engine.model.lm_head, Int8Linear) and engine.quantization.layers == 15
+    quantized = engine.generate(PROMPTS, params)
+    for ref, got in zip(reference, quantized):
+        assert got.token_ids[:16] == ref.token_ids[:16]
+
+
+def bits_per_byte(model, ids: list[int], text_bytes: int) -> float:
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids[:-1]]))[0].float()
+    nats = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum")
+    return float(nats) / math.log(2) / text_bytes
+
+
+def test_int8_bits_per_byte_cost_is_small(tokenizer, trained):
+    text = "the lazy fox walks in the rain at night, thanks for the coffee and the music, how are you?"
+    ids = tokenizer.encode(text)
+    model = fresh_model(tokenizer, trained)
+    before = bits_per_byte(model, ids, len(text.encode()))
+    quantize_model(model, "int8")
+    after = bits_per_byte(model, ids, len(text.encode()))
+    assert after != before and abs(after - before) / before < 0.01
+
+
+def test_serve_flag_and_setting_choose_int8():
+    import argparse
+
+    from murmur.commands import serve as serve_command
+
+    parser = argparse.ArgumentParser()
+    serve_command.register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "runs/x", "--quantize", "int8"])
+    assert serve_command.settings_from_args(args).quantize == "int8"
+    args = parser.parse_args(["serve", "runs/x"])
+    assert serve_command.settings_from_args(args).quantize == "none"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "runs/x", "--quantize", "int3"])
