@@ -7,6 +7,9 @@
 Memory is bounded by the batch size and the in-flight window, except for the per-post hashes of the global
 step (about 200 bytes a post). A crashed run leaves no stats.json; rerunning reuses the spilled batches of
 the same inputs and settings and redoes the rest.
+
+With `executor = "ray"` the read, the per-batch step and the global step all run on the cluster, with these
+rules and outputs (murmur.data.distributed); this module then only publishes what it staged.
 """
 
 from __future__ import annotations
