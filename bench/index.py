@@ -4,7 +4,10 @@ references in the same run: a plain `LIKE` scan in SQLite, and `rank_bm25` in me
     .venv/bin/python bench/index.py [--posts 100000 1000000] [--queries 200] [--pg-url URL | --no-postgres]
 
 Synthetic posts: 5-40 words drawn from a Zipf vocabulary of 50,000 words (seeded); queries: 3-5 words drawn
-from the same law, as a chat turn would be. Each query asks for the 10 best posts. Without --pg-url, a
+from the same law, as a chat turn would be. Each query asks for the 10 best posts. The search scores only the
+posts that can rank, at most 20,000 a query (docs/index.md, "Ranking"); with --check-exact, the share of
+queries whose top 10 equal a full BM25 scoring of every matching post is printed for SQLite (the pruning is
+the same code for both backends; a full scoring per query takes minutes on PostgreSQL). Without --pg-url, a
 throwaway PostgreSQL server is started from the Debian binaries (as the `postgres` user when run as root).
 The reference queries are fewer at 10^6 posts (each scans everything); their count is printed.
 """
@@ -68,7 +71,21 @@ def time_queries(search, queries: list[str]) -> tuple[float, float]:
     return percentiles(seconds)
 
 
-def bench_index(make, n: int, queries: list[str]) -> dict:
+def exact_share(index, queries: list[str]) -> float:
+    """The share of queries whose top 10 equal a full scoring of every post holding a query word."""
+    from murmur.index.text import query_terms
+
+    same = 0
+    for query in queries:
+        terms = query_terms(query, index.max_query_chars, index.max_query_terms)
+        _, df = index._term_stats(terms)
+        present = [t for t in terms if df.get(t)]
+        full = [(post.id, round(score, 9)) for post, score in index._bm25(present, 10, present)] if present else []
+        same += full == [(hit.post.id, round(hit.bm25, 9)) for hit in index.search(query, 10)]
+    return same / len(queries)
+
+
+def bench_index(make, n: int, queries: list[str], check_exact: bool = False) -> dict:
     index = make()
     start = time.perf_counter()
     for batch in synthetic_posts(n):
@@ -77,8 +94,9 @@ def bench_index(make, n: int, queries: list[str]) -> dict:
         index.finish_bulk()
     build = time.perf_counter() - start
     p50, p99 = time_queries(lambda q: index.search(q, 10), queries)
+    exact = exact_share(index, queries) if check_exact else None
     index.close()
-    return {"build_posts_per_s": n / build, "p50_ms": p50, "p99_ms": p99}
+    return {"build_posts_per_s": n / build, "p50_ms": p50, "p99_ms": p99, "exact": exact}
 
 
 def bench_like(path: Path, queries: list[str]) -> dict:
@@ -141,6 +159,8 @@ def main() -> None:
                         help="queries for the scanning references (default: all at 10^5, 20 at 10^6)")
     parser.add_argument("--pg-url", help="an existing PostgreSQL server (default: start a throwaway one)")
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--check-exact", action="store_true",
+                        help="also score every matching post for each query (slow) and print how many top 10s match")
     args = parser.parse_args()
     queries = synthetic_queries(args.queries)
     folder = tempfile.mkdtemp(prefix="murmur-bench-index-")
@@ -155,7 +175,8 @@ def main() -> None:
             ref_n = args.reference_queries or (len(queries) if n <= 100_000 else 20)
             rows = {}
             path = Path(folder) / f"bench-{n}.sqlite"
-            rows["sqlite fts5"] = bench_index(lambda: SqliteIndex(path, create=True, bulk=True), n, queries)
+            rows["sqlite fts5"] = bench_index(lambda: SqliteIndex(path, create=True, bulk=True), n, queries,
+                                              args.check_exact)
             if url:
                 from murmur.index.postgres import PostgresIndex
 
@@ -169,7 +190,8 @@ def main() -> None:
             print(f"{'':32} {'build posts/s':>14} {'p50 ms':>9} {'p99 ms':>9}")
             for name, row in rows.items():
                 build = f"{row['build_posts_per_s']:,.0f}" if row["build_posts_per_s"] else "-"
-                print(f"{name:32} {build:>14} {row['p50_ms']:9.2f} {row['p99_ms']:9.2f}")
+                exact = f"   top 10 exact for {row['exact']:.0%}" if row.get("exact") is not None else ""
+                print(f"{name:32} {build:>14} {row['p50_ms']:9.2f} {row['p99_ms']:9.2f}{exact}")
             for name in [r for r in rows if r not in ("sqlite fts5", "postgresql")]:
                 for engine in ("sqlite fts5", "postgresql"):
                     if engine in rows:

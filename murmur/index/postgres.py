@@ -223,15 +223,19 @@ class PostgresIndex(PostIndex):
         # The GIN index finds the posts holding a word of `among`; only those have their tsvector unnested.
         query = " | ".join("'{}'".format(t.replace("\\", "\\\\").replace("'", "''")) for t in among)
         newest_first = "ORDER BY created_at DESC NULLS LAST, id COLLATE \"C\" DESC LIMIT %(newest)s" if newest else ""
+        # Each candidate's query words alone (weight A marks them, ts_filter keeps them) are unnested, in a
+        # subquery per post: twice as fast as unnesting every word and grouping. The best `limit` are sorted
+        # before their rows are read.
         rows = self.db.execute(self._sql(
             f"SELECT {COLUMNS}, s.score FROM ("
-            "  SELECT m.id, sum(q.idf * u.tf * (%(k1)s + 1) / (u.tf + %(k1)s * (1 - %(b)s + %(b)s * m.n_terms / "
-            "  %(avgdl)s))) AS score"
+            "  SELECT m.id, (SELECT sum(q.idf * u.tf * (%(k1)s + 1) / (u.tf + %(k1)s * (1 - %(b)s + %(b)s * "
+            "      m.n_terms / %(avgdl)s)))"
+            "    FROM (SELECT lexeme, cardinality(positions) AS tf"
+            "          FROM unnest(ts_filter(setweight(m.tsv, 'A', %(terms)s::text[]), '{a}'))) u"
+            "    JOIN unnest(%(terms)s::text[], %(idf)s::float8[]) AS q(term, idf) ON q.term = u.lexeme) AS score"
             f"  FROM (SELECT id, tsv, n_terms FROM {{s}}.posts WHERE tsv @@ %(query)s::tsquery {newest_first}) m"
-            "  CROSS JOIN LATERAL (SELECT lexeme, cardinality(positions) AS tf FROM unnest(m.tsv)) u"
-            "  JOIN unnest(%(terms)s::text[], %(idf)s::float8[]) AS q(term, idf) ON q.term = u.lexeme"
-            "  GROUP BY m.id, m.n_terms"
-            ") s JOIN {s}.posts p ON p.id = s.id ORDER BY s.score DESC, p.id COLLATE \"C\" LIMIT %(limit)s"),
+            "  ORDER BY score DESC, m.id COLLATE \"C\" LIMIT %(limit)s"
+            ") s JOIN {s}.posts p ON p.id = s.id ORDER BY s.score DESC, p.id COLLATE \"C\""),
             {"k1": BM25_K1, "b": BM25_B, "avgdl": n_terms / n_posts, "query": query, "terms": terms,
              "idf": [bm25_idf(n_posts, df[t]) for t in terms], "limit": limit, "newest": newest}).fetchall()
         return [(post_from_row(row), float(row[6])) for row in rows]
