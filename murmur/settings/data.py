@@ -22,7 +22,7 @@ class DataSettings(Section):
     split_bytes: int = Field(64 << 20, ge=1 << 10, description="ray: plain jsonl/text files larger than this are "
                                                                  "read by several workers, in ranges of this size")
     partitions: int = Field(0, ge=0, description="ray: partitions of the global step's shuffles; 0 = one per "
-                                                 "100,000 posts, at least one per CPU")
+                                                 "50,000 posts, at least one per CPU")
 
     # Reading
     columns: dict[str, str] = Field(

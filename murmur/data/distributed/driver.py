@@ -36,7 +36,7 @@ from murmur.files import atomic_path, write_json_atomic
 from murmur.fingerprint import digest
 from murmur.settings.data import DataSettings
 
-POSTS_PER_PARTITION = 100_000  # what one reducer, and the driver writing one group, holds at most (about)
+POSTS_PER_PARTITION = 50_000  # what one reducer, and the driver writing one group, holds (about)
 TASK_RETRIES = 5  # a task lost with its worker is run again (inputs are files, so reruns are identical)
 
 
