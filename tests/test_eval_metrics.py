@@ -90,7 +90,8 @@ def test_ranking_metrics_perfect_and_uniform_and_random():
     true_index = rng.integers(0, c, size=n)
     perfect = np.zeros((n, c))
     perfect[np.arange(n), true_index] = 1.0
-    assert rank_metrics(perfect, true_index) == {"hits@1": 1.0, "hits@5": 1.0, "mrr": 1.0}
+    assert rank_metrics(perfect, true_index) == {"hits@1": 1.0, "hits@5": 1.0, "mrr": 1.0,
+                                                 "se": {"hits@1": 0.0, "hits@5": 0.0, "mrr": 0.0}}
     uniform = rank_metrics(np.zeros((n, c)), true_index)
     chance = chance_metrics(c)
     assert chance["hits@1"] == pytest.approx(0.05) and chance["hits@5"] == pytest.approx(0.25)
@@ -116,9 +117,10 @@ def test_evaluate_ranking_with_an_oracle_and_a_uniform_scorer(tmp_path):
         return {"ll": scores}
 
     result = evaluate_ranking(examples, oracle)
-    assert result["ll"] == {"hits@1": 1.0, "hits@5": 1.0, "mrr": 1.0}
+    assert result["ll"] == {"hits@1": 1.0, "hits@5": 1.0, "mrr": 1.0,
+                            "se": {"hits@1": 0.0, "hits@5": 0.0, "mrr": 0.0}}
     uniform = evaluate_ranking(examples, lambda exs: {"ll": np.ones((len(exs), 20))})
-    assert uniform["ll"] == pytest.approx(uniform["chance"])
+    assert {k: v for k, v in uniform["ll"].items() if k != "se"} == pytest.approx(uniform["chance"])
 
 
 def test_too_few_conversations_for_distractors_is_a_clear_error(tmp_path):

@@ -5,7 +5,9 @@ conversations of the same split (fixed seed, so runs compare). Two scores per ca
 - ll:  log p(reply | context), summed over the reply's tokens and its end-of-turn token;
 - pmi: ll minus log p(reply | no context). Small models otherwise prefer short, generic replies;
   PMI asks how much the context raised the reply's probability.
-Reported: hits@1, hits@5 and mean reciprocal rank of the true reply, with chance beside them.
+Reported: hits@1, hits@5 and mean reciprocal rank of the true reply, with chance beside them and each
+figure's standard error over the contexts (`se`): a sample of contexts, not all of them, is ranked by
+default, and the error says how far another sample could move the figure.
 Ties are scored at their expected value under a random order, so a scorer that cannot tell the
 candidates apart gets exactly chance.
 """
@@ -13,6 +15,7 @@ candidates apart gets exactly chance.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,12 +96,17 @@ def rank_metrics(scores: np.ndarray, true_index: np.ndarray, ks: tuple[int, ...]
     true = scores[rows, true_index][:, None]
     better = (scores > true).sum(axis=1)
     tied = (scores == true).sum(axis=1)
-    out = {}
-    for k in ks:
-        out[f"hits@{k}"] = float(np.mean(np.clip((k - better) / tied, 0.0, 1.0)))
-    reciprocal = [np.mean(1.0 / np.arange(g + 1, g + e + 1)) for g, e in zip(better, tied)]
-    out["mrr"] = float(np.mean(reciprocal))
+    per_context = {f"hits@{k}": np.clip((k - better) / tied, 0.0, 1.0) for k in ks}
+    per_context["mrr"] = np.array([np.mean(1.0 / np.arange(g + 1, g + e + 1)) for g, e in zip(better, tied)])
+    out: dict = {name: float(np.mean(values)) for name, values in per_context.items()}
+    out["se"] = {name: standard_error(values) for name, values in per_context.items()}
     return out
+
+
+def standard_error(values: np.ndarray) -> float:
+    """Standard error of the mean of per-context values (sample standard deviation / sqrt(n)); 0 for one."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
 def chance_metrics(n_candidates: int, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
@@ -125,8 +133,9 @@ class ModelReplyScorer:
     """Scores candidate replies with a Murmur model: log-likelihood given the context, and PMI."""
 
     def __init__(self, model, tokenizer, max_context_tokens: int = 96, max_reply_tokens: int = 48,
-                 batch_size: int = 32):
+                 batch_size: int = 32, progress: Callable[[str], None] | None = None, clock=time.monotonic):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.progress, self.clock = progress, clock  # a line about every tenth of the contexts
         self.max_reply_tokens = max_reply_tokens
         limit = model.settings.max_seq_len - (max_reply_tokens + 1)
         if limit < 4:
@@ -151,13 +160,20 @@ class ModelReplyScorer:
         return self.tokenizer.encode(text)[:self.max_reply_tokens] + self.turn_end
 
     def __call__(self, examples: list[RankingExample]) -> dict[str, np.ndarray]:
+        started = self.clock()
         replies = {text: self.reply_ids(text) for e in examples for text in e.candidates}
         # Without context every example shares the same prefix: score each distinct reply once.
         texts = sorted(replies)
         alone = continuation_logprobs(self.model, self.prompt, [replies[t] for t in texts], self.batch_size)
         unconditional = {t: float(lp.sum()) for t, lp in zip(texts, alone)}
+        self._say(f"eval: reply ranking: {len(texts)} distinct replies scored without context "
+                  f"({self.clock() - started:.0f} s)")
         ll = np.zeros((len(examples), len(examples[0].candidates)))
+        every = max(1, len(examples) // 10)
         for row, example in enumerate(examples):
+            if row and row % every == 0:
+                elapsed = self.clock() - started
+                self._say(f"eval: reply ranking: {row}/{len(examples)} contexts ({elapsed:.0f} s)")
             context = self.tokenizer.render_chat(example.context, add_generation_prompt=True)
             context = context[-self.max_context_tokens:]
             logps = continuation_logprobs(self.model, context, [replies[t] for t in example.candidates],
@@ -166,8 +182,13 @@ class ModelReplyScorer:
         pmi = ll - np.array([[unconditional[t] for t in e.candidates] for e in examples])
         return {"ll": ll, "pmi": pmi}
 
+    def _say(self, line: str) -> None:
+        if self.progress is not None:
+            self.progress(line)
 
-def run_ranking(model, tokenizer, data_dir: str | Path, settings) -> dict:
+
+def run_ranking(model, tokenizer, data_dir: str | Path, settings, progress: Callable[[str], None] | None = None
+                ) -> dict:
     """Reply ranking of the model on `settings.ranking_split` (an `EvalSettings`)."""
     conversations = read_conversations(data_dir, settings.ranking_split)
     if not conversations:
@@ -176,5 +197,5 @@ def run_ranking(model, tokenizer, data_dir: str | Path, settings) -> dict:
                           "to skip reply ranking")
     examples = build_examples(conversations, settings.ranking_examples, settings.distractors, settings.seed)
     scorer = ModelReplyScorer(model, tokenizer, settings.max_context_tokens, settings.max_reply_tokens,
-                              settings.batch_size)
+                              settings.batch_size, progress=progress)
     return {"split": settings.ranking_split, "seed": settings.seed, **evaluate_ranking(examples, scorer)}

@@ -261,11 +261,11 @@ def render_markdown(results: dict, charts: dict[str, str], numbers: dict, compar
         lines += [f"## Reply ranking ({ranking['split']} split)", "",
                   (f"The true next reply among {ranking['candidates']} candidates, {ranking['examples']} contexts, "
                    f"seed {ranking['seed']}. ll: log-likelihood given the context; pmi: minus its likelihood "
-                   "without the context."), "",
+                   "without the context. ± one standard error over the contexts ranked."), "",
                   "| scorer | hits@1 | hits@5 | MRR |", "| --- | --- | --- | --- |"]
         for method in ("ll", "pmi", "chance"):
             m = ranking[method]
-            lines.append(f"| {method} | {_fmt(m['hits@1'])} | {_fmt(m['hits@5'])} | {_fmt(m['mrr'])} |")
+            lines.append(f"| {method} | " + " | ".join(_with_se(m, k) for k in ("hits@1", "hits@5", "mrr")) + " |")
         lines += ["", f"![reply ranking]({charts['ranking']})", ""]
 
     retrieval = results.get("retrieval")
@@ -309,6 +309,12 @@ def render_markdown(results: dict, charts: dict[str, str], numbers: dict, compar
             lines += [f"| {task} | {k} | {_fmt(v)} |" for k, v in metrics.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _with_se(metrics: dict, key: str) -> str:
+    """A ranking figure with its standard error when it has one (chance has none)."""
+    se = metrics.get("se", {}).get(key)
+    return _fmt(metrics[key]) + (f" ± {se:.3f}" if se is not None else "")
 
 
 def _cell(text: str) -> str:

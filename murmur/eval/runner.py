@@ -49,18 +49,6 @@ def list_checkpoints(run_dir: Path) -> list[dict]:
     return found
 
 
-def _step_dir(path: Path) -> Path | None:
-    """The step folder a checkpoint source loads (the order of murmur.train.checkpoint: sft before pretrain)."""
-    from murmur.train.checkpoint import META_FILE, latest_step_dir
-
-    if (path / META_FILE).is_file():
-        return path
-    for candidate in (path, path / "checkpoints", path / "sft" / "checkpoints", path / "pretrain" / "checkpoints"):
-        if (candidate / "latest").is_file():
-            return latest_step_dir(candidate)
-    return None
-
-
 def _load(src: Path, device: torch.device):
     """(model, tokenizer, description) of the model at `src`, with errors that say what is missing."""
     from murmur.model import count_params
@@ -81,8 +69,8 @@ def _load(src: Path, device: torch.device):
     if loaded.origin == "checkpoint":
         from murmur.train.checkpoint import read_meta
 
-        step_dir = _step_dir(Path(loaded.path))
-        meta = read_meta(step_dir) if step_dir else {}
+        step_dir = loaded.step_dir
+        meta = read_meta(step_dir)
         info.update(path=str(step_dir), stage=meta.get("stage"), step=meta.get("step"),
                     tokens=meta.get("tokens", meta.get("tokens_seen")))
     elif meta_file.is_file():
@@ -142,6 +130,7 @@ def evaluate(src: str | Path, settings: EvalSettings, data_dir: str | Path | Non
                  + ", ".join(f"{k} {_share(v)}" for k, v in retrieval.items() if k.startswith("recall@")))
 
     mark = time.perf_counter()
+    progress("eval: bits per byte on " + ", ".join(f"{len(t)} {split}" for split, t in texts.items()) + " posts")
     results["bpb"] = {split: bits_per_byte(model, tokenizer, t, settings.batch_size).to_dict()
                       for split, t in texts.items()}
     timings["bpb"] = time.perf_counter() - mark
@@ -163,13 +152,17 @@ def evaluate(src: str | Path, settings: EvalSettings, data_dir: str | Path | Non
 
     if settings.ranking_examples > 0:
         mark = time.perf_counter()
-        results["ranking"] = run_ranking(model, tokenizer, data_dir, settings)
+        progress(f"eval: reply ranking of up to {settings.ranking_examples} {settings.ranking_split} contexts, "
+                 f"{settings.distractors + 1} candidates each")
+        results["ranking"] = run_ranking(model, tokenizer, data_dir, settings, progress=progress)
         timings["ranking"] = time.perf_counter() - mark
         r = results["ranking"]
-        progress(f"eval: reply ranking hits@1 ll {r['ll']['hits@1']:.3f}, pmi {r['pmi']['hits@1']:.3f} "
-                 f"(chance {r['chance']['hits@1']:.3f})")
+        progress(f"eval: reply ranking hits@1 ll {r['ll']['hits@1']:.3f} ± {r['ll']['se']['hits@1']:.3f}, pmi "
+                 f"{r['pmi']['hits@1']:.3f} ± {r['pmi']['se']['hits@1']:.3f} (chance {r['chance']['hits@1']:.3f}; "
+                 f"± one standard error over {r['examples']} contexts)")
 
     mark = time.perf_counter()
+    progress(f"eval: {len(settings.prompts) * len(settings.sample_seeds)} samples")
     samples = generate_samples(model, tokenizer, settings.prompts, settings.sample_seeds, settings.max_new_tokens,
                                settings.temperature, settings.top_p)
     write_jsonl(out_dir / "eval" / "samples.jsonl", samples)
@@ -177,6 +170,7 @@ def evaluate(src: str | Path, settings: EvalSettings, data_dir: str | Path | Non
     timings["samples"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
+    progress("eval: privacy probes (canaries, personal data in the samples)")
     results["privacy"] = {"canaries": run_canaries(model, tokenizer, data_dir, settings.canary_candidates,
                                                    settings.seed),
                           "pii_scan": scan_for_pii([s["reply"] for s in samples])}

@@ -37,7 +37,8 @@ class EvalSettings(Section):
 
     # Reply ranking on held-out conversations.
     ranking_split: str = "test"
-    ranking_examples: int = Field(100, ge=0, description="contexts ranked; 0 skips reply ranking")
+    ranking_examples: int = Field(50, ge=0, description="contexts ranked (a seeded sample; the results state the "
+                                  "standard error it leaves); 0 skips reply ranking")
     distractors: int = Field(19, gt=0, description="wrong replies beside the true one")
     max_context_tokens: int = Field(96, gt=0, description="context kept (its last tokens) when scoring replies")
     max_reply_tokens: int = Field(48, gt=0, description="reply tokens scored (longer replies are cut)")
