@@ -250,7 +250,6 @@ def _check_pretrain(settings: Settings, stage: Stage) -> None:
 
 
 def _check_sft(settings: Settings, stage: Stage) -> None:
-    _check_paths(stage, [("sft.init_from", settings.sft.init_from)])
     _check_training_layout(settings, stage.name)
 
 
@@ -269,16 +268,14 @@ def intended_world_size(settings: Settings, stage: str) -> int:
 
 
 def _check_training_layout(settings: Settings, stage: str) -> None:
-    """The trainer's own validation of batch, sequence length and parallel layout, at the intended world size."""
+    """The trainer's own validation of batch, sequence length and parallel layout, at the intended world size,
+    for the model it will train: [model], or the one SFT starts from, resolved as the trainer resolves it."""
+    from murmur.source import resolve_training_start
     from murmur.train.trainer import make_plan
 
-    model = None
     init = settings.sft.init_from if stage == "sft" else None
-    if init and (Path(init) / "config.json").is_file():
-        from murmur import hf
-
-        model = hf.settings_from_hf_config(hf.read_hf_config(init), source=str(Path(init) / "config.json"))
     try:
+        model = resolve_training_start(init, "sft.init_from").settings if init else None
         make_plan(settings, stage, intended_world_size(settings, stage), model=model)
     except MurmurError as err:
         raise MurmurError(f"stage {stage}: {err}") from None

@@ -65,14 +65,16 @@ def export_gguf(src: str | Path, out_dir: str | Path, quant: str = "f16") -> Pat
 def export_adapter(src: str | Path, out_dir: str | Path) -> Path:
     """The LoRA adapters of a Murmur checkpoint as a PEFT folder (adapter_config.json,
     adapter_model.safetensors) that `peft` loads onto the base model the finetuning started from."""
+    from murmur.source import resolve_source
     from murmur.train import checkpoint
     from murmur.train.lora import save_peft_adapter
 
-    if not checkpoint.is_checkpoint_source(src):
+    source = resolve_source(src)
+    if source.kind != "checkpoint":
         raise MurmurError(f"{src} holds no Murmur checkpoint; --adapter exports the LoRA adapters of a run finetuned "
                           "with sft.lora_rank > 0")
-    model, _, _ = checkpoint.load_for_inference(src, merge_adapters=False)
-    meta = checkpoint.read_meta(checkpoint._resolve_step_dir(Path(src)))
+    model, _, _ = checkpoint.load_for_inference(source.path, merge_adapters=False)
+    meta = checkpoint.read_meta(source.step_dir)
     # The base the adapters belong to when it was named (sft.init_from); else the run's own pretraining.
     train = meta.get("train") if isinstance(meta.get("train"), dict) else {}
     base = train.get("init_from") if isinstance(train.get("init_from"), str) else None

@@ -352,7 +352,7 @@ def test_sft_lowers_held_out_loss(pretrained, tmp_path):
     meta = json.loads((run / "sft" / "checkpoints" / "step_00000030" / "murmur.json").read_text())
     assert meta["stage"] == "sft"
     # The run folder now resolves to the finetuned model.
-    assert ckpt._resolve_step_dir(run).parent.parent.name == "sft"
+    assert ckpt.resolve_step_dir(run).parent.parent.name == "sft"
 
 
 def test_sft_from_hugging_face_directory(pretrained, tmp_path):

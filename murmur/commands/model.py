@@ -29,12 +29,12 @@ def run_info(args: argparse.Namespace) -> int:
             raise MurmurError(f"unknown preset {name!r}; known presets: {', '.join(MODEL_PRESETS)}")
         settings, where = ModelSettings(preset=name), f"preset {name}"
     else:
-        from murmur.source import load_model
+        from murmur.source import resolve_source
 
-        loaded = load_model(args.src)
-        settings, where = loaded.settings, f"{loaded.path} ({loaded.origin})"
-        if loaded.origin == "gguf":
-            stored = _gguf_storage(loaded.path)
+        source = resolve_source(args.src)  # the settings alone: no weight is read
+        settings, where = source.settings, f"{source.path} ({source.origin})"
+        if source.kind == "gguf":
+            stored = _gguf_storage(source.path)
     info = {
         "source": where,
         "settings": settings.model_dump(mode="json"),

@@ -82,14 +82,7 @@ def read_gguf_model(path: str | Path, device: str | torch.device = "cpu", dtype:
     file = GGUFFile(path)
     source = str(path)
     names = set(file.tensors)
-    settings = settings_from_metadata(file.metadata, names, source)
-    if ROPE_FREQS in names:
-        settings = settings.model_copy(update={"rope_scaling": llama3_scaling(file.tensor(ROPE_FREQS), settings,
-                                                                              source)})
-    tokens = file.metadata.get("tokenizer.ggml.tokens")
-    if isinstance(tokens, list) and len(tokens) > settings.vocab_size:
-        raise MurmurError(f"{source}: the tokenizer has {len(tokens)} tokens but the model embeds only "
-                          f"{settings.vocab_size}; ids past the embedding cannot be run")
+    settings = model_settings(file)
     # Every shape is checked before anything is dequantized: the file's own sizes bound the memory spent.
     expected = expected_shapes(settings)
     for name, info in file.tensors.items():
@@ -112,6 +105,21 @@ def read_gguf_model(path: str | Path, device: str | torch.device = "cpu", dtype:
             weight = unpermute_qk(weight, settings.n_heads if name.endswith("attn_q.weight") else settings.kv_heads)
         state[murmur_name(name)] = weight.to(dtype) if dtype is not None else weight
     return build_from_state(settings, state, device=device, dtype=dtype), settings, file
+
+
+def model_settings(file: GGUFFile) -> ModelSettings:
+    """The model a GGUF holds, from its metadata (and its small rope_freqs tensor): no weight is dequantized."""
+    source = str(file.path)
+    names = set(file.tensors)
+    settings = settings_from_metadata(file.metadata, names, source)
+    if ROPE_FREQS in names:
+        settings = settings.model_copy(update={"rope_scaling": llama3_scaling(file.tensor(ROPE_FREQS), settings,
+                                                                              source)})
+    tokens = file.metadata.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and len(tokens) > settings.vocab_size:
+        raise MurmurError(f"{source}: the tokenizer has {len(tokens)} tokens but the model embeds only "
+                          f"{settings.vocab_size}; ids past the embedding cannot be run")
+    return settings
 
 
 def tokenizer_dir(file: GGUFFile) -> Path:

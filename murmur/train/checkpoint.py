@@ -209,8 +209,10 @@ def latest_step_dir(checkpoints_dir: Path) -> Path | None:
     return target
 
 
-def _resolve_step_dir(path: Path) -> Path | None:
-    """The step folder a path means: a step folder, a checkpoints folder, a stage folder or a run folder."""
+def resolve_step_dir(path: str | Path) -> Path | None:
+    """The step folder a path means: a step folder, a checkpoints folder, a stage folder or a run folder
+    (its sft/ checkpoint before its pretrain/ one); None when it holds no checkpoint. The folder found may
+    lie outside `path` (a link): `step_dir_of` also confines it."""
     path = Path(path)
     if (path / META_FILE).is_file() and (path / ".metadata").is_file():
         return path
@@ -223,24 +225,49 @@ def _resolve_step_dir(path: Path) -> Path | None:
 def is_checkpoint_source(path: str | Path) -> bool:
     """True when `path` is a Murmur run folder, stage folder or step folder holding a checkpoint."""
     try:
-        return Path(path).is_dir() and _resolve_step_dir(Path(path)) is not None
+        return Path(path).is_dir() and resolve_step_dir(Path(path)) is not None
     except MurmurError:
         return True  # it is one, but broken: let the loader say how
 
 
+def step_dir_of(path: str | Path) -> Path:
+    """The step folder of the checkpoint `path` names (run, stage, checkpoints or step folder), which must lie
+    inside `path`: a checkpoint from elsewhere may not lead out of itself through a link."""
+    step_dir = resolve_step_dir(Path(path))
+    if step_dir is None:
+        raise MurmurError(f"{path} holds no Murmur checkpoint (no checkpoints/latest or step folder)")
+    confined(Path(path).resolve(), step_dir, "checkpoint step folder")
+    return step_dir
+
+
 def read_meta(step_dir: Path) -> dict[str, Any]:
+    """A step folder's murmur.json (model settings, stage, step, tokens, tokenizer folder, training section)."""
     try:
-        return json.loads((Path(step_dir) / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+        meta = json.loads((Path(step_dir) / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MurmurError(f"{Path(step_dir) / META_FILE} is not readable JSON: {err}") from None
+    if not isinstance(meta, dict):
+        raise MurmurError(f"{Path(step_dir) / META_FILE} must hold a JSON object (found a {type(meta).__name__})")
+    return meta
 
 
-def _tokenizer_dir(step_dir: Path, meta: dict[str, Any]) -> Path | None:
-    """The tokenizer folder named in murmur.json: relative to the run folder when it was inside it."""
+def model_settings(step_dir: Path, meta: dict[str, Any]) -> ModelSettings:
+    """The model settings a step folder's murmur.json (`meta`) stores, validated."""
+    try:
+        return ModelSettings.model_validate(meta["model"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise MurmurError(f"{Path(step_dir) / META_FILE} has no valid model settings: {err}") from None
+
+
+def tokenizer_dir(step_dir: Path, meta: dict[str, Any]) -> Path | None:
+    """The tokenizer folder named in a step folder's murmur.json (`meta`): relative to the run folder when it
+    was inside it, else as written; None when it names none or the folder holds no tokenizer.json."""
     name = meta.get("tokenizer_dir")
     if not name:
         return None
-    run_dir = step_dir.parent.parent.parent  # run/stage/checkpoints/step
+    if not isinstance(name, str) or "\0" in name:
+        raise MurmurError(f"{Path(step_dir) / META_FILE}: tokenizer_dir must name a folder, found {name!r:.200}")
+    run_dir = Path(step_dir).parent.parent.parent  # run/stage/checkpoints/step
     for candidate in (run_dir / name, Path(name)):
         if (candidate / "tokenizer.json").is_file():
             return candidate
@@ -256,7 +283,7 @@ def load_model_weights(model: nn.Module, step_dir: Path) -> None:
                                                          set_model_state_dict)
 
     meta = read_meta(step_dir)
-    if isinstance(meta, dict) and lora_settings_from_meta(meta.get("train"), str(Path(step_dir) / META_FILE)):
+    if lora_settings_from_meta(meta.get("train"), str(Path(step_dir) / META_FILE)):
         raise MurmurError(f"{step_dir} was finetuned with LoRA; export it merged (`murmur export {step_dir} --out "
                           "DIR`) and start from DIR instead")
     state = {"model": {k: v for k, v in get_model_state_dict(model).items() if not is_adapter_name(k)}}
@@ -270,15 +297,9 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu", dty
 
     A LoRA-finetuned checkpoint comes with its adapters merged into the weights, or kept as adapters
     (murmur/train/lora.py) with merge_adapters=False."""
-    step_dir = _resolve_step_dir(Path(path))
-    if step_dir is None:
-        raise MurmurError(f"{path} holds no Murmur checkpoint (no checkpoints/latest or step folder)")
-    confined(Path(path).resolve(), step_dir, "checkpoint step folder")
+    step_dir = step_dir_of(path)
     meta = read_meta(step_dir)
-    try:
-        settings = ModelSettings.model_validate(meta["model"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise MurmurError(f"{step_dir / META_FILE} has no valid model settings: {err}") from None
+    settings = model_settings(step_dir, meta)
     metadata = SafeFileSystemReader(str(step_dir)).read_metadata()
     # Building even a meta model costs memory per layer: check the layer count against the index first.
     stored_layers = {name.split(".")[2] for name in metadata.state_dict_metadata if name.startswith("model.layers.")}
@@ -303,7 +324,7 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu", dty
         merge_lora(model)
     model.to(device=device, dtype=dtype)
     model.init_rope()
-    return model.eval(), settings, _tokenizer_dir(step_dir, meta)
+    return model.eval(), settings, tokenizer_dir(step_dir, meta)
 
 
 # --- JSON-safe RNG states ------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from murmur.model import Transformer, count_params, flops_per_token
 from murmur.settings.model import ModelSettings
 from murmur.settings.train import TrainSettings, section_name, training_settings
 from murmur.shards import IGNORE_INDEX as IGNORE
+from murmur.source import Source, resolve_training_start
 from murmur.train import budget as time_budget
 from murmur.train import checkpoint as ckpt
 from murmur.train.metrics import IntervalMeter, MetricsLogger, peak_flops_note
@@ -288,55 +289,34 @@ class Trainer:
 
     # ---- setup
 
-    def _init_source(self) -> tuple[str, Path] | None:
-        """For SFT: ("checkpoint" | "hf", path) to start from; None for pretraining."""
+    def _init_source(self) -> Source | None:
+        """For SFT: the model it starts from (murmur.source.resolve_training_start); None for pretraining."""
         if self.stage != "sft":
             return None
-        from murmur import hf
-
-        source = self.ts.init_from
-        if source is None:
-            step_dir = ckpt.latest_step_dir(self.run_dir / "pretrain" / ckpt.CHECKPOINTS)
-            if step_dir is None:
-                raise MurmurError(f"SFT starts from the run's pretraining checkpoint, but {self.run_dir / 'pretrain'} "
-                                  "has none; run `murmur train RECIPE --stage pretrain` first, or set sft.init_from")
-            return "checkpoint", step_dir
-        path = Path(source)
-        if hf.is_hf_dir(path):
-            return "hf", path
-        step_dir = ckpt._resolve_step_dir(path) if path.is_dir() else None
+        if self.ts.init_from is not None:
+            return resolve_training_start(self.ts.init_from, "sft.init_from")
+        step_dir = ckpt.latest_step_dir(self.run_dir / "pretrain" / ckpt.CHECKPOINTS)
         if step_dir is None:
-            raise MurmurError(f"sft.init_from={source} is neither a Murmur checkpoint nor a Hugging Face model "
-                              "directory")
-        return "checkpoint", step_dir
+            raise MurmurError(f"SFT starts from the run's pretraining checkpoint, but {self.run_dir / 'pretrain'} "
+                              "has none; run `murmur train RECIPE --stage pretrain` first, or set sft.init_from")
+        return resolve_training_start(step_dir, "the run's pretraining checkpoint")
 
-    def _model_settings(self, init: tuple[str, Path] | None) -> ModelSettings:
+    def _model_settings(self, init: Source | None) -> ModelSettings:
         """Pretraining uses [model]; SFT the shape of whatever it starts (or resumes) from."""
         if init is None:
             return self.settings.model
         own = ckpt.latest_step_dir(self.stage_dir / ckpt.CHECKPOINTS) if self.stage_dir.is_dir() else None
         if own is not None and not self.overwrite:
-            return ModelSettings.model_validate(ckpt.read_meta(own)["model"])
-        kind, path = init
-        if kind == "hf":
-            from murmur import hf
+            return ckpt.model_settings(own, ckpt.read_meta(own))
+        return init.settings
 
-            return hf.settings_from_hf_config(hf.read_hf_config(path), source=str(path / "config.json"))
-        return ModelSettings.model_validate(ckpt.read_meta(path)["model"])
-
-    def _tokenizer_dir(self, init: tuple[str, Path] | None) -> tuple[Path | None, str | None]:
+    def _tokenizer_dir(self, init: Source | None) -> tuple[Path | None, str | None]:
         """(the tokenizer folder, how murmur.json names it: relative to the run when inside it)."""
         own = self.run_dir / "tokenizer"
         if (own / "tokenizer.json").is_file():
             return own, "tokenizer"
-        if init is not None:
-            kind, path = init
-            if kind == "hf" and (path / "tokenizer.json").is_file():
-                return path, str(path.resolve())
-            if kind == "checkpoint":
-                found = ckpt._tokenizer_dir(path, ckpt.read_meta(path))
-                if found is not None:
-                    return found, str(found.resolve())
+        if init is not None and init.tokenizer_dir is not None:
+            return init.tokenizer_dir, str(init.tokenizer_dir.resolve())
         return None, None
 
     def setup(self) -> StagePlan:
@@ -410,7 +390,7 @@ class Trainer:
             self._say(f"resumed from {resume} (step {self.step}, {self.tokens:,} tokens, written by {len(ranks)} "
                       f"process{'es' if len(ranks) > 1 else ''})")
         elif init is not None:
-            self._load_initial_weights(*init)
+            self._load_initial_weights(init.origin, init.step_dir or init.path)
         if self.budget_pending:
             self._resume_budget()
         byte_lengths = token_byte_lengths(_bytes_tokenizer(self.run_dir, self.tokenizer_dir), model_settings.vocab_size)
