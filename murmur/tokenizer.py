@@ -26,15 +26,14 @@ import bisect
 import hashlib
 import itertools
 import json
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from murmur.errors import MurmurError
+from murmur.files import staged_dir, write_json_atomic
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -186,9 +185,7 @@ class ChatTokenizer:
         """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja and
         generation_config.json into `out_dir`, replacing it atomically."""
         out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        try:
+        with staged_dir(out_dir) as tmp:
             self.tokenizer.save(str(tmp / "tokenizer.json"))
             template = self.chat_template or CHATML_TEMPLATE
             (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
@@ -208,16 +205,12 @@ class ChatTokenizer:
                 # Also here for transformers releases that predate chat_template.jinja.
                 "chat_template": template,
             }
-            _write_json(tmp / "tokenizer_config.json", config)
-            _write_json(tmp / "special_tokens_map.json", {
+            write_json_atomic(tmp / "tokenizer_config.json", config)
+            write_json_atomic(tmp / "special_tokens_map.json", {
                 "eos_token": ENDOFTEXT, "pad_token": ENDOFTEXT, "additional_special_tokens": [IM_START, IM_END]})
             # Generation stops at the end of an assistant turn as well as at a document boundary.
-            _write_json(tmp / "generation_config.json", {
+            write_json_atomic(tmp / "generation_config.json", {
                 "eos_token_id": sorted(self.stop_ids), "pad_token_id": self.eos_id})
-            replace_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self.path = out_dir
         self.config = config
         return out_dir
@@ -540,17 +533,11 @@ def open_parquet(path: Path, columns: list[str]):
 def copy_tokenizer_dir(src: str | Path, out_dir: str | Path) -> Path:
     """Copy the tokenizer files of a Hugging Face directory into `out_dir`, atomically."""
     src, out_dir = Path(src), Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                      "generation_config.json"):
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -595,21 +582,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise MurmurError(f"{path} should hold a JSON object")
     return data
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished directory `tmp` to `final`, replacing an existing one (old copy removed after)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # Supplementary Private Use Area-B: characters no tokenizer or template gives a meaning of its own.
