@@ -188,8 +188,13 @@ def _headline(results: dict) -> dict[str, Any]:
     ranking = results.get("ranking")
     if ranking:
         for method in ("ll", "pmi"):
-            out[f"ranking {method} hits@1"] = ranking[method]["hits@1"]
-            out[f"ranking {method} MRR"] = ranking[method]["mrr"]
+            for key, shown in (("hits@1", "hits@1"), ("hits@5", "hits@5"), ("mrr", "MRR")):
+                out[f"ranking {method} {shown}"] = _with_se(ranking[method], key)
+    coherence = results.get("coherence")
+    if coherence:
+        out["samples: distinct-2"] = coherence["distinct_2"]
+        for judge, perplexity in coherence["perplexity"].items():
+            out[f"samples: perplexity judged by {judge}"] = perplexity  # None (–) where it would judge itself
     retrieval = results.get("retrieval")
     if retrieval:
         for key in ("recall@1", "recall@10"):
@@ -221,6 +226,14 @@ def render_markdown(results: dict, charts: dict[str, str], numbers: dict, compar
                   "| --- | " + " | ".join("---" for _ in headline) + " |"]
         lines += [f"| {k} | " + " | ".join(_fmt(h.get(k)) for _, h in headline) + " |" for k in keys]
         lines.append("")
+        if any(r.get("coherence") for _, r in runs):
+            lines += [("Ranking: ± one standard error over the contexts. Samples: the replies to the fixed prompts; "
+                       "their perplexity judged by each other model given the prompt (a model never judges "
+                       "itself; compare within one judge's row), and distinct-2, the share of distinct word "
+                       "bigrams (a model repeating one safe reply scores a low perplexity and a low distinct-2)."),
+                      ""]
+    if compare:
+        lines += _replies_side_by_side(runs)
 
     if "funnel" in numbers:
         lines += ["## Data funnel", "", "| stage | records |", "| --- | --- |"]
@@ -309,6 +322,21 @@ def render_markdown(results: dict, charts: dict[str, str], numbers: dict, compar
             lines += [f"| {task} | {k} | {_fmt(v)} |" for k, v in metrics.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _replies_side_by_side(runs: list[tuple[str, dict]]) -> list[str]:
+    """Each prompt's reply (first seed) from every run, one row per prompt."""
+    replies = [{s["prompt"]: s["reply"] for s in reversed(r.get("samples") or [])} for _, r in runs]
+    prompts = list(dict.fromkeys(s["prompt"] for _, r in runs for s in (r.get("samples") or [])))
+    if not prompts:
+        return []
+    lines = ["## Replies side by side", "",
+             "Each model's reply to the same prompts (first sampling seed), as generated, unedited.", "",
+             "| prompt | " + " | ".join(name for name, _ in runs) + " |",
+             "| --- | " + " | ".join("---" for _ in runs) + " |"]
+    lines += [f"| {_cell(prompt)} | " + " | ".join(_cell(r.get(prompt, "–")) for r in replies) + " |"
+              for prompt in prompts]
+    return lines + [""]
 
 
 def _with_se(metrics: dict, key: str) -> str:
