@@ -285,9 +285,11 @@ def test_demo_builds_the_shipped_recipe_then_serves_the_run(monkeypatch, tmp_pat
 
     class Result:
         run_dir = tmp_path / "runs" / "demo"
+        stages: list = []
 
     monkeypatch.setattr(murmur.build, "build", lambda settings: built.append(settings) or Result())
     monkeypatch.setattr(murmur.cli, "main", lambda argv: served.append(argv) or 0)
+    monkeypatch.setattr(demo, "write_card", lambda *a, **k: tmp_path / "report.md")  # tests/test_demo_recipe.py
     assert demo.run(demo.argparse.Namespace(overrides=["sft.steps=3", "serve.port=9001"], host=None, port=None,
                                             no_serve=False)) == 0
     assert built[0].data.sources == ["chitchat:"] and built[0].model.preset == "tiny-cpu"
