@@ -34,7 +34,8 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
 test: install
 	$(PY) -m pytest -q
 
-# Build recipes/demo.toml on CPU (stages already built are skipped), then serve it on http://127.0.0.1:8000.
+# Build recipes/demo-scratch.toml and recipes/demo.toml on CPU (stages already built are skipped), write the
+# side-by-side report card, then serve the finetuned SmolLM2 on http://127.0.0.1:8000 (docs/build.md).
 demo: install-demo
 	$(VENV)/bin/murmur demo
 
