@@ -33,6 +33,7 @@ import torch
 
 from murmur import accel
 from murmur.errors import MurmurError, RequestError
+from murmur.infer.compiled import BackgroundCompile, use_persistent_cache
 from murmur.infer.kv_cache import DecodeView, SlotKVCache, bytes_per_position, plan_cache
 from murmur.infer.quantize import quantize_model
 from murmur.infer.sampling import SamplingParams, TokenChoice, make_generator, sample
@@ -177,6 +178,7 @@ class Engine:
             compile = False
         self.compiled = compile
         self._decode_step = self._compile_decode() if compile else self._decode_logits
+        self.background_compile: BackgroundCompile | None = None  # set by warmup(background=True)
         vocab = model.settings.vocab_size
         # Tokens each slot has seen (prompt and output), for the repetition penalty; how often each slot
         # generated each token, for the presence and frequency penalties.
@@ -521,15 +523,16 @@ class Engine:
                 out.append(TokenChoice(token, logprob, list(zip(top_ids[k], values[k])) if top else None))
         return out
 
-    def _step_logits(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+    def _step_logits(self, tokens: torch.Tensor, positions: torch.Tensor, length: int, step=None) -> torch.Tensor:
         keys = self._key_positions[:length]
-        if self.compiled:
+        step = step or self._decode_step
+        if step != self._decode_logits:  # compiled
             # One graph for any attended length, and one for any batch above one (size-1 dims specialise).
             torch._dynamo.maybe_mark_dynamic(keys, 0)
             if len(positions) > 1:
                 torch._dynamo.maybe_mark_dynamic(tokens, 0)
                 torch._dynamo.maybe_mark_dynamic(positions, 0)
-        return self._decode_step(tokens, positions, keys)
+        return step(tokens, positions, keys)
 
     def _decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Next-token logits (B, vocab) for one new token in each of slots 0..B-1: tokens (B, 1) at `positions`.
@@ -553,20 +556,38 @@ class Engine:
         per kernel that otherwise dominates a small model's decode step (docs/journal.md).
         """
         options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
+        use_persistent_cache()  # a restart reuses the kernels built before (murmur/infer/compiled.py)
         return torch.compile(self._decode_logits, fullgraph=True, options=options)
 
-    def warmup(self) -> None:
-        """Run a decode step at batch sizes 1 and 2 so compilation happens now, not on the first requests.
+    def warmup(self, background: bool = False) -> None:
+        """Compile the decode step now, for batch size 1 and for any larger batch, not on the first requests.
 
-        Call it before submitting requests: the writes land in slots 0 and 1 at position 0, which a request
-        overwrites before attending to it.
+        background=True returns at once: the engine decodes eagerly while a thread compiles, and switches to
+        the compiled step between two steps when it is ready (`engine.background_compile`: status, wait()).
+        The warm-up writes slots 0 and 1 at the context's last position, which no request writes or reads (a
+        request finishes before reaching it), so it may run beside requests.
         """
-        if not self.compiled:
+        if not self.compiled or self.background_compile is not None:
             return
-        with torch.inference_mode():
-            for batch in sorted({1, min(2, self.max_batch_size)}):
-                zeros = torch.zeros(batch, dtype=torch.long, device=self.device)
-                self._step_logits(zeros[:, None], zeros, 2)
+        compiled = self._decode_step
+
+        def compile_now() -> None:
+            last = self.max_seq_len - 1
+            with torch.inference_mode():
+                for batch in sorted({1, min(2, self.max_batch_size)}):
+                    tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+                    positions = torch.full((batch,), last, dtype=torch.long, device=self.device)
+                    self._step_logits(tokens, positions, last + 1, step=compiled)
+
+        if not background:
+            compile_now()
+            return
+        self._decode_step = self._decode_logits
+
+        def swap() -> None:
+            self._decode_step = compiled
+
+        self.background_compile = BackgroundCompile(compile_now, swap)
 
     def _accept(self, request: Request, choice: TokenChoice) -> None:
         """Record a sampled token: stream its text, or finish the request."""

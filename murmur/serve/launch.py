@@ -30,7 +30,7 @@ def build_engine(src: str | Path, settings: ServeSettings):
                                 kv_cache_bytes=settings.kv_cache_bytes,
                                 kv_cache_memory_fraction=settings.kv_cache_memory_fraction,
                                 quantize=settings.quantize)
-    engine.warmup()  # compile before the first request, while /health still says "loading"
+    engine.warmup(background=True)  # serve eagerly at once; the compiled step takes over when built
     return engine
 
 
