@@ -286,6 +286,7 @@ class Trainer:
         self.val_loader = None  # the validation TokenLoader, None without a validation split
         self.byte_lengths: Tensor | None = None  # UTF-8 bytes per token id, on the device, for bits per byte
         self.flops_per_token = 0.0
+        self.compiled = False  # whether torch.compile wraps the model
 
     # ---- setup
 
@@ -347,8 +348,10 @@ class Trainer:
         self.autocast = (torch.autocast(rt.device.type, dtype=self.dtype)
                          if self.dtype != torch.float32 and not sharded else nullcontext())
 
+        self.compiled = self._compile_possible(rt.device)
+
         def parallelize_part(part: torch.nn.Module) -> torch.nn.Module:
-            return parallelize(part, layout, self.mesh, compile=self._compile_possible(rt.device),
+            return parallelize(part, layout, self.mesh, compile=self.compiled,
                                activation_checkpointing=ts.activation_checkpointing,
                                reshard_after_forward=ts.parallel.reshard_after_forward, param_dtype=param_dtype,
                                device=rt.device)
@@ -453,6 +456,11 @@ class Trainer:
             self.take_step(batches, scratch)
         self._sync_device()
         step_seconds = (self.clock() - mark) / time_budget.TIMED_STEPS
+        if self.compiled and self.val_loader is not None:
+            # The first validation compiled the model's forward: time one as the later ones will run.
+            mark = self.clock()
+            self.evaluate()
+            eval_seconds = self.clock() - mark
         with torch.no_grad():
             for param, saved in zip(params, saved_params):
                 param.copy_(saved)
