@@ -37,8 +37,8 @@ def test_both_recipes_read_the_same_data_and_evaluate_alike(recipes):
 
 
 def test_every_training_stage_has_a_budget_that_leaves_room_for_the_rest(recipes):
-    budgets = [recipes[demo.SCRATCH_RECIPE].train.time_budget_minutes, recipes[demo.SCRATCH_RECIPE].sft.time_budget_minutes,
-               recipes[demo.OPEN_MODEL_RECIPE].sft.time_budget_minutes]
+    scratch, served = recipes[demo.SCRATCH_RECIPE], recipes[demo.OPEN_MODEL_RECIPE]
+    budgets = [scratch.train.time_budget_minutes, scratch.sft.time_budget_minutes, served.sft.time_budget_minutes]
     assert all(b > 0 for b in budgets)
     # Data, tokenizers, exports, three evaluations and the card take the rest (docs/journal.md has the split).
     assert sum(budgets) <= DEMO_MINUTES - 8

@@ -61,8 +61,8 @@ def test_no_model_judges_itself_and_repetition_shows_in_distinct_2():
 
 
 def test_side_by_side_card_reads_runs_evaluates_models_and_judges_every_sample(tmp_path):
-    overrides = [arg for key, value in SMALL.items() for arg in ("--set", f"eval.{key}={value!r}"
-                                                                    if isinstance(value, list) else f"eval.{key}={value}")]
+    overrides = [arg for key, value in SMALL.items()
+                 for arg in ("--set", f"eval.{key}={value!r}" if isinstance(value, list) else f"eval.{key}={value}")]
     run = make_run(tmp_path / "a")
     other = make_run(tmp_path / "b")
     assert main(["eval", str(run), *overrides]) == 0

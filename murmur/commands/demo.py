@@ -50,7 +50,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def write_card(scratch_run: Path, open_settings, progress=print) -> Path:
+def write_card(scratch_run: Path, open_settings, progress=None) -> Path:
     """The side-by-side report card of the open-model run: its finetuned model, the untouched base, the
     from-scratch run."""
     from murmur.config import run_dir

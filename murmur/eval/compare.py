@@ -51,8 +51,9 @@ def _results_of(label: str, source: str | Path, run_dir: Path, settings: EvalSet
 
 
 def side_by_side(run_dir: str | Path, others: list[tuple[str, str | Path]], settings: EvalSettings,
-                 label: str = "this run", progress=print) -> Path:
+                 label: str = "this run", progress=None) -> Path:
     """Evaluate or read every model, judge their samples' coherence, write the run's report card; its path."""
+    progress = progress or (lambda line: print(line, flush=True))  # flushed: the build's output may be a pipe
     from murmur.accel import resolve_device
     from murmur.eval.report import write_report
 

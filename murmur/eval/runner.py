@@ -93,7 +93,7 @@ def parent_retrieval(data_dir: Path, settings: IndexSettings | None) -> dict | N
 def evaluate(src: str | Path, settings: EvalSettings, data_dir: str | Path | None = None,
              out_dir: str | Path | None = None, lm_eval_tasks: list[str] | None = None,
              lm_eval_include: str | Path | None = None, lm_eval_limit: int | None = None,
-             progress=print, index_settings: IndexSettings | None = None) -> dict:
+             progress=None, index_settings: IndexSettings | None = None) -> dict:
     """Evaluate the model at `src` on held-out data and write OUT/eval/ and OUT/report/ (OUT = out_dir or src);
     `index_settings` rank the post index's retrieval when the run has one."""
     from murmur.eval.bpb import bits_per_byte, read_split_posts
@@ -102,6 +102,7 @@ def evaluate(src: str | Path, settings: EvalSettings, data_dir: str | Path | Non
     from murmur.eval.samples import generate_samples, write_jsonl
     from murmur.source import is_model_source
 
+    progress = progress or say
     src = Path(src)
     if not is_model_source(src):
         raise MurmurError(f"{src} does not exist; pass a run folder or a model directory")
@@ -201,6 +202,11 @@ def evaluate(src: str | Path, settings: EvalSettings, data_dir: str | Path | Non
     results["timings"] = timings
     write_json_atomic(out_dir / "eval" / "results.json", results)
     return results
+
+
+def say(line: str) -> None:
+    """A progress line, flushed: a build's output is often a pipe or a file (`make demo | tee`)."""
+    print(line, flush=True)
 
 
 def _share(value: float | None) -> str:
