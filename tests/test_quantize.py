@@ -61,12 +61,13 @@ def test_rows_round_to_within_half_a_step_of_their_scale(rows, cols, log_scale, 
 
 
 @pytest.mark.parametrize("kernel", ["int8pack", "dequantize"])
-def test_int8_linear_matches_the_float_layer_within_rounding(kernel):
+@pytest.mark.parametrize("rows", [15, 80], ids=["decode", "prefill"])  # below and above DEQUANTIZE_ROWS
+def test_int8_linear_matches_the_float_layer_within_rounding(kernel, rows):
     if kernel == "int8pack" and int8_kernel(torch.device("cpu")) != "int8pack":
         pytest.skip("torch._weight_int8pack_mm does not run on this CPU")
     torch.manual_seed(0)
     linear = nn.Linear(64, 48, bias=True)
-    x = torch.randn(3, 5, 64)
+    x = torch.randn(rows // 5, 5, 64)
     quantized = Int8Linear.from_linear(linear, kernel)
     out, expected = quantized(x), linear(x)
     assert out.shape == expected.shape and out.dtype == expected.dtype

@@ -12,6 +12,8 @@ Two kernels, the fastest the device has:
   vectorised and its float32 path is not (measured 3-10x slower than bfloat16 on AVX-512, docs/journal.md),
   so activations enter it in bfloat16 and the result is cast back to the model's dtype.
 - "dequantize": `linear(x, w.to(dtype)) * scale`, for a device where that kernel is missing.
+
+A product over many rows (a prompt's prefill) dequantizes the weight and uses the float matmul either way.
 """
 
 from __future__ import annotations
@@ -74,7 +76,14 @@ class Int8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(q, scales, bias, kernel)
 
+    # Rows (tokens) from which a product dequantizes the weight and calls the float matmul instead: a prompt's
+    # prefill is bound by arithmetic, where int8pack's kernel is slower than MKL's (docs/journal.md).
+    DEQUANTIZE_ROWS = 32
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() >= self.DEQUANTIZE_ROWS * self.in_features:
+            weight = self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None]
+            return F.linear(x, weight, self.bias)
         if self.kernel == "int8pack":
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
             out = torch._weight_int8pack_mm(flat, self.weight, self.scales).to(x.dtype)
