@@ -92,11 +92,13 @@ def child(executor: str, folder: Path, out: Path, cpus: int) -> dict:
     from murmur.data.pipeline import run
     from murmur.settings.data import DataSettings
 
+    settings = DataSettings(sources=[f"x-api:{folder}/*.jsonl"], executor=executor, workers=cpus)
     if executor == "ray":
         import ray
 
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    settings = DataSettings(sources=[f"x-api:{folder}/*.jsonl"], executor=executor, workers=cpus)
+        from murmur.data.distributed.driver import connect
+
+        connect(settings)  # as the stage would start it, before the clock (a cluster is up before a run)
     started = time.perf_counter()
     stats = run(settings, out, progress=False)
     wall = time.perf_counter() - started

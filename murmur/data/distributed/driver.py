@@ -37,6 +37,7 @@ from murmur.fingerprint import digest
 from murmur.settings.data import DataSettings
 
 POSTS_PER_PARTITION = 50_000  # what one reducer, and the driver writing one group, holds (about)
+SYSTEM_CONFIG = {"max_direct_call_object_size": 1024}
 TASK_RETRIES = 5  # a task lost with its worker is run again (inputs are files, so reruns are identical)
 
 
@@ -55,6 +56,10 @@ def connect(settings: DataSettings) -> bool:
         from murmur.data.executors import cpu_count
 
         options["num_cpus"] = settings.workers or cpu_count()
+        # Task results under this size are kept in the driver's own memory (Ray's default is 100 kB): with
+        # partitions x partitions results a shuffle, that is every post's row in the driver. A cluster is
+        # started with the same: ray start --system-config='{"max_direct_call_object_size": 1024}'.
+        options["_system_config"] = SYSTEM_CONFIG
     try:
         ray.init(**options)
     except (ConnectionError, RuntimeError, ValueError) as err:
