@@ -32,7 +32,7 @@ def test_both_recipes_read_the_same_data_and_evaluate_alike(recipes):
     raw = {name: tomllib.loads(demo.recipe_path(name).read_text()) for name in recipes}
     scratch, served = raw[demo.SCRATCH_RECIPE], raw[demo.OPEN_MODEL_RECIPE]
     assert scratch["data"] == served["data"]  # same posts, splits and contexts: the card compares like with like
-    assert scratch["eval"] == served["eval"]
+    assert scratch["eval"] == served["eval"] and scratch["index"] == served["index"]
     assert len(served["eval"]["prompts"]) == 10  # the ten everyday prompts of the card and the README
 
 
