@@ -79,9 +79,9 @@ def run_ray(settings: DataSettings, sources, work: Path, deletions: Deletions, p
             "pointer_answers", "root_requests", "id_values", "root_ids", "reasons_by_group", "deleted_ids",
             "finish_group", "conversations", "top_authors")}
         tasks, folder = _plan(settings, sources, work)
-        totals = _map_stage(settings, tasks, folder, progress)
+        _map_stage(settings, tasks, folder, progress)
         progress.stage("dedup, deletions, threads on the cluster")
-        return _global(settings, remote, len(tasks), folder, work, deletions, totals)
+        return _global(settings, remote, len(tasks), folder, work, deletions)
     finally:
         if started:
             ray.shutdown()
@@ -107,7 +107,7 @@ def _plan(settings: DataSettings, sources, work: Path) -> tuple[list[ReadTask], 
     return tasks, folder
 
 
-def _map_stage(settings: DataSettings, tasks: list[ReadTask], folder: Path, progress) -> dict:
+def _map_stage(settings: DataSettings, tasks: list[ReadTask], folder: Path, progress) -> None:
     """Run every read task not already complete as a Ray Data map over the task list."""
     import ray.data
 
@@ -134,7 +134,6 @@ def _map_stage(settings: DataSettings, tasks: list[ReadTask], folder: Path, prog
     missing = [t.index for t in tasks if not (folder / task_names(t.index)[1]).is_file()]
     if missing:
         raise MurmurError(f"read tasks {missing[:5]} left no output in {folder}; rerun (completed tasks are kept)")
-    return {"tasks": len(tasks)}
 
 
 def _rows(batch: dict):
@@ -161,8 +160,8 @@ def _partitions(settings: DataSettings, folder: Path, n_tasks: int) -> int:
     return max(1, min(int(ray.cluster_resources().get("CPU", 1)), n_tasks), -(-posts // POSTS_PER_PARTITION))
 
 
-def _global(settings: DataSettings, remote: dict, n_tasks: int, folder: Path, work: Path, deletions: Deletions,
-            totals: dict) -> dict:
+def _global(settings: DataSettings, remote: dict, n_tasks: int, folder: Path, work: Path,
+            deletions: Deletions) -> dict:
     import ray
 
     parts = _partitions(settings, folder, n_tasks)
@@ -227,11 +226,13 @@ def _global(settings: DataSettings, remote: dict, n_tasks: int, folder: Path, wo
                               *[out[3 + j] for out in finished])[0] for j in range(parts)]
     author_refs = [call(remote["top_authors"], 1, 10, *[out[3 + parts + j] for out in finished])[0]
                    for j in range(parts)]
-    return _write(settings, work, finished, conversation_refs, author_refs, tombstones, found, totals)
+    # The shuffles' objects are freed as their consumers finish once the driver lets go of them.
+    del scattered, reduced, meta, nodes, requests, values, roots, reasons
+    return _write(settings, work, finished, conversation_refs, author_refs, tombstones, found)
 
 
-def _write(settings: DataSettings, work: Path, finished, conversation_refs, author_refs, tombstones, found,
-           totals) -> dict:
+def _write(settings: DataSettings, work: Path, finished, conversation_refs, author_refs, tombstones,
+           found) -> dict:
     """Stream the groups' posts and quarantine, then the conversations, into the staged output files."""
     import ray
 
@@ -239,8 +240,11 @@ def _write(settings: DataSettings, work: Path, finished, conversation_refs, auth
               "quarantine_reasons": Counter(), "quarantined": 0, "unquarantined": 0, "redacted": 0}
     with atomic_path(work / "posts.parquet") as posts_tmp, pq.ParquetWriter(posts_tmp, POST_SCHEMA) as posts, \
             atomic_path(work / "quarantine.parquet") as q_tmp, pq.ParquetWriter(q_tmp, QUARANTINE_SCHEMA) as quarantine:
-        for refs in finished:
-            table, screened, group = ray.get(refs[:3])
+        for k in range(len(finished)):
+            # Our references go as soon as a group is written: the object store then frees its pages, which
+            # the driver mapped while reading them (they would count in its memory until the end otherwise).
+            table, screened, group = ray.get(finished[k][:3])
+            finished[k] = None
             posts.write_table(table)
             quarantine.write_table(screened)
             del table, screened
@@ -256,8 +260,9 @@ def _write(settings: DataSettings, work: Path, finished, conversation_refs, auth
     n_conversations = n_turns = 0
     conversation_splits = Counter()
     with atomic_path(work / "conversations.parquet") as tmp, pq.ParquetWriter(tmp, CONVERSATION_SCHEMA) as writer:
-        for ref in conversation_refs:
-            table, turns, splits = ray.get(ref)
+        for j in range(len(conversation_refs)):
+            table, turns, splits = ray.get(conversation_refs[j])
+            conversation_refs[j] = None
             if table.num_rows:
                 writer.write_table(table)
             n_conversations += table.num_rows

@@ -29,7 +29,7 @@ from murmur.data.batch import SURVIVOR_SCHEMA, band_column, id_hash
 from murmur.data.dedup import first_occurrence
 from murmur.data.distributed.components import merge_forests, partition_forest
 from murmur.data.distributed.reading import ORDER_BITS, task_names
-from murmur.data.distributed.shuffle import call, concat, split_by
+from murmur.data.distributed.shuffle import concat, split_by
 
 DUPLICATE_ID, DELETED, DELETED_COPY, AUTHOR_REPEAT, DUPLICATE, NEAR_DUPLICATE = range(1, 7)
 REASON_NAMES = ["", "duplicate_id", "deleted", "deleted", "author_repeat", "duplicate", "near_duplicate"]
