@@ -5,7 +5,8 @@
 
 1. Builds `llama-cpp-python` from its PyPI source distribution (`pip download --no-binary :all:`, system
    cmake and a C++ compiler) into a scratch virtual environment (default /tmp/murmur-llama-cpp-venv,
-   reused when it already imports `llama_cpp`). On 2 cores the build takes about 10-20 minutes.
+   reused when it already imports `llama_cpp`). The build took 48 minutes on 2 cores shared with other
+   work (llama-cpp-python 0.3.36); the comparison then takes about 2 minutes.
 2. Exports SRC with Murmur to an f32 GGUF (`murmur export SRC --format gguf --quant f32`).
 3. For each prompt, renders the chat with Murmur's tokenizer and checks llama.cpp tokenizes the same text
    to the same ids; then decodes `--tokens` greedy tokens with Murmur and with llama.cpp from the same ids
@@ -32,7 +33,8 @@ import json, sys
 import numpy as np
 from llama_cpp import Llama
 job = json.load(sys.stdin)
-llm = Llama(model_path=job["model"], n_ctx=job["n_ctx"], n_threads=job["threads"], verbose=False, seed=0)
+llm = Llama(model_path=job["model"], n_ctx=job["n_ctx"], n_threads=job["threads"], verbose=False, seed=0,
+            logits_all=True)  # else llm.scores stays zero
 results = []
 for prompt in job["prompts"]:
     tokenized = llm.tokenize(prompt["text"].encode("utf-8"), add_bos=False, special=True)
@@ -75,20 +77,25 @@ def main() -> int:
     parser.add_argument("src", nargs="?", default="smollm2-135m-instruct", help="any model Murmur loads")
     parser.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt")
     parser.add_argument("--venv", default="/tmp/murmur-llama-cpp-venv", help="scratch environment for llama.cpp")
-    parser.add_argument("--out", default=None, help="where to write the GGUF (default: a temporary folder)")
+    parser.add_argument("--out", default=None, help="keep the GGUF in OUT/gguf (default: a temporary folder, removed after)")
     args = parser.parse_args()
 
+    from murmur.export import export_gguf
+
+    python = scratch_env(Path(args.venv))
+    with tempfile.TemporaryDirectory(prefix="murmur-gguf-") as scratch:
+        return compare(python, export_gguf(args.src, Path(args.out or scratch) / "gguf", quant="f32"), args.tokens)
+
+
+def compare(python: Path, path: Path, tokens: int) -> int:
+    """Greedy tokens of the GGUF at `path` in Murmur and in llama.cpp (run by `python`); 0 when all agree."""
     import torch
 
-    from murmur.export import export_gguf
     from murmur.model import generate_greedy
     from murmur.source import load_model
     from murmur.tokenizer import ChatTokenizer
 
-    python = scratch_env(Path(args.venv))
-    out_dir = Path(args.out or tempfile.mkdtemp(prefix="murmur-gguf-"))
-    path = export_gguf(args.src, out_dir, quant="f32")
-    print(f"exported {args.src} -> {path} ({path.stat().st_size / 2**20:.0f} MiB)", flush=True)
+    print(f"exported {path} ({path.stat().st_size / 2**20:.0f} MiB)", flush=True)
     loaded = load_model(path)  # Murmur reads its own export: what llama.cpp gets
     tok = ChatTokenizer.load(loaded.tokenizer_dir)
     prompts = []
@@ -96,20 +103,20 @@ def main() -> int:
         chat = [{"role": "user", "content": prompt}]
         text, _ = tok.render_chat_text(chat, add_generation_prompt=True)
         prompts.append({"text": text, "ids": tok.render_chat(chat, add_generation_prompt=True)})
-    job = {"model": str(path), "prompts": prompts, "tokens": args.tokens, "threads": os.cpu_count() or 2,
-           "n_ctx": max(len(p["ids"]) for p in prompts) + args.tokens + 8}
+    job = {"model": str(path), "prompts": prompts, "tokens": tokens, "threads": os.cpu_count() or 2,
+           "n_ctx": max(len(p["ids"]) for p in prompts) + tokens + 8}
     theirs = json.loads(subprocess.run([python, "-c", CHILD], input=json.dumps(job), capture_output=True, text=True,
                                        check=True).stdout)
     failures = 0
     with torch.no_grad():
         for prompt, text, result in zip(PROMPTS, prompts, theirs):
-            ours = generate_greedy(loaded.model, text["ids"], args.tokens)
+            ours = generate_greedy(loaded.model, text["ids"], tokens)
             same_ids = result["tokenized"] == text["ids"]
             same_greedy = result["greedy"] == ours
             agree = next((i for i, (a, b) in enumerate(zip(ours, result["greedy"])) if a != b), len(ours))
             failures += not (same_ids and same_greedy)
             print(f"{'OK  ' if same_ids and same_greedy else 'DIFF'} {prompt!r}: tokenization "
-                  f"{'equal' if same_ids else 'differs'}, greedy tokens equal for {agree}/{args.tokens}")
+                  f"{'equal' if same_ids else 'differs'}, greedy tokens equal for {agree}/{tokens}")
             print(f"     murmur:    {tok.decode(ours)!r}")
             if not same_greedy:
                 print(f"     llama.cpp: {tok.decode(result['greedy'])!r}")
