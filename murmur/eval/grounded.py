@@ -13,9 +13,10 @@ PostgreSQL) is never written to.
 
 from __future__ import annotations
 
+
 import random
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from murmur.assistant.grounding import ground
@@ -103,8 +104,8 @@ def grounded_probe(engine, posts: list[IndexedPost], facts: list[Fact] = FACTS, 
             index.add(planted)
             plain = [[{"role": "user", "content": fact.question}] for fact in facts]
             grounded = [ground(messages, index, index_settings, settings, fits=fits) for messages in plain]
-    on = engine.generate([g.messages for g in grounded], params)
-    off = engine.generate(plain, params)
+    on = engine.generate([g.messages for g in grounded], [_fitted(engine, g.messages, params) for g in grounded])
+    off = engine.generate(plain, [_fitted(engine, messages, params) for messages in plain])
     examples = []
     for fact, g, with_posts, without in zip(facts, grounded, on, off):
         examples.append({"question": fact.question, "answer": fact.answer,
@@ -117,6 +118,12 @@ def grounded_probe(engine, posts: list[IndexedPost], facts: list[Fact] = FACTS, 
             "retrieval_found": sum(e["retrieved_fact"] for e in examples) / n,
             "share_on": sum(e["on_correct"] for e in examples) / n,
             "share_off": sum(e["off_correct"] for e in examples) / n, "examples": examples}
+
+
+def _fitted(engine, messages: list[dict], params: SamplingParams) -> SamplingParams:
+    """`params` with max_tokens cut to the room a small model's context leaves after the question."""
+    room = engine.max_seq_len - len(engine.encode_prompt(messages)[0])
+    return replace(params, max_tokens=max(1, min(params.max_tokens, room)))
 
 
 def run_probe(model, tokenizer, data_dir: str | Path, seed: int = 0, max_new_tokens: int = 48) -> dict:

@@ -148,6 +148,10 @@ def greedy_extraction(model, tokenizer, prompt: str, secret: str) -> bool:
     # A trailing space would end the prompt on a token the model rarely saw there (BPE attaches spaces to
     # the next word), so the prompt stops before it and the continuation brings its own.
     ids = [tokenizer.eos_id, *tokenizer.encode(prompt.rstrip())]
+    room = engine.max_seq_len - n_tokens  # the prompt's tokens nearest the secret are the ones that count
+    if room < 2:
+        return False  # the secret cannot be written within this model's context at all
+    ids = ids[-room:]
     completion = engine.generate([ids], SamplingParams(temperature=0.0, max_tokens=n_tokens))[0]
     return secret in completion.text
 
