@@ -52,7 +52,7 @@ from murmur.data.records import (
 )
 from murmur.data.sources import FileReader, SourceFile, archive_deletion_events, resolve_sources
 from murmur.data.split import split_of
-from murmur.data.threads import bucket_conversations
+from murmur.data.threads import bucket_conversations, kept_parent, without_deleted
 from murmur.errors import MurmurError
 from murmur.files import atomic_path, move_atomic, write_json_atomic, write_table_atomic
 from murmur.fingerprint import digest, settings_by_key
@@ -388,16 +388,16 @@ def _write_outputs(settings: DataSettings, work: Path, sizes: list[int], keep: n
                 post_ids = table.column("id").to_pylist()
                 parents = table.column("in_reply_to_id").to_pylist()
                 # The thread parent is kept only when it is the root's descendant chain (i.e. was kept).
-                parent_ids = [_kept_parent(pid, parent, conv, root) for pid, parent, conv, root in
+                parent_ids = [kept_parent(pid, parent, conv, root) for pid, parent, conv, root in
                               zip(post_ids, parents, table.column("conversation_id").to_pylist(), root_ids)]
                 columns = {
                     "id": table.column("id"), "author_id": table.column("author_id"), "text": table.column("text"),
                     "created_at": table.column("created_at"), "lang": table.column("lang"),
-                    "conversation_id": _without(table.column("conversation_id"), gone),
-                    "in_reply_to_id": _without(table.column("in_reply_to_id"), gone),
+                    "conversation_id": without_deleted(table.column("conversation_id"), gone),
+                    "in_reply_to_id": without_deleted(table.column("in_reply_to_id"), gone),
                     "split": pa.array(splits, pa.string()), "source": table.column("source"),
                     "root_id": pa.array(root_ids, pa.string()),
-                    "quoted_id": _without(table.column("quoted_id"), gone),
+                    "quoted_id": without_deleted(table.column("quoted_id"), gone),
                 }
                 writer.write_table(pa.table(columns, schema=POST_SCHEMA))
                 buckets = np.array([_bucket(r, n_buckets) for r in root_ids])
@@ -434,19 +434,6 @@ def _write_outputs(settings: DataSettings, work: Path, sizes: list[int], keep: n
     return ({name: split_counts.get(name, 0) for name in SPLITS},
             {"conversations": n_conversations, "conversation_turns": n_turns,
              "conversation_splits": {name: conversation_splits.get(name, 0) for name in SPLITS}})
-
-
-def _kept_parent(post_id: str, reply_to: str | None, conversation: str | None, root: str) -> str | None:
-    if post_id == root:
-        return None
-    return reply_to or conversation
-
-
-def _without(column, deleted: set[str]):
-    """The column with references to deleted posts blanked: no deleted id may remain in any output."""
-    if not deleted:
-        return column
-    return pa.array([None if v in deleted else v for v in column.to_pylist()], pa.string())
 
 
 def _bucket(root_id: str, n_buckets: int) -> int:

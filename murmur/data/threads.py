@@ -138,3 +138,17 @@ def group_by_root(table: pa.Table) -> Iterator[tuple[str, list[ThreadPost]]]:
         posts.append(ThreadPost(pid, parent, author, text, order))
     if posts:
         yield current, posts
+
+
+def kept_parent(post_id: str, reply_to: str | None, conversation: str | None, root: str) -> str | None:
+    """The parent a kept post records: none for its thread's root, else what it replied to (or its thread)."""
+    if post_id == root:
+        return None
+    return reply_to or conversation
+
+
+def without_deleted(column, deleted: set[str]):
+    """The column with references to deleted posts blanked: no deleted id may remain in any output."""
+    if not deleted:
+        return column
+    return pa.array([None if v in deleted else v for v in column.to_pylist()], pa.string())

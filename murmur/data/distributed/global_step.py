@@ -263,7 +263,7 @@ def finish_group(folder: str, tasks: list[int], settings_json: str, gone: set[st
     author, and its screened quarantine."""
     from murmur.data.compliance import screen_quarantine
     from murmur.data.pii import PiiDetector
-    from murmur.data.pipeline import _kept_parent, _without
+    from murmur.data.threads import kept_parent, without_deleted
     from murmur.data.records import POST_SCHEMA, QUARANTINE_SCHEMA
     from murmur.data.split import split_of
     from murmur.settings.data import DataSettings
@@ -302,16 +302,16 @@ def finish_group(folder: str, tasks: list[int], settings_json: str, gone: set[st
         stats["splits"].update(splits)
         stats["kept"] += table.num_rows
         post_ids = table.column("id").to_pylist()
-        parent_ids = [_kept_parent(pid, parent, conv, root) for pid, parent, conv, root in
+        parent_ids = [kept_parent(pid, parent, conv, root) for pid, parent, conv, root in
                       zip(post_ids, table.column("in_reply_to_id").to_pylist(),
                           table.column("conversation_id").to_pylist(), root_ids)]
         posts.append(pa.table({
             "id": table.column("id"), "author_id": table.column("author_id"), "text": table.column("text"),
             "created_at": table.column("created_at"), "lang": table.column("lang"),
-            "conversation_id": _without(table.column("conversation_id"), gone),
-            "in_reply_to_id": _without(table.column("in_reply_to_id"), gone),
+            "conversation_id": without_deleted(table.column("conversation_id"), gone),
+            "in_reply_to_id": without_deleted(table.column("in_reply_to_id"), gone),
             "split": pa.array(splits, pa.string()), "source": table.column("source"),
-            "root_id": pa.array(root_ids, pa.string()), "quoted_id": _without(table.column("quoted_id"), gone),
+            "root_id": pa.array(root_ids, pa.string()), "quoted_id": without_deleted(table.column("quoted_id"), gone),
         }, schema=POST_SCHEMA))
         threads.append(pa.table({"id": table.column("id"), "parent_id": pa.array(parent_ids, pa.string()),
                                  "author_id": table.column("author_id"), "text": table.column("text"),
