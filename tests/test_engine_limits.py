@@ -131,7 +131,7 @@ def test_serve_settings_reach_the_engine(monkeypatch):
             seen.update(kwargs)
             return cls()
 
-        def warmup(self):
+        def warmup(self, background=False):
             pass
 
     monkeypatch.setattr("murmur.infer.engine.Engine", FakeEngine)

@@ -156,7 +156,7 @@ def test_serve_command_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MURMUR_API_KEYS", "k1, k2")
     args = argparse.Namespace(recipe=None, set=["serve.max_queue=7"], host=None, port=9000, model_name=None,
                               device="cpu", max_batch_size=None, rate_limit=None, api_key=["k0"], compile=True,
-                              allowed_hosts=None, allowed_origins=None, trusted_proxy=None)
+                              allowed_hosts=None, allowed_origins=None, trusted_proxy=None, quantize=None)
     settings = settings_from_args(args)
     assert settings.api_keys == ["k0", "k1", "k2"] and settings.max_queue == 7 and settings.port == 9000
     assert settings.compile is True
