@@ -7,7 +7,8 @@
 3. the report card runs/demo/report/report.md: the finetuned model, the untouched base (evaluated here on the
    same data, once) and the from-scratch model side by side, with the coherence of their samples.
 
-Both training recipes carry wall-clock budgets, so the whole demo fits about 20 minutes on 2 CPU cores.
+Every training stage has a wall-clock budget; the recipes aim the whole demo at 20 minutes on 2 CPU cores
+(docs/build.md; docs/journal.md has what was measured).
 """
 
 from __future__ import annotations
