@@ -33,9 +33,11 @@ def tokens(tmp_path_factory):
     return folder
 
 
-def timed_run(run_dir, clock: FakeClock, monkeypatch, step_s: float = STEP_S, crash_at: int | None = None, **train):
-    """Train pretraining with the fake clock advanced by each step, validation and checkpoint."""
-    calls = {"steps": 0}
+def timed_run(run_dir, clock: FakeClock, monkeypatch, step_s: float = STEP_S, crash_at: int | None = None,
+              first_eval_s: float = EVAL_S, compiled: bool = False, **train):
+    """Train pretraining with the fake clock advanced by each step, validation and checkpoint; `compiled`
+    stands for torch.compile, whose first validation pays `first_eval_s` for compiling the forward."""
+    calls = {"steps": 0, "evals": 0}
     original_step, original_eval, original_save = Trainer.train_step, Trainer.evaluate, Trainer.save
 
     def train_step(self, batches):
@@ -46,7 +48,8 @@ def timed_run(run_dir, clock: FakeClock, monkeypatch, step_s: float = STEP_S, cr
         return original_step(self, batches)
 
     def evaluate(self):
-        clock.now += EVAL_S
+        calls["evals"] += 1
+        clock.now += first_eval_s if calls["evals"] == 1 else EVAL_S
         return original_eval(self)
 
     def save(self):
@@ -59,6 +62,7 @@ def timed_run(run_dir, clock: FakeClock, monkeypatch, step_s: float = STEP_S, cr
     settings = settings_for(run_dir, **{**SETTINGS, **train})
     trainer = Trainer(settings, run_dir, "pretrain", start_runtime(settings.train), clock=clock)
     trainer.setup()
+    trainer.compiled = compiled or trainer.compiled
     try:
         return trainer.train()
     finally:
@@ -119,6 +123,18 @@ def test_a_budget_too_small_for_one_step_runs_one_and_says_so(tokens, tmp_path, 
     summary = timed_run(tmp_path, FakeClock(), monkeypatch, time_budget_minutes=0.1)  # 6 s: 9.5 s go before step 1
     assert summary["steps"] == 1
     assert "leaves no room for a step" in capsys.readouterr().out
+
+
+def test_a_compiled_model_plans_with_a_validation_that_did_not_compile(tokens, tmp_path, monkeypatch):
+    link_tokens(tmp_path, tokens)
+    timed_run(tmp_path, FakeClock(), monkeypatch, first_eval_s=40.0, compiled=True, time_budget_minutes=1.5)
+    record = json.loads((tmp_path / "pretrain" / time_budget.BUDGET_FILE).read_text())
+    assert record["eval_seconds"] == pytest.approx(EVAL_S)  # not the 40 s of the compiling first one
+    # 40 s first validation + 1.5 s checkpoint + 3 s warm-up + 3 timed steps + the timed validation 2 s = 49.5 s.
+    assert record["seconds_before_training"] == pytest.approx(49.5)
+    # 40.5 s left, 38.475 s usable: 20 steps cost 20 + 5 × 2 + 3 × 1.5 = 34.5 s; 23 steps 23 + 6 × 2 + 3 × 1.5
+    # = 39.5 s do not fit; 22 steps: 22 + 6 × 2 + 3 × 1.5 = 38.5 s do not either; 21: 21 + 12 + 4.5 = 37.5 s.
+    assert record["steps"] == 21
 
 
 def test_steps_that_fit_counts_evaluations_and_checkpoints():
