@@ -12,6 +12,7 @@ from murmur.infer import compiled as compiled_module
 from murmur.infer import engine as engine_module
 from murmur.infer.engine import Engine
 from murmur.infer.sampling import SamplingParams
+from torch._dynamo.utils import counters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,7 +53,10 @@ def test_background_compile_serves_eagerly_first_then_switches_to_the_compiled_s
         assert [c.token_ids for c in engine.generate(PROMPTS[:1], GREEDY)] == want[:1]
     assert engine.background_compile.status == "compiled", engine.background_compile.status
     assert engine._decode_step != engine._decode_logits
+    graphs = counters["stats"]["unique_graphs"]
     assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == want
+    # The warm-up's graph serves the requests: none of them compiles another (a SmolLM2 recompile took minutes).
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_a_failed_background_compile_leaves_the_eager_step_serving(model, tokenizer):

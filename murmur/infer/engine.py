@@ -577,7 +577,9 @@ class Engine:
                 for batch in sorted({1, min(2, self.max_batch_size)}):
                     tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
                     positions = torch.full((batch,), last, dtype=torch.long, device=self.device)
-                    self._step_logits(tokens, positions, last + 1, step=compiled)
+                    # Attend to positions 0..last-1: a slice shorter than the whole key range, as every
+                    # request's is (the full range specialises the graph to it, and the first request recompiles).
+                    self._step_logits(tokens, positions, last, step=compiled)
 
         if not background:
             compile_now()
