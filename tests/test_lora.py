@@ -20,7 +20,7 @@ import torch
 import transformers
 
 from lora_dist_worker import DIST, LORA
-from train_helpers import SEQ, VOCAB, link_tokens, read_losses, settings_for, write_sft_tokens
+from train_helpers import in_one_thread, SEQ, VOCAB, link_tokens, read_losses, settings_for, write_sft_tokens
 from murmur.cli import main as cli
 from murmur.errors import MurmurError
 from murmur.hf import load_hf_model
@@ -65,20 +65,6 @@ def _hf_base(folder: Path) -> Path:
     return folder
 
 
-def _in_one_thread(fn):
-    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(threads)
-        if env is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = env
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lora")
@@ -92,7 +78,7 @@ def reference(work):
     """The LoRA run every other test compares with (one thread, as the resumed run)."""
     run = work / "reference"
     link_tokens(run, work / "tokens")
-    _in_one_thread(lambda: run_stage(settings_for(run, sft_init_from=str(work / "base"), **SETTINGS), run, "sft"))
+    in_one_thread(lambda: run_stage(settings_for(run, sft_init_from=str(work / "base"), **SETTINGS), run, "sft"))
     return run
 
 
@@ -150,7 +136,7 @@ def test_killed_lora_run_resumes_bit_exact(work, reference, tmp_path):
     assert max(read_losses(run / "sft")) >= 6  # it trained past the checkpoint before dying
 
     settings = settings_for(run, sft_init_from=str(work / "base"), **SETTINGS)
-    summary = _in_one_thread(lambda: run_stage(settings, run, "sft"))
+    summary = in_one_thread(lambda: run_stage(settings, run, "sft"))
     assert summary["steps"] == 12 and summary["new_steps"] == 8
     expected, resumed = read_losses(reference / "sft"), read_losses(run / "sft")
     assert expected[12] < expected[1] - 0.1  # the adapters learn
@@ -234,7 +220,7 @@ def test_two_processes_fsdp_with_frozen_base_match_one(work):
     proc = subprocess.Popen(torchrun, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         single = work / "dist" / "single"
-        _in_one_thread(lambda: run_stage(settings_for(single, sft_init_from=str(work / "base"), micro_batch_size=4,
+        in_one_thread(lambda: run_stage(settings_for(single, sft_init_from=str(work / "base"), micro_batch_size=4,
                                                       global_batch_tokens=SEQ * 8, **DIST), single, "sft"))
     finally:
         out, _ = proc.communicate(timeout=240)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_helpers import link_tokens, read_losses, settings_for, write_pretrain_tokens
+from train_helpers import in_one_thread, link_tokens, read_losses, settings_for, write_pretrain_tokens
 from murmur.train import checkpoint as ckpt
 from murmur.train.trainer import run_stage
 
@@ -58,22 +58,8 @@ def tokens(tmp_path_factory):
 def reference(tokens, tmp_path_factory):
     run = tmp_path_factory.mktemp("reference")
     link_tokens(run, tokens)
-    _in_one_thread(lambda: run_stage(settings_for(run, **SETTINGS), run, "pretrain"))
+    in_one_thread(lambda: run_stage(settings_for(run, **SETTINGS), run, "pretrain"))
     return run
-
-
-def _in_one_thread(fn):
-    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(threads)
-        if env is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = env
 
 
 def _killed_child(mode: str, run: Path) -> None:
@@ -105,7 +91,7 @@ def test_killed_run_resumes_bit_exact(mode, tokens, reference, tmp_path):
     killed = read_losses(run / "pretrain")
     assert max(killed) >= 6  # it really trained past the checkpoint before dying
 
-    summary = _in_one_thread(lambda: run_stage(settings_for(run, **SETTINGS), run, "pretrain"))
+    summary = in_one_thread(lambda: run_stage(settings_for(run, **SETTINGS), run, "pretrain"))
     assert summary["steps"] == 12 and summary["new_steps"] == 8
     assert not (checkpoints / ".partial_step_00000008").exists()
     expected, resumed = read_losses(reference / "pretrain"), read_losses(run / "pretrain")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from murmur.config import settings_from_dict
 from murmur.shards import write_shards
@@ -94,3 +96,18 @@ def read_val(stage_dir: Path) -> dict[int, float]:
         if rec.get("val_loss") is not None:
             out[rec["step"]] = rec["val_loss"]
     return out
+
+
+def in_one_thread(fn):
+    """fn() with one torch and OpenMP thread, as a killed child process runs it (crash tests compare bit-exactly)."""
+    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+        if env is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = env
