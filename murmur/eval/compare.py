@@ -32,8 +32,8 @@ def _slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") or "model"
 
 
-def _results_of(label: str, source: str | Path, run_dir: Path, settings: EvalSettings, progress) -> tuple[Path | str,
-                                                                                                      dict]:
+def _results_of(label: str, source: str | Path, run_dir: Path, settings: EvalSettings, progress,
+                retrieval: dict | None) -> tuple[Path | str, dict]:
     """(what loads the model, its results): read from an evaluated run, or evaluated here on run_dir's data."""
     path = Path(source)
     if path.is_dir() and is_run_folder(path):
@@ -46,7 +46,9 @@ def _results_of(label: str, source: str | Path, run_dir: Path, settings: EvalSet
     wanted = settings.model_dump(mode="json")
     if results is None or results.get("settings") != wanted or results.get("data") != str(run_dir / "data"):
         progress(f"eval: {label} ({source}) on {run_dir / 'data'}")
-        results = evaluate(source, settings, data_dir=run_dir / "data", out_dir=out, progress=progress)
+        # The index's parent recall is the run's, whatever the model: the run's own figures are reused.
+        results = evaluate(source, settings, data_dir=run_dir / "data", out_dir=out, progress=progress,
+                           retrieval=retrieval)
     return source, results
 
 
@@ -63,7 +65,7 @@ def side_by_side(run_dir: str | Path, others: list[tuple[str, str | Path]], sett
         raise MurmurError(f"{run_dir} has no eval/results.json; run its eval stage first (`murmur build`)")
     entries: list[tuple[str, Path | str, dict]] = [(label, run_dir, own)]
     for name, source in others:
-        entries.append((name, *_results_of(name, source, run_dir, settings, progress)))
+        entries.append((name, *_results_of(name, source, run_dir, settings, progress, own.get("retrieval"))))
     names = [name for name, _, _ in entries]
     if len(set(names)) != len(names):
         raise MurmurError(f"the models side by side need distinct labels, got {names}")

@@ -93,9 +93,11 @@ def parent_retrieval(data_dir: Path, settings: IndexSettings | None) -> dict | N
 def evaluate(src: str | Path, settings: EvalSettings, data_dir: str | Path | None = None,
              out_dir: str | Path | None = None, lm_eval_tasks: list[str] | None = None,
              lm_eval_include: str | Path | None = None, lm_eval_limit: int | None = None,
-             progress=None, index_settings: IndexSettings | None = None) -> dict:
+             progress=None, index_settings: IndexSettings | None = None, retrieval: dict | None = None) -> dict:
     """Evaluate the model at `src` on held-out data and write OUT/eval/ and OUT/report/ (OUT = out_dir or src);
-    `index_settings` rank the post index's retrieval when the run has one."""
+    `index_settings` rank the post index's retrieval when the run has one. `retrieval`: the index's parent
+    recall already measured on this data folder (it does not depend on the model), reused instead of
+    querying the index again."""
     from murmur.eval.bpb import bits_per_byte, read_split_posts
     from murmur.eval.privacy import run_canaries, scan_for_pii
     from murmur.eval.ranking import run_ranking
@@ -115,7 +117,8 @@ def evaluate(src: str | Path, settings: EvalSettings, data_dir: str | Path | Non
     started = time.perf_counter()
     timings: dict[str, float] = {}
     # Before the model loads: an index that cannot be opened (a server down) fails in seconds, not minutes.
-    retrieval = parent_retrieval(data_dir, index_settings)
+    if retrieval is None:
+        retrieval = parent_retrieval(data_dir, index_settings)
     timings["retrieval"] = time.perf_counter() - started
     model, tokenizer, info = _load(src, device)
     progress(f"eval: {info['path']} ({info['params']:,} parameters) on {device}")
