@@ -12,6 +12,9 @@ OpenAI's `messages` format are mixed in with a weight per source.
 
 Text is encoded in batches by the Rust tokenizer (parallel across cores) while Parquet is streamed in
 record batches, so memory stays bounded by the batch and one shard per output.
+
+A build that finetunes a base model (`model.base`) never pretrains: its tokenize stage writes the chat
+shards only (`kinds=("sft",)`), which saves encoding every post a second time.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from murmur.shards import (
 from murmur.tokenizer import ChatTokenizer, open_parquet
 
 BATCH = 2048
+KINDS = ("pretrain", "sft")
 CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -232,7 +236,8 @@ def read_chat_jsonl(path: str | Path, counts: dict[str, int]) -> Iterator[tuple[
             yield f"{path.name}:{number}", clean, split
 
 
-def _fingerprint(data_dir: Path, tokenizer: ChatTokenizer, cfg, chat_sources: list[tuple[str, float]]) -> str:
+def _fingerprint(data_dir: Path, tokenizer: ChatTokenizer, cfg, chat_sources: list[tuple[str, float]],
+                 kinds: tuple[str, ...] = KINDS) -> str:
     """What the shards are made from: the data, the vocabulary, every tokenizer setting (a new one included
     without a list to edit) and the chat sources, which the caller may pass instead of `cfg.chat_sources`."""
     return digest({
@@ -242,16 +247,22 @@ def _fingerprint(data_dir: Path, tokenizer: ChatTokenizer, cfg, chat_sources: li
         "settings": settings_by_key(cfg, ignore=["chat_sources"]),
         "chat_sources": [[path, weight, sha256_file(Path(path)) if Path(path).is_file() else None]
                          for path, weight in chat_sources],
+        **({} if kinds == KINDS else {"kinds": list(kinds)}),  # the default keeps older fingerprints valid
     })
 
 
 
 def tokenize_corpus(data_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, cfg,
-                    chat_sources: list[tuple[str, float]] | None = None, force: bool = False) -> dict[str, Any]:
+                    chat_sources: list[tuple[str, float]] | None = None, force: bool = False,
+                    kinds: tuple[str, ...] = KINDS) -> dict[str, Any]:
     """Write the tokens folder `out_dir` from a data folder and a tokenizer folder (see the module docstring).
 
-    `cfg` is a TokenizerSettings; `chat_sources` (path, weight) pairs override `cfg.chat_sources`. Skips the
-    work when `out_dir` already holds shards of the same inputs and settings, unless `force`."""
+    `cfg` is a TokenizerSettings; `chat_sources` (path, weight) pairs override `cfg.chat_sources`; `kinds` the
+    shards to write (pretraining, chat finetuning). Skips the work when `out_dir` already holds shards of the
+    same inputs and settings, unless `force`."""
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        raise MurmurError(f"unknown shard kinds {unknown or list(kinds)}; use {', '.join(KINDS)}")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     tokenizer = ChatTokenizer.load(tokenizer_dir)
     if chat_sources is None:
@@ -259,7 +270,7 @@ def tokenize_corpus(data_dir: str | Path, tokenizer_dir: str | Path, out_dir: st
     for name in ("posts.parquet", "conversations.parquet"):
         if not (data_dir / name).is_file():
             raise MurmurError(f"{data_dir / name} not found; run `murmur data` first (or pass --data DIR)")
-    fingerprint = _fingerprint(data_dir, tokenizer, cfg, chat_sources)
+    fingerprint = _fingerprint(data_dir, tokenizer, cfg, chat_sources, kinds)
     if not force and (out_dir / "manifest.json").is_file():
         try:
             old = read_manifest(out_dir)
@@ -274,7 +285,7 @@ def tokenize_corpus(data_dir: str | Path, tokenizer_dir: str | Path, out_dir: st
     try:
         # Durable: the manifest and the swap survive a crash (a shard lost with it fails its checksum on reading).
         with staged_dir(out_dir, durable=True) as tmp:
-            summary = _write_all(data_dir, tokenizer, tmp, cfg, chat_sources)
+            summary = _write_all(data_dir, tokenizer, tmp, cfg, chat_sources, kinds)
             manifest = new_manifest(tokenizer.vocab_size, tokenizer.vocab_hash(), tokenizer.eos_id)
             manifest["splits"] = summary.pop("splits")
             manifest["fingerprint"] = fingerprint
@@ -290,22 +301,27 @@ def tokenize_corpus(data_dir: str | Path, tokenizer_dir: str | Path, out_dir: st
 
 
 def _write_all(data_dir: Path, tokenizer: ChatTokenizer, out: Path, cfg,
-               chat_sources: list[tuple[str, float]]) -> dict[str, Any]:
+               chat_sources: list[tuple[str, float]], kinds: tuple[str, ...]) -> dict[str, Any]:
 
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     eos = tokenizer.eos_id
     writers = {(kind, split): ShardWriter(out, kind, split, dtype, kind == "sft", cfg.shard_tokens)
-               for kind in ("pretrain", "sft") for split in SPLITS}
+               for kind in kinds for split in SPLITS}
+    pretraining = "pretrain" in kinds
     unused: dict[str, int] = {}
 
     pieces = PieceEncoder(tokenizer)
 
     def add_pretrain(split, texts, post_ids, source):
+        if not pretraining:
+            return
         for text, ids, posts in zip(texts, tokenizer.encode_batch(texts, specials_as_text=True), post_ids):
             if ids:
                 writers["pretrain", split].add([eos] + ids, None, posts, len(text.encode("utf-8")), source)
 
     def add_sft(split, chats, post_ids, source):
+        if "sft" not in kinds:
+            return
         for chat, (ids, mask), posts in zip(chats, tokenizer.render_chats_with_masks(chats), post_ids):
             trained = sum(len(m["content"].encode("utf-8")) for m in chat if m["role"] == "assistant")
             writers["sft", split].add([eos] + ids, [0] + mask, posts, trained, source)
@@ -321,10 +337,10 @@ def _write_all(data_dir: Path, tokenizer: ChatTokenizer, out: Path, cfg,
                 unused["unknown_split"] = unused.get("unknown_split", 0) + 1
                 continue
             parts = [t["text"] for t in turns or [] if t.get("text")]
-            if parts:
+            if parts and pretraining:
                 docs.append(parts)
                 doc_meta.append((split, posts))
-            for k, chat in enumerate(thread_chat_parts(turns or [], cfg.sft_roles)):
+            for k, chat in enumerate(thread_chat_parts(turns or [], cfg.sft_roles) if "sft" in kinds else []):
                 for _ in range(copies(cfg.thread_weight, f"{conv_id}:{k}", cfg.seed)):
                     chats.append(chat)
                     chat_meta.append((split, posts))
@@ -350,7 +366,8 @@ def _write_all(data_dir: Path, tokenizer: ChatTokenizer, out: Path, cfg,
         write_threads(prepared, pieces.encode(prepared[0], prepared[2]))
 
     posts_file = open_parquet(data_dir / "posts.parquet", ["id", "text", "split"])
-    for batch in posts_file.iter_batches(columns=["id", "text", "split"], batch_size=BATCH * 4):
+    # Posts outside every thread are pretraining documents only.
+    for batch in posts_file.iter_batches(columns=["id", "text", "split"], batch_size=BATCH * 4) if pretraining else []:
         cols = batch.to_pydict()
         by_split_posts: dict[str, tuple[list, list]] = {}
         for post_id, text, split in zip(cols["id"], cols["text"], cols["split"]):
@@ -378,20 +395,19 @@ def _write_all(data_dir: Path, tokenizer: ChatTokenizer, out: Path, cfg,
         for s, chats in pending.items():
             add_sft(s, chats, [[] for _ in chats], source)
 
-    splits: dict[str, dict[str, Any]] = {"pretrain": {}, "sft": {}}
+    splits: dict[str, dict[str, Any]] = {kind: {} for kind in kinds}
     for (kind, split), writer in writers.items():
         if writer.documents or split != "test":
             splits[kind][split] = writer.close()
         else:
             writer.close()
             shutil.rmtree(out / kind / split, ignore_errors=True)
-    if splits["pretrain"]["train"]["documents"] == 0:
+    if all(by["train"]["documents"] == 0 for by in splits.values()):
         raise MurmurError(f"no training documents in {data_dir}: the train split of posts.parquet and "
                           "conversations.parquet is empty; check the data stage's split settings")
     totals = {f"{kind}/{split}": {"documents": e["documents"], "tokens": e["tokens"]}
               for kind, by in splits.items() for split, e in by.items()}
-    return {"pretrain_train_tokens": splits["pretrain"]["train"]["tokens"],
-            "sft_train_tokens": splits["sft"]["train"]["tokens"],
+    return {**{f"{kind}_train_tokens": splits[kind]["train"]["tokens"] for kind in kinds},
             "documents": sum(e["documents"] for by in splits.values() for e in by.values()),
             "splits": splits, "counts": totals, "unused": unused}
 
@@ -399,5 +415,7 @@ def _write_all(data_dir: Path, tokenizer: ChatTokenizer, out: Path, cfg,
 def run_stage(settings, run_dir: str | Path) -> dict[str, Any]:
     """The `tokenize` stage: run_dir/data + run_dir/tokenizer -> run_dir/tokens."""
     run_dir = Path(run_dir)
-    return tokenize_corpus(run_dir / "data", run_dir / "tokenizer", run_dir / "tokens", settings.tokenizer)
+    kinds = ("sft",) if getattr(settings.model, "base", None) else KINDS  # a base model is never pretrained here
+    return tokenize_corpus(run_dir / "data", run_dir / "tokenizer", run_dir / "tokens", settings.tokenizer,
+                           kinds=kinds)
 

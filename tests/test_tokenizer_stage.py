@@ -4,6 +4,7 @@ the reuse of post encodings, skipping unchanged inputs, and the CLI."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -214,3 +215,22 @@ def test_data_files_of_the_wrong_shape(run, tmp_path):
         list(training_texts(data))
     with pytest.raises(MurmurError, match="not a readable Parquet file"):
         tokenize_corpus(data, run / "tokenizer", tmp_path / "t", TokenizerSettings())
+
+
+def test_a_base_model_build_writes_the_chat_shards_only(run, tmp_path):
+    """A build that finetunes `model.base` never pretrains: its tokenize stage writes no pretraining shards,
+    and its chat shards are the same bytes as a full tokenize's."""
+    from murmur.config import settings_from_dict
+    from murmur.tokenize import run_stage
+
+    full = tokenize_corpus(run / "data", run / "tokenizer", tmp_path / "full", TokenizerSettings())
+    shutil.copytree(run / "data", tmp_path / "data")
+    shutil.copytree(run / "tokenizer", tmp_path / "tokenizer")
+    settings = settings_from_dict({"run": {"dir": str(tmp_path)}, "model": {"base": "somewhere/base"}})
+    summary = run_stage(settings, tmp_path)
+    manifest = read_manifest(tmp_path / "tokens")
+    assert set(manifest["splits"]) == {"sft"} and not (tmp_path / "tokens" / "pretrain").exists()
+    assert "pretrain_train_tokens" not in summary and summary["sft_train_tokens"] == full["sft_train_tokens"]
+    assert manifest["splits"]["sft"] == read_manifest(tmp_path / "full")["splits"]["sft"]
+    with pytest.raises(MurmurError, match="unknown shard kinds"):
+        tokenize_corpus(run / "data", run / "tokenizer", tmp_path / "x", TokenizerSettings(), kinds=("posts",))
