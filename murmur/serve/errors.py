@@ -1,13 +1,19 @@
 """Refusals in OpenAI's error shape, `{"error": {"message", "type", "param", "code"}}`, and where they come from.
 
 `APIError` is a refusal with its HTTP status. `api_error` maps what the engine raises (a full queue, a
-shutdown, a prompt it cannot serve) to one, keeping the engine's own words; `failure_of` does the same for a
-generation that ended without a reply. `install_error_handlers` makes every other failure FastAPI or
-Starlette meets (bad JSON, a wrong type, an unknown route, a crash) come out in the same shape.
+shutdown, a prompt it cannot serve) to one, keeping the engine's own words, which are written for the caller;
+`failure_of` does the same for a generation that ended without a reply. `install_error_handlers` makes every
+other failure FastAPI or Starlette meets (bad JSON, a wrong type, an unknown route, a crash) come out in the
+same shape.
+
+A failure (a 500) says only that it failed and a request id: its details (an exception's text, which can hold
+paths, settings or another request's data) go to the server's log under that id, never to the caller.
 """
 
 from __future__ import annotations
 
+import logging
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from murmur.errors import MurmurError, RequestError
 from murmur.infer.engine import EngineBusy, EngineClosed, StepOutput
+
+log = logging.getLogger("murmur.serve")
 
 
 class APIError(Exception):
@@ -52,10 +60,13 @@ def api_error(err: MurmurError, fields: Mapping[str, str] = {}) -> APIError:
     return APIError(400, str(err), code="invalid_value")
 
 
-def failure_of(out: StepOutput) -> APIError | None:
-    """The error to report for an engine output that ended without a reply, or None."""
+def failure_of(out: StepOutput, request_id: str) -> APIError | None:
+    """The error to report for an engine output that ended without a reply, or None. The engine's reason is
+    logged under `request_id`; the caller is told the id, not the reason."""
     if out.finish_reason == "error":
-        return APIError(500, out.error or "generation failed", type="server_error", code="generation_failed")
+        log.error("request %s: %s", request_id, out.error or "generation failed")
+        return APIError(500, f"generation failed; the server's log has the details under request id {request_id}",
+                        type="server_error", code="generation_failed")
     if out.finish_reason == "abort":
         return unavailable("the request was cancelled because the server is shutting down", "cancelled")
     return None
@@ -105,4 +116,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, err: Exception):
-        return APIError(500, f"internal error: {type(err).__name__}", type="server_error").response()
+        request_id = f"err-{uuid.uuid4().hex}"
+        log.error("request %s (%s %s) failed", request_id, request.method, request.url.path,
+                  exc_info=(type(err), err, err.__traceback__))
+        return APIError(500, f"internal error; the server's log has the details under request id {request_id}",
+                        type="server_error").response()

@@ -196,7 +196,7 @@ class GenerationService:
             generation.abort()
         choices, completion_tokens = [], 0
         for index, (text, final, logprobs, prompt_logprobs) in enumerate(result):
-            error = failure_of(final)
+            error = failure_of(final, head["id"])
             if error:
                 raise error
             completion_tokens += final.completion_tokens
@@ -240,7 +240,7 @@ class GenerationService:
         completion_tokens = 0
         async with aclosing(generation.events()) as events:
             async for index, out in events:
-                error = failure_of(out) if out.finished else None
+                error = failure_of(out, head["id"]) if out.finished else None
                 if error:
                     generation.abort()
                     yield sse(error.body())
