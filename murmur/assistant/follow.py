@@ -6,9 +6,14 @@ and deletions go into the index, so threads can be rebuilt and deleted posts nev
 batch is handled in three steps: (1) its changes are applied to the index, (2) its mentions are answered,
 each reply appended to the replies file and flushed to disk before the next, (3) the stream offset is
 committed (under its own cursor name, `assistant:PATH`, apart from an indexer following the same file).
-A process killed between (2) and (3) reads the batch again on restart: the changes are idempotent, and the
-replies file is the ledger of answered mentions (read back at start, a torn last line dropped), so no
-mention is ever answered twice.
+
+Which mentions were answered is the index's record (`PostIndex.answer_of`), the one `POST /v1/mentions`
+keeps too, so a mention answered over HTTP is not answered again from the stream, nor the reverse. Each reply
+is appended to the file (fsynced), then recorded in the index; a process killed between the two leaves one
+reply in the file that the index does not know, the file's last line, so at start the ledger reads that line
+alone (a torn one dropped) and the follower records it. A process killed between (2) and (3) reads the batch
+again on restart: the changes are idempotent and its mentions are recorded, so no mention is ever answered
+twice, and memory does not grow with the replies written.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from murmur.assistant.mentions import MentionDesk, MentionError, Skip, mentions_handle, parse_mention
+from murmur.assistant.mentions import (Answered, MentionDesk, MentionError, Skip, mentions_handle,
+                                      parse_mention)
 from murmur.errors import MurmurError
 from murmur.index.base import Changes, Cursor
 from murmur.index.events import EventReader
@@ -30,28 +36,40 @@ MAX_LEDGER_LINE = 1 << 20
 
 
 class ReplyLedger:
-    """The replies file: one JSON reply per line, appended durably; which mentions it has answered."""
+    """The replies file: one JSON reply per line, appended durably. `answered` holds the mention of its last reply
+    only (at most one id), the one a crash may have kept from the index's record; the rest are in the index."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.answered: set[str] = set()
+        self.last: dict | None = None
         if self.path.is_file():
-            self._read()
+            self._read_tail()
 
-    def _read(self) -> None:
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):  # a reply torn by a crash mid-write: it was never complete, so never sent
-            with open(self.path, "r+b") as f:
-                f.truncate(end)
+    def _read_tail(self) -> None:
+        """Read the last complete line (at most MAX_LEDGER_LINE bytes from the end); drop a torn one after it."""
+        with open(self.path, "r+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = max(0, size - MAX_LEDGER_LINE - 1)
+            f.seek(start)
+            tail = f.read()
+            end = tail.rfind(b"\n") + 1
+            if end == 0 and size:
+                raise MurmurError(f"{self.path} ends with {len(tail):,} bytes that are not a reply this command "
+                                  "wrote; pass another --out file")
+            if end < len(tail):  # a reply torn by a crash mid-write: it was never complete, so never sent
+                f.truncate(start + end)
                 os.fsync(f.fileno())
-        for number, line in enumerate(data[:end].splitlines(), 1):
-            try:
-                record = json.loads(line)
-                self.answered.add(str(record["reply"]["in_reply_to_tweet_id"]))
-            except (ValueError, KeyError, TypeError):
-                raise MurmurError(f"{self.path} line {number} is not a reply this command wrote; pass another "
-                                  "--out file") from None
+        lines = tail[:end].splitlines()
+        if not lines:
+            return
+        try:
+            record = json.loads(lines[-1])
+            self.answered = {str(record["reply"]["in_reply_to_tweet_id"])}
+            self.last = record
+        except (ValueError, KeyError, TypeError):
+            raise MurmurError(f"{self.path}: the last line is not a reply this command wrote; pass another "
+                              "--out file") from None
 
     def append(self, record: dict) -> None:
         line = json.dumps(record, ensure_ascii=False) + "\n"
@@ -59,7 +77,8 @@ class ReplyLedger:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
-        self.answered.add(record["reply"]["in_reply_to_tweet_id"])
+        self.answered = {record["reply"]["in_reply_to_tweet_id"]}
+        self.last = record
 
 
 class MentionReader:
@@ -102,6 +121,11 @@ class MentionFollower(Follower):
         self.desk, self.engine, self.ledger, self.on_reply = desk, engine, ledger, on_reply
         self.params = SamplingParams(temperature=desk.settings.temperature, top_p=desk.settings.top_p,
                                      max_tokens=desk.settings.reply_max_tokens)
+        if ledger.last is not None and not desk.assistant.index.answer_of(next(iter(ledger.answered))):
+            # Killed between writing its last reply and recording it: record it now, before any line is read.
+            last = ledger.last
+            desk.assistant.index.record_answer(str(last["reply"]["in_reply_to_tweet_id"]), None,
+                                               {"text": last.get("text", ""), "retrieved": []})
 
     def _commit(self, changes: Changes, lines: int, fd: int, offset: int) -> None:
         counts = self.index.apply(changes)
@@ -125,13 +149,16 @@ class MentionFollower(Follower):
             plan = self.desk.plan(document, fits=self.fits)
         except MentionError as err:
             return f"refused_{err.code}"
+        if isinstance(plan, Answered):
+            return "already_answered"
         if isinstance(plan, Skip):
             return f"skipped_{plan.reason}"
         completion = self.engine.generate([plan.messages], self.params)[0]
         reply = self.desk.compose(plan, completion.text)
         if reply is None:
             return "skipped_empty_reply"
-        self.ledger.append(reply)
+        self.ledger.append(reply)  # first the file, then the record: a kill between is mended at start
+        self.desk.remember(plan, reply)
         if self.on_reply:
             self.on_reply(reply)
         return "replied"

@@ -1,14 +1,17 @@
 """Answering @mentions: an X API v2 post object in, a reply post with citations out (or a reason not to).
 
     desk = MentionDesk(assistant)
-    plan = desk.plan(post_object)      # MentionError (bad input), a Skip (no answer), or a Plan
+    plan = desk.plan(post_object)      # MentionError (bad input), a Skip (no answer), Answered, or a Plan
     text = <generate from plan.messages, at most settings.reply_max_tokens>
     reply = desk.compose(plan, text)   # {"text", "reply": {"in_reply_to_tweet_id"}, "annotations"}
+    desk.remember(plan, reply)         # in the index: the same mention delivered again gets `Answered`
 
 The same desk serves `POST /v1/mentions` and `murmur assistant --follow`. It never answers:
 - its own posts (`user_id`), so two assistants, or one and its own replies, cannot loop;
 - a mention, or a thread, that was deleted (the mention, its author, the post it replies to, the
-  conversation's root: any tombstoned);
+  conversation's root: any tombstoned; looked up by id, never by reading every deletion);
+- a mention it has answered before (the index's record of answered mentions, kept on disk or in the
+  PostgreSQL server: a platform's retry, or a replayed stream, gets the first reply back, never a second);
 - an author over `replies_per_author` in `rate_window_s`.
 Bad input (not an object, no id, no author, no text besides mentions, a reply into a conversation the index
 does not know) is a MentionError with the field at fault.
@@ -56,6 +59,14 @@ class Skip:
 
     mention_id: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Answered:
+    """A mention answered before: the record `MentionDesk.remember` kept then (text, retrieved, ...)."""
+
+    mention: Mention
+    record: dict
 
 
 @dataclass
@@ -136,10 +147,10 @@ class MentionDesk:
         self.assistant = assistant
         self.settings = assistant.settings
 
-    def plan(self, document, *, now: float | None = None, fits=None) -> Plan | Skip:
-        """What to generate for a mention, or why not to answer it. MentionError for bad input; the rate
-        limit is counted only for mentions that would be answered. `fits(messages)`: whether a prompt leaves
-        room for the reply (retrieved posts are dropped until it does)."""
+    def plan(self, document, *, now: float | None = None, fits=None) -> Plan | Skip | Answered:
+        """What to generate for a mention, or why not to answer it, or its earlier answer. MentionError for
+        bad input; the rate limit is counted only for mentions that would be answered. `fits(messages)`:
+        whether a prompt leaves room for the reply (retrieved posts are dropped until it does)."""
         mention = parse_mention(document, self.settings.handle)
         if self.settings.user_id and mention.author_id == self.settings.user_id:
             return Skip(mention.id, "own_post")
@@ -147,6 +158,9 @@ class MentionDesk:
         root = mention.conversation_id if mention.conversation_id != mention.id else None
         if self._deleted(mention, root):
             return Skip(mention.id, "deleted")
+        record = index.answer_of(mention.id)
+        if record is not None:
+            return Answered(mention, record)
         chain = reply_chain(index, mention.reply_to, self.settings.thread_posts)
         if mention.reply_to and not chain:
             raise MentionError(f"the mention replies to post {mention.reply_to}, which the index does not hold "
@@ -178,18 +192,32 @@ class MentionDesk:
     def _deleted(self, mention: Mention, root: str | None) -> bool:
         index = self.assistant.index
         posts = {mention.id, *(p for p in (mention.reply_to, root) if p)}
-        return bool(posts & index.tombstones("post")) or mention.author_id in index.tombstones("account")
+        # Point lookups of these few ids: the tombstone tables grow with every deletion ever made.
+        return bool(index.tombstoned("post", posts)) or bool(index.tombstoned("account", [mention.author_id]))
 
     def compose(self, plan: Plan, text: str) -> dict | None:
         """The reply post (X's create-post body plus OpenAI-shaped `annotations`), or None for an empty reply.
         Cut to `reply_chars` at a word boundary; citations are of posts still in the index."""
         text = cut(text.strip(), self.settings.reply_chars)
-        if not text:
-            return None
-        present = self.assistant.index.get(p.id for p in plan.posts) if plan.posts else {}
-        annotations = cite(text, [p for p in plan.posts if p.id in present], self.settings.citation_url,
+        return self._reply(plan.mention.id, text, [p.id for p in plan.posts]) if text else None
+
+    def remember(self, plan: Plan, reply: dict, **extra) -> bool:
+        """Record in the index that the mention was answered with `reply` (its text and the posts shown, plus
+        `extra`); False when it had been answered already (by another server or follower meanwhile)."""
+        record = {"text": reply["text"], "retrieved": [p.id for p in plan.posts], **extra}
+        return self.assistant.index.record_answer(plan.mention.id, plan.mention.author_id, record)
+
+    def replay(self, answered: Answered) -> dict:
+        """The reply post of a mention answered before, as it was sent; its citations are computed again, of
+        the shown posts still in the index (a post deleted since is not cited, and its title not kept)."""
+        record = answered.record
+        return self._reply(answered.mention.id, str(record.get("text", "")), list(record.get("retrieved", [])))
+
+    def _reply(self, mention_id: str, text: str, shown: list[str]) -> dict:
+        present = self.assistant.index.get(shown) if shown else {}
+        annotations = cite(text, [present[i] for i in shown if i in present], self.settings.citation_url,
                            min_overlap_words=self.settings.min_overlap_words, title_words=self.settings.title_words)
-        return {"text": text, "reply": {"in_reply_to_tweet_id": plan.mention.id}, "annotations": annotations}
+        return {"text": text, "reply": {"in_reply_to_tweet_id": mention_id}, "annotations": annotations}
 
 
 def cut(text: str, limit: int) -> str:

@@ -12,6 +12,7 @@ deleted post (in_reply_to_id, conversation_id) are cleared, as `murmur data purg
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from abc import ABC, abstractmethod
@@ -134,9 +135,11 @@ class PostIndex(ABC):
                 elif event == "delete_post":
                     counts["deleted"] += self._delete_posts(set(items))
                     self._tombstone("post", set(items))
+                    self._forget_answers("mention_id", set(items))
                 elif event == "delete_account":
                     counts["deleted"] += self._delete_accounts(set(items))
                     self._tombstone("account", set(items))
+                    self._forget_answers("author_id", set(items))
                 elif event.startswith("restore_"):
                     counts["restored"] += self._untombstone(event.removeprefix("restore_"), set(items))
                 elif event == "quarantine":
@@ -215,8 +218,29 @@ class PostIndex(ABC):
             return self._conversation(conversation_id, max(0, min(int(limit), MAX_RESULTS)))
 
     def tombstones(self, kind: str) -> set[str]:
+        """Every tombstone of a kind: for audits and summaries, never per request (see `tombstoned`)."""
         with self._lock:
             return self._tombstones(_kind(kind))
+
+    def tombstoned(self, kind: str, ids: Iterable[str]) -> set[str]:
+        """Which of `ids` are tombstoned: a lookup of those ids alone, whatever the number of deletions."""
+        wanted = sorted(set(ids))
+        with self._lock:
+            return self._tombstoned(_kind(kind), wanted) if wanted else set()
+
+    # -- answered mentions: what the assistant replied, so a mention delivered twice is answered once -------
+
+    def answer_of(self, mention_id: str) -> dict | None:
+        """The record kept when the mention was answered (`record_answer`), or None."""
+        with self._lock:
+            stored = self._answer_of(mention_id)
+        return json.loads(stored) if stored is not None else None
+
+    def record_answer(self, mention_id: str, author_id: str | None, record: dict) -> bool:
+        """Remember that a mention was answered, and how; False when it already was (the first record stays).
+        Deleting the mention or its author's account forgets it, as it forgets the posts."""
+        with self._lock, self._transaction():
+            return self._record_answer(mention_id, author_id, json.dumps(record, ensure_ascii=False))
 
     def audit(self, posts: Iterable[str], accounts: Iterable[str]) -> list[str]:
         """Problems: a deleted post or a post of a deleted account still present, a reference to a deleted
@@ -233,7 +257,7 @@ class PostIndex(ABC):
                     problems.append(f"index: post {post.id} still names deleted post {getattr(post, column)} "
                                     f"in {column}")
             for kind, wanted in (("post", posts), ("account", accounts)):
-                missing = sorted(wanted - self._tombstones(kind))
+                missing = sorted(wanted - self._tombstoned(kind, sorted(wanted)))
                 if missing:
                     problems.append(f"index: {len(missing)} deleted {kind}(s) have no tombstone (e.g. "
                                     f"{missing[0]}); a replayed stream could index them again; "
@@ -293,6 +317,20 @@ class PostIndex(ABC):
 
     @abstractmethod
     def _tombstones(self, kind: str) -> set[str]: ...
+
+    @abstractmethod
+    def _tombstoned(self, kind: str, ids: list[str]) -> set[str]:
+        """Which of `ids` (sorted, distinct) are tombstoned, read by primary key."""
+
+    @abstractmethod
+    def _answer_of(self, mention_id: str) -> str | None: ...
+
+    @abstractmethod
+    def _record_answer(self, mention_id: str, author_id: str | None, record: str) -> bool: ...
+
+    @abstractmethod
+    def _forget_answers(self, column: str, ids: set[str]) -> None:
+        """Forget the answers to these mentions (`column` "mention_id") or authors ("author_id")."""
 
     @abstractmethod
     def _quarantine(self, rows: list[tuple]) -> None: ...

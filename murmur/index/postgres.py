@@ -50,6 +50,11 @@ CREATE TABLE IF NOT EXISTS {s}.quarantine (source text NOT NULL, "offset" bigint
                                            record_id text);
 INSERT INTO {s}.totals (posts, terms) VALUES (0, 0) ON CONFLICT DO NOTHING;
 """
+# Added after schema 1 shipped: created on open, so an index built before it gains the table.
+ANSWERED = """
+CREATE TABLE IF NOT EXISTS {s}.answered (mention_id text PRIMARY KEY, author_id text, record text NOT NULL);
+CREATE INDEX IF NOT EXISTS answered_author ON {s}.answered (author_id);
+"""
 
 
 def redact(url: str) -> str:
@@ -120,6 +125,9 @@ class PostgresIndex(PostIndex):
         if not version or version[0] != SCHEMA_VERSION:
             raise IndexUnavailable(f"schema {self.schema} has index schema {version[0] if version else 'none'}, "
                                    f"this Murmur reads {SCHEMA_VERSION}; rebuild it with `murmur index`")
+        if not self.db.execute("SELECT 1 FROM pg_tables WHERE schemaname = %s AND tablename = 'answered'",
+                               (self.schema,)).fetchone():
+            self.db.execute(self._sql(ANSWERED))
 
     @contextlib.contextmanager
     def _transaction(self):
@@ -192,6 +200,23 @@ class PostgresIndex(PostIndex):
 
     def _tombstones(self, kind: str) -> set[str]:
         return {r[0] for r in self.db.execute(self._sql("SELECT id FROM {s}.tombstones WHERE kind = %s"), (kind,))}
+
+    def _tombstoned(self, kind: str, ids: list[str]) -> set[str]:
+        return {r[0] for r in self.db.execute(
+            self._sql("SELECT id FROM {s}.tombstones WHERE kind = %s AND id = ANY(%s)"), (kind, ids))}
+
+    def _answer_of(self, mention_id: str) -> str | None:
+        row = self.db.execute(self._sql("SELECT record FROM {s}.answered WHERE mention_id = %s"),
+                              (mention_id,)).fetchone()
+        return row[0] if row else None
+
+    def _record_answer(self, mention_id: str, author_id: str | None, record: str) -> bool:
+        return self.db.execute(self._sql("INSERT INTO {s}.answered VALUES (%s, %s, %s) ON CONFLICT DO NOTHING"),
+                               (mention_id, author_id, record)).rowcount == 1
+
+    def _forget_answers(self, column: str, ids: set[str]) -> None:
+        assert column in ("mention_id", "author_id")
+        self.db.execute(self._sql(f"DELETE FROM {{s}}.answered WHERE {column} = ANY(%s)"), (sorted(ids),))
 
     def _quarantine(self, rows: list[tuple]) -> None:
         with self.db.cursor() as cur:

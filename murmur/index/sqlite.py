@@ -47,6 +47,11 @@ CREATE TABLE IF NOT EXISTS tombstones (kind TEXT NOT NULL, id TEXT NOT NULL, PRI
 CREATE TABLE IF NOT EXISTS cursors (source TEXT PRIMARY KEY, offset INTEGER NOT NULL, head TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS quarantine (source TEXT NOT NULL, offset INTEGER, reason TEXT NOT NULL, record_id TEXT);
 """
+# Added after schema 1 shipped: created on open, so an index built before it gains the table.
+ANSWERED = """
+CREATE TABLE IF NOT EXISTS answered (mention_id TEXT PRIMARY KEY, author_id TEXT, record TEXT NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS answered_author ON answered (author_id);
+"""
 CHUNK = 500  # parameters per statement, well under SQLite's limit
 
 
@@ -87,6 +92,8 @@ class SqliteIndex(PostIndex):
         if not version or version[0] != SCHEMA_VERSION:
             raise IndexUnavailable(f"{self.path} has index schema {version[0] if version else 'none'}, this "
                                    f"Murmur reads {SCHEMA_VERSION}; rebuild it with `murmur index RUN_DIR`")
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'answered'").fetchone():
+            self.db.executescript(ANSWERED)
 
     def finish_bulk(self) -> None:
         """End a bulk build: merge the FTS5 segments (faster queries), switch to WAL, flush to disk."""
@@ -163,6 +170,21 @@ class SqliteIndex(PostIndex):
 
     def _tombstones(self, kind: str) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT id FROM tombstones WHERE kind = ?", (kind,))}
+
+    def _tombstoned(self, kind: str, ids: list[str]) -> set[str]:
+        return {r[0] for r in self._in("SELECT id FROM tombstones WHERE id IN ({}) AND kind = ?", ids, kind)}
+
+    def _answer_of(self, mention_id: str) -> str | None:
+        row = self.db.execute("SELECT record FROM answered WHERE mention_id = ?", (mention_id,)).fetchone()
+        return row[0] if row else None
+
+    def _record_answer(self, mention_id: str, author_id: str | None, record: str) -> bool:
+        return self.db.execute("INSERT OR IGNORE INTO answered VALUES (?, ?, ?)",
+                               (mention_id, author_id, record)).rowcount == 1
+
+    def _forget_answers(self, column: str, ids: set[str]) -> None:
+        assert column in ("mention_id", "author_id")
+        self._in(f"DELETE FROM answered WHERE {column} IN ({{}})", sorted(ids))
 
     def _quarantine(self, rows: list[tuple]) -> None:
         self.db.executemany("INSERT INTO quarantine VALUES (?, ?, ?, ?)", rows)

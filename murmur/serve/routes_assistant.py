@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from murmur.assistant.mentions import MentionDesk, MentionError, Skip
+from murmur.assistant.mentions import Answered, MentionDesk, MentionError, Skip, parse_mention
 from murmur.data.sources import nests_deeper_than
 from murmur.errors import MurmurError
 from murmur.index.base import Changes
@@ -99,10 +99,21 @@ async def add_posts(request: Request):
 @with_cancellation
 async def answer_mention(request: Request, document: Any = Depends(json_document)):
     """Answer an X API v2 post that mentions the assistant: a reply post (X's create-post body) with
-    `annotations` citing the posts it was grounded in, or `reply: null` and the reason it gets none."""
+    `annotations` citing the posts it was grounded in, or `reply: null` and the reason it gets none. Idempotent
+    on the mention's id: a mention delivered again (a platform's retry) gets the first reply back, marked
+    `"replayed": true`, and nothing is generated or counted against its author."""
     state = server_state(request)
     assistant = assistant_of(request)
     engine = state.require_engine(detailed=bool(state.access.keys))
+    try:
+        mention_id = parse_mention(document, assistant.settings.handle).id
+    except MentionError as err:
+        raise APIError(err.status, str(err), param=err.param, code=err.code) from None
+    async with assistant.answering.hold(mention_id):  # the same mention twice at once: the second waits
+        return await _answer(state, assistant, engine, document)
+
+
+async def _answer(state, assistant, engine, document) -> dict:
     settings = assistant.settings
     desk = MentionDesk(assistant)
     fits = prompt_fits(engine, settings.reply_max_tokens)
@@ -115,12 +126,15 @@ async def answer_mention(request: Request, document: Any = Depends(json_document
         raise unavailable("the post index cannot be read now; retry later", "index_unavailable") from None
     head = {"id": f"mention-{uuid.uuid4().hex}", "object": "murmur.mention_reply", "created": int(time.time()),
             "model": state.model_name}
+    if isinstance(plan, Answered):
+        return await _replayed(desk, plan, head)
     if isinstance(plan, Skip):
         if plan.reason == "rate_limited":
             raise APIError(429, f"author has had {settings.replies_per_author} replies in the last "
                                 f"{settings.rate_window_s:g} s (serve.assistant.replies_per_author); no reply now",
                            type="rate_limit_exceeded", param="author_id", code="rate_limit_exceeded")
-        return {**head, "mention_id": plan.mention_id, "reply": None, "skipped": plan.reason, "usage": None}
+        return {**head, "mention_id": plan.mention_id, "reply": None, "skipped": plan.reason, "usage": None,
+                "replayed": False}
     generation = GenerationRequest(
         prompts=[plan.messages], sampling=SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
                                                          max_tokens=settings.reply_max_tokens),
@@ -128,5 +142,27 @@ async def answer_mention(request: Request, document: Any = Depends(json_document
     answer = await GenerationService(engine, state.settings, state.model_name).respond(
         generation, ChatFormat(engine.tokenizer, logprobs=False))
     reply = desk.compose(plan, answer["choices"][0]["message"]["content"] or "")
-    return {**head, "mention_id": plan.mention.id, "reply": reply, "skipped": None if reply else "empty_reply",
-            "retrieved": [post.id for post in plan.posts], "usage": answer["usage"]}
+    body = {**head, "mention_id": plan.mention.id, "reply": reply, "skipped": None if reply else "empty_reply",
+            "retrieved": [post.id for post in plan.posts], "usage": answer["usage"], "replayed": False}
+    if reply is not None:
+        try:
+            first = await asyncio.to_thread(desk.remember, plan, reply, response={**head, "usage": body["usage"]})
+        except MurmurError as err:  # the reply is sent all the same; a retry of it could be answered again
+            log.error("POST /v1/mentions: the answer to mention %s could not be recorded: %s", plan.mention.id, err)
+            first = True
+        if not first:  # answered meanwhile by another server or follower on the same index: that answer stands
+            record = await asyncio.to_thread(assistant.index.answer_of, plan.mention.id)
+            if record is not None:
+                return await _replayed(desk, Answered(plan.mention, record), head)
+    return body
+
+
+async def _replayed(desk: MentionDesk, answered: Answered, head: dict) -> dict:
+    """The response to a mention answered before: the first reply, with the first response's id when this
+    server sent it (citations computed again, of the posts still indexed)."""
+    record = answered.record
+    reply = await asyncio.to_thread(desk.replay, answered)
+    first = record.get("response") if isinstance(record.get("response"), dict) else {}
+    return {**head, **{k: first[k] for k in ("id", "created", "model") if k in first},
+            "mention_id": answered.mention.id, "reply": reply, "skipped": None,
+            "retrieved": list(record.get("retrieved", [])), "usage": first.get("usage"), "replayed": True}
