@@ -10,10 +10,17 @@ Two kernels, the fastest the device has:
 
 - "int8pack": `torch._weight_int8pack_mm`, which reads the int8 weight directly. On CPU its bfloat16 path is
   vectorised and its float32 path is not (measured 3-10x slower than bfloat16 on AVX-512, docs/journal.md),
-  so activations enter it in bfloat16 and the result is cast back to the model's dtype.
+  so activations enter it in bfloat16.
 - "dequantize": `linear(x, w.to(dtype)) * scale`, for a device where that kernel is missing.
 
-A product over many rows (a prompt's prefill) dequantizes the weight and uses the float matmul either way.
+Where the device also multiplies bfloat16 natively (AVX512-BF16 or AMX, or CUDA), the whole model computes
+in bfloat16 (`activation_dtype`): its embedding table and norms are cast once here, and the engine keeps its
+KV cache in bfloat16, so no product casts its input and output on every call (casts around each int8
+product were a fifth of a float32 model's int8 decode step, docs/journal.md). Elsewhere the model keeps its
+dtype and each int8pack product casts its input to bfloat16 and its output back.
+
+A product over many rows (a prompt's prefill) dequantizes the weight to the activations' dtype (bfloat16 for
+AMX where the model runs in it, else float32) and uses the float matmul either way.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from murmur import accel
 from murmur.errors import MurmurError
 
 log = logging.getLogger("murmur.infer")
@@ -41,6 +49,16 @@ def int8_kernel(device: torch.device) -> str:
         return "int8pack" if out.shape == (1, 8) and float(out[0, 0]) == 32.0 else "dequantize"
     except (AttributeError, RuntimeError, NotImplementedError):
         return "dequantize"
+
+
+def activation_dtype(kernel: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype an int8 model computes in: bfloat16 when the int8pack kernel runs and the device multiplies
+    bfloat16 natively (the kernel's fast path takes bfloat16, and prefill's dequantized products then run on
+    AMX), else the model's own `dtype` (a CPU without native bfloat16 emulates it, slower than float32)."""
+    if kernel != "int8pack":
+        return dtype
+    native = device.type == "cuda" or (device.type == "cpu" and accel.cpu_bf16_fast())
+    return torch.bfloat16 if native else dtype
 
 
 def quantize_rows(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,9 +103,13 @@ class Int8Linear(nn.Module):
             weight = self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None]
             return F.linear(x, weight, self.bias)
         if self.kernel == "int8pack":
-            flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-            out = torch._weight_int8pack_mm(flat, self.weight, self.scales).to(x.dtype)
+            flat = x.reshape(-1, self.in_features)
+            if flat.dtype != torch.bfloat16:  # a model kept in float32 (no native bfloat16): cast in and out
+                flat = flat.to(torch.bfloat16)
+            out = torch._weight_int8pack_mm(flat.contiguous(), self.weight, self.scales)
             out = out.reshape(*x.shape[:-1], self.out_features)
+            if out.dtype != x.dtype:
+                out = out.to(x.dtype)
         else:
             out = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return out if self.bias is None else out + self.bias
@@ -105,24 +127,30 @@ class QuantizeSummary:
     layers: int
     bytes_before: int
     bytes_after: int
+    activations: torch.dtype | None = None  # the dtype the quantized model computes in
 
     def describe(self) -> str:
+        computes = "" if self.activations is None else f", activations in {str(self.activations).removeprefix('torch.')}"
         return (f"weights quantized to {self.method} ({self.kernel} kernel): {self.layers} linear layers, "
-                f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB")
+                f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB{computes}")
 
 
 def quantize_model(model: nn.Module, method: str) -> QuantizeSummary:
     """Replace every plain nn.Linear of `model` (projections and the output head) by its int8 version, in place.
 
-    A tied output head gets its own int8 copy; the embedding it shares weights with stays as it was.
-    Adapter layers (LoRA kept unmerged) are left alone: they are not plain nn.Linear.
+    A tied output head gets its own int8 copy; the embedding it shares weights with stays float. Adapter
+    layers (LoRA kept unmerged) are left alone: they are not plain nn.Linear. Where `activation_dtype` says
+    bfloat16, the model's remaining float parameters (embedding, norms) and the biases are cast to it, so the
+    model computes in bfloat16 from the embedding lookup on; the rotary frequencies stay float32.
     """
     if method not in QUANTIZATIONS:
         raise MurmurError(f"unknown quantization {method!r}; choose one of {', '.join(QUANTIZATIONS)}")
     if method == "none":
         return QuantizeSummary(method, "none", 0, 0, 0)
-    device = next(model.parameters()).device
+    first = next(model.parameters())
+    device = first.device
     kernel = int8_kernel(device)
+    activations = activation_dtype(kernel, device, first.dtype)
     targets = [(name, module) for name, module in model.named_modules() if type(module) is nn.Linear]
     before = after = 0
     with torch.no_grad():
@@ -133,6 +161,24 @@ def quantize_model(model: nn.Module, method: str) -> QuantizeSummary:
             before += linear.weight.numel() * linear.weight.element_size()
             after += quantized.weight.numel() + quantized.scales.numel() * quantized.scales.element_size()
             setattr(parent, child, quantized)
-    summary = QuantizeSummary(method, kernel, len(targets), before, after)
+        if activations != first.dtype:
+            cast_floats(model, activations)
+    summary = QuantizeSummary(method, kernel, len(targets), before, after, activations)
     log.info("%s", summary.describe())
     return summary
+
+
+def cast_floats(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every floating parameter and every Int8Linear's scales and bias to `dtype`, in place.
+
+    Not `model.to(dtype)`: that would also round buffers kept in float32 on purpose (the rotary frequencies,
+    whose rounding would shift the angles of distant positions).
+    """
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:
+                setattr(module, name, nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad))
+        if isinstance(module, Int8Linear):
+            module.scales = module.scales.to(dtype)
+            if module.bias is not None:
+                module.bias = module.bias.to(dtype)

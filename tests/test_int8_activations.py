@@ -1,0 +1,104 @@
+"""An int8 model computes in bfloat16 end to end where the CPU multiplies bfloat16 natively: no cast around each
+int8 product, a bfloat16 KV cache, prefill on bfloat16 weights; elsewhere it keeps float32 and still serves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from serve_fixtures import make_model, tokenizer  # noqa: F401 (tokenizer: a fixture)
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from murmur import accel
+from murmur.infer import quantize as quantize_module
+from murmur.infer.engine import Engine
+from murmur.infer.quantize import Int8Linear, int8_kernel, quantize_model
+from murmur.infer.sampling import SamplingParams
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+needs_native_bf16 = pytest.mark.skipif(
+    int8_kernel(torch.device("cpu")) != "int8pack" or not accel.cpu_bf16_fast(),
+    reason="this CPU has no int8pack kernel or no native bfloat16: the model stays float32 (tested below)")
+
+
+class OpLog(TorchDispatchMode):
+    """Records every aten op run inside it with its tensor arguments' dtypes."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, list[torch.dtype]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        dtypes = [a.dtype for a in args if isinstance(a, torch.Tensor)]
+        self.ops.append((str(func.overloadpacket.__name__), dtypes))
+        return func(*args, **(kwargs or {}))
+
+    def casts(self) -> int:
+        return sum(name == "_to_copy" for name, _ in self.ops)
+
+    def products(self) -> list[tuple[str, list[torch.dtype]]]:
+        return [(name, dtypes) for name, dtypes in self.ops if name in ("linear", "mm", "addmm", "_weight_int8pack_mm")]
+
+
+def decode_step_ops(engine: Engine) -> OpLog:
+    """The ops of one decode step of slot 0 at position 3 (the engine's own step, as `warmup` calls it)."""
+    tokens = torch.zeros(1, 1, dtype=torch.long)
+    positions = torch.tensor([3])
+    with torch.inference_mode(), OpLog() as log:
+        logits = engine._step_logits(tokens, positions, 4)
+    assert logits.shape == (1, engine.model.settings.vocab_size)
+    return log
+
+
+@needs_native_bf16
+def test_int8_model_computes_in_bf16_without_a_cast_around_each_product(tokenizer):
+    engine = Engine(make_model(tokenizer.vocab_size), tokenizer, max_batch_size=2, quantize="int8")
+    assert engine.quantization.activations == torch.bfloat16 and "activations in bfloat16" in \
+        engine.quantization.describe()
+    assert engine.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert engine.model.inv_freq.dtype == torch.float32  # rotary angles keep their precision
+    log = decode_step_ops(engine)
+    products = log.products()
+    assert len(products) == engine.quantization.layers  # every product is an int8 one...
+    assert all(name == "_weight_int8pack_mm" and dtypes[0] == torch.bfloat16 for name, dtypes in products)
+    # ...and no cast surrounds it: what casts remain are the norms' float32 statistics (in and out) and the
+    # rotary cos/sin. A float32 model casting in and out of every int8 product made 2 x 15 more.
+    norms = 2 * engine.model.settings.n_layers + 1
+    assert log.casts() <= 2 * norms + 2
+
+
+@needs_native_bf16
+def test_int8_engine_keeps_its_kv_cache_in_bf16_at_half_the_bytes(tokenizer):
+    plain = Engine(make_model(tokenizer.vocab_size), tokenizer, max_batch_size=4, max_seq_len=128)
+    int8 = Engine(make_model(tokenizer.vocab_size), tokenizer, max_batch_size=4, max_seq_len=128, quantize="int8")
+    assert int8.cache.k[0].dtype == torch.bfloat16 and plain.cache.k[0].dtype == torch.float32
+    assert int8.cache_plan.bytes * 2 == plain.cache_plan.bytes
+
+
+@needs_native_bf16
+def test_int8_prefill_multiplies_bf16_weights(tokenizer):
+    model = make_model(tokenizer.vocab_size)
+    quantize_model(model, "int8")
+    tokens = torch.randint(0, tokenizer.vocab_size, (1, 2 * Int8Linear.DEQUANTIZE_ROWS))
+    with torch.inference_mode(), OpLog() as log:
+        logits = model(tokens)
+    products = log.products()
+    assert logits.dtype == torch.bfloat16 and len(products) == 15
+    assert all(name != "_weight_int8pack_mm" and set(dtypes) == {torch.bfloat16} for name, dtypes in products)
+
+
+def test_without_native_bf16_the_int8_model_keeps_float32_and_serves(tokenizer, monkeypatch):
+    monkeypatch.setattr(quantize_module.accel, "cpu_bf16_fast", lambda: False)
+    model = make_model(tokenizer.vocab_size)
+    reference = model(torch.tensor([[1, 2, 3, 4]]))
+    engine = Engine(model, tokenizer, max_batch_size=2, quantize="int8")
+    assert engine.quantization.activations == torch.float32 and engine.dtype == torch.float32
+    assert engine.model.embed_tokens.weight.dtype == torch.float32 and engine.cache.k[0].dtype == torch.float32
+    with torch.inference_mode():
+        logits = engine.model(torch.tensor([[1, 2, 3, 4]]))
+        reference = reference.detach()
+    assert logits.dtype == torch.float32
+    relative = float((logits - reference).norm() / reference.norm())
+    assert 0 < relative < 0.05
+    out = engine.generate(["hello world"], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(out[0].token_ids) == 4
