@@ -48,7 +48,8 @@ def test_a_config_claiming_a_million_positions_gets_a_bounded_cache(tok, monkeyp
     with caplog.at_level(logging.INFO, logger="murmur.infer"):
         engine = Engine(model, tok, max_batch_size=2)
     assert cache_bytes(engine) <= 1 * MIB
-    assert (engine.max_batch_size, engine.max_seq_len) == (2, 1 * MIB // (2 * 32))
+    rows = tok.vocab_size * 5  # each slot's sampler rows (seen, counts), counted in the budget too
+    assert (engine.max_batch_size, engine.max_seq_len) == (2, (1 * MIB - 2 * rows) // (2 * 32))
     [line] = [r for r in caplog.records if "KV cache" in r.getMessage()]
     message = line.getMessage()
     assert line.levelno == logging.WARNING  # the model's context was cut: the operator should see it
@@ -65,9 +66,10 @@ def test_a_config_claiming_a_million_positions_gets_a_bounded_cache(tok, monkeyp
 
 def test_an_explicit_byte_budget_and_context(tok):
     model = Transformer(shape(tok.vocab_size, 1_000_000)).eval()
-    engine = Engine(model, tok, max_batch_size=4, max_seq_len=3000, kv_cache_bytes=4 * 3000 * 32)
+    rows = tok.vocab_size * 5  # each slot's sampler rows (seen, counts), counted in the budget too
+    engine = Engine(model, tok, max_batch_size=4, max_seq_len=3000, kv_cache_bytes=4 * (3000 * 32 + rows))
     assert (engine.max_batch_size, engine.max_seq_len, cache_bytes(engine)) == (4, 3000, 4 * 3000 * 32)
-    small = Engine(model, tok, max_batch_size=4, max_seq_len=3000, kv_cache_bytes=2 * 3000 * 32 + 5)
+    small = Engine(model, tok, max_batch_size=4, max_seq_len=3000, kv_cache_bytes=2 * (3000 * 32 + rows) + 5)
     assert (small.max_batch_size, small.max_seq_len) == (2, 3000)  # an asked-for context is kept; the batch gives
 
 

@@ -53,7 +53,8 @@ def available_memory(device: torch.device, meminfo: str | Path = "/proc/meminfo"
 
 @dataclass(frozen=True)
 class CachePlan:
-    """What the KV cache holds and why: `max_batch_size` slots of `max_seq_len` positions, `bytes` in all."""
+    """What the KV cache holds and why: `max_batch_size` slots of `max_seq_len` positions, `bytes` of keys and
+    values in all, and `state_bytes` of per-slot sampler state counted in the same budget."""
 
     max_batch_size: int
     max_seq_len: int
@@ -61,22 +62,25 @@ class CachePlan:
     budget: int
     shrunk: bool
     reason: str
+    state_bytes: int = 0
 
     def describe(self) -> str:
         return (f"KV cache: max_batch_size={self.max_batch_size} max_seq_len={self.max_seq_len} "
-                f"{self.bytes:,} bytes of a {self.budget:,}-byte budget; {self.reason}")
+                f"{self.bytes:,} bytes (+ {self.state_bytes:,} of sampler state) of a {self.budget:,}-byte "
+                f"budget; {self.reason}")
 
 
 def plan_cache(settings: ModelSettings, dtype: torch.dtype, *, max_batch_size: int, max_seq_len: int | None = None,
                budget_bytes: int | None = None, memory_fraction: float = 0.5,
-               device: torch.device | None = None, reserve_slots: int = 0) -> CachePlan:
+               device: torch.device | None = None, reserve_slots: int = 0, slot_state_bytes: int = 0) -> CachePlan:
     """Choose the slots and context of the KV cache so that it fits its budget.
 
     The context is the model's, or `max_seq_len` when that is set and smaller. The budget is `budget_bytes`,
     else `memory_fraction` of the memory free on `device`; `reserve_slots` more slots' worth of it is kept for
-    memory sized like a slot (the prefix store). When the cache does not fit, a context the operator did not
-    ask for is cut first, down to MIN_SHRUNK_CONTEXT positions, then the batch; when one slot does not fit
-    either, the error says which setting to change.
+    memory sized like a slot (the prefix store), and each slot also costs `slot_state_bytes` (the sampler's rows
+    over the vocabulary: with a 256k vocabulary they outweigh a short context's keys and values). When the cache
+    does not fit, a context the operator did not ask for is cut first, down to MIN_SHRUNK_CONTEXT positions, then
+    the batch; when one slot does not fit either, the error says which setting to change.
     """
     if budget_bytes is None and not 0 < memory_fraction <= 1:
         raise MurmurError(f"serve.kv_cache_memory_fraction must be in (0, 1], got {memory_fraction}")
@@ -93,17 +97,18 @@ def plan_cache(settings: ModelSettings, dtype: torch.dtype, *, max_batch_size: i
     batch = max_batch_size
 
     def fits(slots: int, positions: int) -> bool:
-        return (slots + reserve_slots) * positions * per_position <= budget
+        return (slots + reserve_slots) * positions * per_position + slots * slot_state_bytes <= budget
 
     reasons = []
     if not fits(batch, length) and not asked:
-        cut = max(min(model_len, MIN_SHRUNK_CONTEXT), budget // ((batch + reserve_slots) * per_position))
+        cut = max(min(model_len, MIN_SHRUNK_CONTEXT),
+                  (budget - batch * slot_state_bytes) // ((batch + reserve_slots) * per_position))
         reasons.append(f"the model's context of {model_len:,} positions cut to {min(cut, length):,}")
         length = min(cut, length)
     if not fits(batch, length):
-        batch = budget // (length * per_position) - reserve_slots
+        batch = (budget - reserve_slots * length * per_position) // (length * per_position + slot_state_bytes)
         if batch < 1:
-            need = (1 + reserve_slots) * length * per_position
+            need = (1 + reserve_slots) * length * per_position + slot_state_bytes
             raise MurmurError(
                 f"the KV cache budget ({budget:,} bytes, from {source}) cannot hold one request of {length:,} "
                 f"positions ({need:,} bytes); raise serve.kv_cache_memory_fraction or set serve.kv_cache_bytes, "
@@ -114,7 +119,8 @@ def plan_cache(settings: ModelSettings, dtype: torch.dtype, *, max_batch_size: i
     else:
         whose = "the asked-for" if asked else "the model's"
         reason = f"{whose} context at max_batch_size {batch} fits ({source})"
-    return CachePlan(batch, length, batch * length * per_position, budget, bool(reasons), reason)
+    return CachePlan(batch, length, batch * length * per_position, budget, bool(reasons), reason,
+                     batch * slot_state_bytes)
 
 
 class SlotKVCache:
