@@ -163,7 +163,9 @@ class Engine:
         self.cache_plan = plan_cache(model.settings, self.dtype, max_batch_size=max_batch_size,
                                      max_seq_len=max_seq_len, budget_bytes=kv_cache_bytes,
                                      memory_fraction=kv_cache_memory_fraction, device=self.device,
-                                     reserve_slots=1 if prefix_cache > 0 else 0)
+                                     reserve_slots=1 if prefix_cache > 0 else 0,
+                                     # each slot's `seen` (bool) and `counts` (int32) rows, allocated below
+                                     slot_state_bytes=model.settings.vocab_size * 5)
         log.log(logging.WARNING if self.cache_plan.shrunk else logging.INFO, "%s", self.cache_plan.describe())
         self.max_seq_len = self.cache_plan.max_seq_len
         self.max_batch_size = max_batch_size = self.cache_plan.max_batch_size
