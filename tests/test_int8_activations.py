@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from murmur import accel
 from murmur.infer import quantize as quantize_module
 from murmur.infer.engine import Engine
-from murmur.infer.quantize import Int8Linear, int8_kernel, quantize_model
+from murmur.infer.quantize import Int8Linear, int8_activations_run, int8_kernel, quantize_model
 from murmur.infer.sampling import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,16 +37,16 @@ class OpLog(TorchDispatchMode):
         return sum(name == "_to_copy" for name, _ in self.ops)
 
     def products(self) -> list[tuple[str, list[torch.dtype]]]:
-        return [(name, dtypes) for name, dtypes in self.ops if name in ("linear", "mm", "addmm", "_weight_int8pack_mm")]
+        return [(name, dtypes) for name, dtypes in self.ops if name in ("linear", "mm", "addmm", "_weight_int8pack_mm", "_int_mm")]
 
 
-def decode_step_ops(engine: Engine) -> OpLog:
-    """The ops of one decode step of slot 0 at position 3 (the engine's own step, as `warmup` calls it)."""
-    tokens = torch.zeros(1, 1, dtype=torch.long)
-    positions = torch.tensor([3])
+def decode_step_ops(engine: Engine, rows: int = 1) -> OpLog:
+    """The ops of one decode step of slots 0..rows-1 at position 3 (the engine's own step, as `warmup` calls it)."""
+    tokens = torch.zeros(rows, 1, dtype=torch.long)
+    positions = torch.full((rows,), 3)
     with torch.inference_mode(), OpLog() as log:
         logits = engine._step_logits(tokens, positions, 4)
-    assert logits.shape == (1, engine.model.settings.vocab_size)
+    assert logits.shape == (rows, engine.model.settings.vocab_size)
     return log
 
 
@@ -102,3 +102,27 @@ def test_without_native_bf16_the_int8_model_keeps_float32_and_serves(tokenizer, 
     assert 0 < relative < 0.05
     out = engine.generate(["hello world"], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert len(out[0].token_ids) == 4
+
+
+@pytest.mark.skipif(int8_kernel(torch.device("cpu")) != "int8pack" or not int8_activations_run(torch.device("cpu")),
+                    reason="no int8pack or no torch._int_mm on this CPU")
+def test_a_decode_batch_multiplies_int8_activations_and_one_row_does_not(tokenizer):
+    engine = Engine(make_model(tokenizer.vocab_size), tokenizer, max_batch_size=4, quantize="int8")
+    assert engine.quantization.int8_batches
+    batch = [name for name, _ in decode_step_ops(engine, rows=4).products()]
+    assert batch == ["_int_mm"] * engine.quantization.layers  # int8pack's time grows with the rows
+    single = [name for name, _ in decode_step_ops(engine, rows=1).products()]
+    assert single == ["_weight_int8pack_mm"] * engine.quantization.layers  # its faster one-row kernel
+
+
+@pytest.mark.parametrize("rows", [2, 8, 31])
+def test_int8_activation_products_match_the_float_layer_within_rounding(rows):
+    if not int8_activations_run(torch.device("cpu")):
+        pytest.skip("torch._int_mm does not run on this CPU")
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(96, 40, bias=True)
+    x = torch.randn(rows, 96)
+    out, expected = Int8Linear.from_linear(linear, "int8pack", int8_activations=True)(x), linear(x)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    relative = float((out - expected).detach().norm() / expected.detach().norm())
+    assert 0 < relative < 0.03

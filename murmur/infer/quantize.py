@@ -51,6 +51,19 @@ def int8_kernel(device: torch.device) -> str:
         return "dequantize"
 
 
+def int8_activations_run(device: torch.device) -> bool:
+    """Whether `torch._int_mm` (int8 x int8 -> int32) runs on `device` for a few rows: on CPU it is oneDNN's
+    VNNI/AMX kernel, whose time hardly grows with the rows (tried on a tiny product)."""
+    if device.type != "cpu":
+        return False  # CUDA's kernel needs more than 16 rows; there int8pack serves decode batches
+    try:
+        x = torch.ones(2, 32, dtype=torch.int8, device=device)
+        out = torch._int_mm(x, torch.ones(32, 8, dtype=torch.int8, device=device))
+        return out.shape == (2, 8) and int(out[1, 7]) == 32
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
 def activation_dtype(kernel: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The dtype an int8 model computes in: bfloat16 when the int8pack kernel runs and the device multiplies
     bfloat16 natively (the kernel's fast path takes bfloat16, and prefill's dequantized products then run on
@@ -77,32 +90,38 @@ class Int8Linear(nn.Module):
     """A linear layer whose weight is int8 (out x in) with a scale per output row; same outputs as nn.Linear
     within rounding. Built from a float layer with `Int8Linear.from_linear`."""
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, kernel: str):
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, kernel: str,
+                 int8_activations: bool = False):
         super().__init__()
         if weight.dtype != torch.int8 or weight.dim() != 2 or scales.shape != weight.shape[:1]:
             raise MurmurError("Int8Linear needs an int8 (out, in) weight and one scale per output row")
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.kernel = kernel
+        self.int8_activations = int8_activations
         self.register_buffer("weight", weight.contiguous())
         self.register_buffer("scales", scales)
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, kernel: str) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, kernel: str, int8_activations: bool = False) -> Int8Linear:
         scale_dtype = torch.bfloat16 if kernel == "int8pack" else linear.weight.dtype
         q, scales = quantize_rows(linear.weight, scale_dtype)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(q, scales, bias, kernel)
+        return cls(q, scales, bias, kernel, int8_activations)
 
     # Rows (tokens) from which a product dequantizes the weight and calls the float matmul instead: a prompt's
     # prefill is bound by arithmetic, where int8pack's kernel is slower than MKL's (docs/journal.md).
     DEQUANTIZE_ROWS = 32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() >= self.DEQUANTIZE_ROWS * self.in_features:
+        rows = x.numel() // self.in_features
+        if rows >= self.DEQUANTIZE_ROWS:
             weight = self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None]
             return F.linear(x, weight, self.bias)
-        if self.kernel == "int8pack":
+        if rows > 1 and self.int8_activations:
+            out = self._int8_product(x.reshape(rows, self.in_features))
+            out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        elif self.kernel == "int8pack":
             flat = x.reshape(-1, self.in_features)
             if flat.dtype != torch.bfloat16:  # a model kept in float32 (no native bfloat16): cast in and out
                 flat = flat.to(torch.bfloat16)
@@ -113,6 +132,15 @@ class Int8Linear(nn.Module):
         else:
             out = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return out if self.bias is None else out + self.bias
+
+    def _int8_product(self, flat: torch.Tensor) -> torch.Tensor:
+        """A decode batch's product with its rows rounded to int8 too (one scale per row, absmax/127), as
+        llama.cpp's Q8_0 and CTranslate2's int8 do: int8pack's time grows with the rows (3-9x from 1 to 8 rows
+        on SmolLM2's shapes), `_int_mm`'s hardly does (docs/journal.md). Returns float32."""
+        x = flat.float()
+        row_scales = x.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        q = torch.round(x / row_scales).to(torch.int8)
+        return torch._int_mm(q, self.weight.t()) * (row_scales * self.scales.float())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
@@ -128,9 +156,11 @@ class QuantizeSummary:
     bytes_before: int
     bytes_after: int
     activations: torch.dtype | None = None  # the dtype the quantized model computes in
+    int8_batches: bool = False  # decode batches of 2-31 rows round their activations to int8 (`_int_mm`)
 
     def describe(self) -> str:
         computes = "" if self.activations is None else f", activations in {str(self.activations).removeprefix('torch.')}"
+        computes += ", decode batches with int8 activations" if self.int8_batches else ""
         return (f"weights quantized to {self.method} ({self.kernel} kernel): {self.layers} linear layers, "
                 f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB{computes}")
 
@@ -151,19 +181,20 @@ def quantize_model(model: nn.Module, method: str) -> QuantizeSummary:
     device = first.device
     kernel = int8_kernel(device)
     activations = activation_dtype(kernel, device, first.dtype)
+    batched = kernel == "int8pack" and int8_activations_run(device)
     targets = [(name, module) for name, module in model.named_modules() if type(module) is nn.Linear]
     before = after = 0
     with torch.no_grad():
         for name, linear in targets:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            quantized = Int8Linear.from_linear(linear, kernel)
+            quantized = Int8Linear.from_linear(linear, kernel, batched)
             before += linear.weight.numel() * linear.weight.element_size()
             after += quantized.weight.numel() + quantized.scales.numel() * quantized.scales.element_size()
             setattr(parent, child, quantized)
         if activations != first.dtype:
             cast_floats(model, activations)
-    summary = QuantizeSummary(method, kernel, len(targets), before, after, activations)
+    summary = QuantizeSummary(method, kernel, len(targets), before, after, activations, batched)
     log.info("%s", summary.describe())
     return summary
 
