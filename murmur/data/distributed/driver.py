@@ -1,5 +1,5 @@
 """The Ray executor's driver: plan the read tasks, run them as a Ray Data pipeline on the workers, then run the
-global step's shuffles (global_step) and stream each group's outputs into the run's files.
+global step's shuffles (global_step) and copy each group's part files (parts) into the run's files.
 
 Completed read tasks persist in the work folder (`ray-<plan>/map-*.{parquet,json}` and the plan in
 `manifest.json`): a rerun after the driver died skips them. The work folder must be on storage every node
@@ -9,17 +9,18 @@ reads and writes (the output folder on a shared filesystem); sources likewise.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from murmur.data import canaries as canary_module
 from murmur.data.batch import id_hash
 from murmur.data.compliance import Deletions
 from murmur.data.distributed import global_step as g
+from murmur.data.distributed.parts import PARTS_FOLDER, write_outputs
 from murmur.data.distributed.reading import (
     ReadTask,
     count_spans,
@@ -30,9 +31,9 @@ from murmur.data.distributed.reading import (
     task_names,
 )
 from murmur.data.distributed.shuffle import call
-from murmur.data.records import CONVERSATION_SCHEMA, POST_SCHEMA, QUARANTINE_SCHEMA, SPLITS
+from murmur.data.records import SPLITS
 from murmur.errors import MurmurError
-from murmur.files import atomic_path, write_json_atomic
+from murmur.files import write_json_atomic
 from murmur.fingerprint import digest
 from murmur.settings.data import DataSettings
 
@@ -78,6 +79,7 @@ def run_ray(settings: DataSettings, sources, work: Path, deletions: Deletions, p
             "bucket_forest", "merge_near", "apply_near", "scatter_kept", "resolve_parents", "pointer_requests",
             "pointer_answers", "root_requests", "id_values", "root_ids", "reasons_by_group", "deleted_ids",
             "finish_group", "conversations", "top_authors")}
+        remote["write_outputs"] = ray.remote(max_retries=TASK_RETRIES)(write_outputs)
         tasks, folder = _plan(settings, sources, work)
         _map_stage(settings, tasks, folder, progress)
         progress.stage("dedup, deletions, threads on the cluster")
@@ -168,6 +170,8 @@ def _global(settings: DataSettings, remote: dict, n_tasks: int, folder: Path, wo
     group_tasks = g.group_tasks(n_tasks, parts)
     n_groups = len(group_tasks)
     dir_ = str(folder)
+    shutil.rmtree(folder / PARTS_FOLDER, ignore_errors=True)  # a previous run's, perhaps of other partitions
+    (folder / PARTS_FOLDER).mkdir()
 
     def shuffle(mapper_outputs: list[list]) -> list[list]:
         """Reducer j's inputs: the j-th output of every mapper."""
@@ -219,55 +223,47 @@ def _global(settings: DataSettings, remote: dict, n_tasks: int, folder: Path, wo
     gone_ref = ray.put(deletions.posts | set(deleted_ids))
     accounts_set, tomb_set = ray.put(set(deletions.accounts)), ray.put(tombstones)
     settings_json = settings.model_dump_json()
-    finished = [call(remote["finish_group"], 3 + 2 * parts, dir_, tasks, settings_json, gone_ref, accounts_set,
+    finished = [call(remote["finish_group"], 1 + 2 * parts, dir_, k, tasks, settings_json, gone_ref, accounts_set,
                      tomb_set, parts, len(reasons), *[out[k] for out in reasons], *[out[k] for out in roots])
                 for k, tasks in enumerate(group_tasks)]
-    conversation_refs = [call(remote["conversations"], 1, settings_json,
-                              *[out[3 + j] for out in finished])[0] for j in range(parts)]
-    author_refs = [call(remote["top_authors"], 1, 10, *[out[3 + parts + j] for out in finished])[0]
+    conversation_refs = [call(remote["conversations"], 1, dir_, j, settings_json,
+                              *[out[1 + j] for out in finished])[0] for j in range(parts)]
+    author_refs = [call(remote["top_authors"], 1, 10, *[out[1 + parts + j] for out in finished])[0]
                    for j in range(parts)]
+    group_refs = [out[0] for out in finished]
     # The shuffles' objects are freed as their consumers finish once the driver lets go of them.
-    del scattered, reduced, meta, nodes, requests, values, roots, reasons
-    return _write(settings, work, finished, conversation_refs, author_refs, tombstones, found)
+    del scattered, reduced, meta, nodes, requests, values, roots, reasons, finished
+    return _write(settings, remote, work, folder, group_refs, conversation_refs, author_refs, tombstones, found)
 
 
-def _write(settings: DataSettings, work: Path, finished, conversation_refs, author_refs, tombstones,
-           found) -> dict:
-    """Stream the groups' posts and quarantine, then the conversations, into the staged output files."""
+def _write(settings: DataSettings, remote: dict, work: Path, folder: Path, group_refs, conversation_refs,
+           author_refs, tombstones, found) -> dict:
+    """Gather the groups' and partitions' counts, then have a task copy their part files into the staged
+    output files. The driver fetches counts only: rows it fetched, or Parquet it decoded, would grow its memory
+    with the posts (docs/journal.md, "Ray driver memory, session 4")."""
     import ray
 
     counts = {"n_in": 0, "dropped": Counter(), "in_by_source": Counter(), "splits": Counter(), "kept": 0,
               "quarantine_reasons": Counter(), "quarantined": 0, "unquarantined": 0, "redacted": 0}
-    with atomic_path(work / "posts.parquet") as posts_tmp, pq.ParquetWriter(posts_tmp, POST_SCHEMA) as posts, \
-            atomic_path(work / "quarantine.parquet") as q_tmp, pq.ParquetWriter(q_tmp, QUARANTINE_SCHEMA) as quarantine:
-        for k in range(len(finished)):
-            # Our references go as soon as a group is written: the object store then frees its pages, which
-            # the driver mapped while reading them (they would count in its memory until the end otherwise).
-            table, screened, group = ray.get(finished[k][:3])
-            finished[k] = None
-            posts.write_table(table)
-            quarantine.write_table(screened)
-            del table, screened
-            for key, value in group.items():
-                if isinstance(value, dict):
-                    counts[key].update(value)
-                else:
-                    counts[key] += value
-        canary_list = canary_module.make_canaries(settings.canaries, settings.canary_repeats, settings.seed)
-        rows = canary_module.canary_rows(canary_list)
-        if rows:
-            posts.write_table(pa.Table.from_pylist(rows, schema=POST_SCHEMA))
+    for k in range(len(group_refs)):
+        group = ray.get(group_refs[k])  # a group's part files are complete once its counts are here
+        group_refs[k] = None
+        for key, value in group.items():
+            if isinstance(value, dict):
+                counts[key].update(value)
+            else:
+                counts[key] += value
     n_conversations = n_turns = 0
     conversation_splits = Counter()
-    with atomic_path(work / "conversations.parquet") as tmp, pq.ParquetWriter(tmp, CONVERSATION_SCHEMA) as writer:
-        for j in range(len(conversation_refs)):
-            table, turns, splits = ray.get(conversation_refs[j])
-            conversation_refs[j] = None
-            if table.num_rows:
-                writer.write_table(table)
-            n_conversations += table.num_rows
-            n_turns += turns
-            conversation_splits.update(splits)
+    for j in range(len(conversation_refs)):
+        written, turns, splits = ray.get(conversation_refs[j])
+        conversation_refs[j] = None
+        n_conversations += written
+        n_turns += turns
+        conversation_splits.update(splits)
+    ray.get(remote["write_outputs"].remote(str(folder), str(work), len(group_refs), len(conversation_refs),
+                                           settings.model_dump_json()))
+    canary_list = canary_module.make_canaries(settings.canaries, settings.canary_repeats, settings.seed)
     if settings.canaries:
         write_json_atomic(work / "canaries.json", canary_module.canaries_document(canary_list, settings.seed))
     authors = sorted((a for ref in author_refs for a in ray.get(ref)), key=lambda a: (-a[1], a[2]))[:10]

@@ -7,12 +7,13 @@ Every post is named by `order` (its place in the input) and carries its hashes. 
                   exact duplicates (the earliest by (time, order) stays)
   by band key     near-duplicate links, union-find per partition; one task merges the forests
   by post/parent  thread roots by pointer doubling, a lookup join per round, as many rounds as the local step
-  by task group   each group of read tasks writes its posts in input order, sends thread rows by root and
-                  authors of dropped posts by author; quarantined records are screened per group
-  by root         conversations, a bucket of whole trees at a time
+  by task group   each group of read tasks writes its posts in input order (a part file), sends thread rows
+                  by root and authors of dropped posts by author; quarantined records are screened per group
+  by root         conversations, a bucket of whole trees at a time (a part file)
 
 The driver holds object references (partitions x partitions), per-group counts, the tombstones and the ids
-deleted with an account or a deleted text (both bounded by the deletions), and one group's output at a time.
+deleted with an account or a deleted text (both bounded by the deletions); it fetches no rows, and copies the
+part files into the outputs a row group at a time (parts).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 from murmur.data.batch import SURVIVOR_SCHEMA, band_column, id_hash
 from murmur.data.dedup import first_occurrence
 from murmur.data.distributed.components import merge_forests, partition_forest
+from murmur.data.distributed.parts import part_path, write_part
 from murmur.data.distributed.reading import ORDER_BITS, task_names
 from murmur.data.distributed.shuffle import concat, split_by
 
@@ -257,10 +259,10 @@ def deleted_ids(folder: str, tasks: list[int], *tables) -> list[str]:
     return found
 
 
-def finish_group(folder: str, tasks: list[int], settings_json: str, gone: set[str], accounts: set[str],
-                 tombstones: set[int], parts: int, n_reasons: int, *tables) -> list:
-    """A group's outputs: its posts in input order, its counts, thread rows by root, dropped authors by
-    author, and its screened quarantine."""
+def finish_group(folder: str, group: int, tasks: list[int], settings_json: str, gone: set[str],
+                 accounts: set[str], tombstones: set[int], parts: int, n_reasons: int, *tables) -> list:
+    """A group's outputs: its posts in input order and its screened quarantine, written as part files; its
+    counts, thread rows by root and dropped authors by author, returned."""
     from murmur.data.compliance import screen_quarantine
     from murmur.data.pii import PiiDetector
     from murmur.data.threads import kept_parent, without_deleted
@@ -329,14 +331,17 @@ def finish_group(folder: str, tasks: list[int], settings_json: str, gone: set[st
     author_table = pa.table({"author": [a[0] for a in authors], "count": [a[1] for a in authors],
                              **{f"seen{i}": [a[2 + i] for a in authors] for i in range(4)}}, schema=AUTHOR_SCHEMA)
     author_keys = np.array([id_hash(a) for a in author_table.column("author").to_pylist()], dtype=np.uint64)
-    return _returns([concat(posts, POST_SCHEMA), pa.Table.from_pylist(kept_rows, schema=QUARANTINE_SCHEMA),
-                     {k: dict(v) if isinstance(v, Counter) else v for k, v in stats.items()}]
+    write_part(part_path(folder, "posts", group), POST_SCHEMA, posts)
+    write_part(part_path(folder, "quarantine", group), QUARANTINE_SCHEMA,
+               [pa.Table.from_pylist(kept_rows, schema=QUARANTINE_SCHEMA)])
+    return _returns([{k: dict(v) if isinstance(v, Counter) else v for k, v in stats.items()}]
                     + split_by(thread_table, "root_id", parts, keys=thread_keys)
                     + split_by(author_table, "author", parts, keys=author_keys))
 
 
-def conversations(settings_json: str, *tables) -> tuple:
-    """The conversations of whole trees (every post of a root is in this partition)."""
+def conversations(folder: str, partition: int, settings_json: str, *tables) -> tuple:
+    """The conversations of whole trees (every post of a root is in this partition), written as a part file;
+    (conversations, turns, conversations by split)."""
     from murmur.data.records import CONVERSATION_SCHEMA
     from murmur.data.threads import bucket_conversations
     from murmur.settings.data import DataSettings
@@ -346,7 +351,9 @@ def conversations(settings_json: str, *tables) -> tuple:
                                                    ("order", "ascending")])
     table = table.drop_columns(["time", "order"]).append_column("order", pa.array(np.arange(table.num_rows)))
     rows, turns, splits = bucket_conversations(table, settings)
-    return pa.Table.from_pylist(rows, schema=CONVERSATION_SCHEMA), turns, dict(splits)
+    written = write_part(part_path(folder, "conversations", partition), CONVERSATION_SCHEMA,
+                         [pa.Table.from_pylist(rows, schema=CONVERSATION_SCHEMA)])
+    return written, turns, dict(splits)
 
 
 def top_authors(limit: int, *tables) -> list:
