@@ -34,9 +34,11 @@ def tokens(tmp_path_factory):
 
 
 def timed_run(run_dir, clock: FakeClock, monkeypatch, step_s: float = STEP_S, crash_at: int | None = None,
-              first_eval_s: float = EVAL_S, compiled: bool = False, **train):
+              first_eval_s: float = EVAL_S, compiled: bool = False, later_step_s: float | None = None, **train):
     """Train pretraining with the fake clock advanced by each step, validation and checkpoint; `compiled`
-    stands for torch.compile, whose first validation pays `first_eval_s` for compiling the forward."""
+    stands for torch.compile, whose first validation pays `first_eval_s` for compiling the forward;
+    `later_step_s` is the time of every step after the calibration's (a machine that slowed down)."""
+    calibration = time_budget.WARMUP_STEPS + time_budget.TIMED_STEPS
     calls = {"steps": 0, "evals": 0}
     original_step, original_eval, original_save = Trainer.train_step, Trainer.evaluate, Trainer.save
 
@@ -44,7 +46,12 @@ def timed_run(run_dir, clock: FakeClock, monkeypatch, step_s: float = STEP_S, cr
         if crash_at is not None and self.step == crash_at:
             raise KeyboardInterrupt("killed")
         calls["steps"] += 1
-        clock.now += FIRST_STEP_S if calls["steps"] == 1 else step_s
+        if calls["steps"] == 1:
+            clock.now += FIRST_STEP_S
+        elif later_step_s is not None and calls["steps"] > calibration:
+            clock.now += later_step_s
+        else:
+            clock.now += step_s
         return original_step(self, batches)
 
     def evaluate(self):
@@ -135,6 +142,36 @@ def test_a_compiled_model_plans_with_a_validation_that_did_not_compile(tokens, t
     # 40.5 s left, 38.475 s usable: 20 steps cost 20 + 5 × 2 + 3 × 1.5 = 34.5 s; 23 steps 23 + 6 × 2 + 3 × 1.5
     # = 39.5 s do not fit; 22 steps: 22 + 6 × 2 + 3 × 1.5 = 38.5 s do not either; 21: 21 + 12 + 4.5 = 37.5 s.
     assert record["steps"] == 21
+
+
+def test_a_slower_warmup_fixes_the_steps_again_inside_the_budget(tokens, tmp_path, monkeypatch):
+    """The calibration's steps took 1 s, the real ones 1.5 s: at the end of a 6-step warmup the stage fixes
+    8 steps instead of 10 and ends inside its 30 s (10 steps would have taken 33.5 s)."""
+    link_tokens(tmp_path / "a", tokens)
+    clock = FakeClock()
+    summary = timed_run(tmp_path / "a", clock, monkeypatch, later_step_s=1.5, warmup_steps=6)
+    record = json.loads((tmp_path / "a" / "pretrain" / time_budget.BUDGET_FILE).read_text())
+    # At step 6: 9.5 s before training + 6 steps × 1.5 s + the step-4 validation 2 s = 20.5 s; 9.5 s left,
+    # 9.025 s usable. 8 steps: 2 × 1.5 + the last validation 2 + the step-8 checkpoint 1.5 = 6.5 s fit;
+    # 9 steps: 3 × 1.5 + validations at 8, 9 (4) + checkpoints at 8, 9 (3) = 11.5 s do not.
+    assert record["steps_calibrated"] == 10 and record["rechecked_at_step"] == 6
+    assert record["seconds_per_step_warmup"] == pytest.approx(1.5)
+    assert record["steps"] == summary["steps"] == 8
+    assert record["reproduce"] == "--set train.steps=8 --set train.time_budget_minutes=0"
+    assert clock.now - 1000.0 == pytest.approx(27.0)
+    # The warmup's learning rates do not depend on the total: the recorded steps reproduce the run exactly.
+    link_tokens(tmp_path / "b", tokens)
+    run_stage(settings_for(tmp_path / "b", **{**SETTINGS, "warmup_steps": 6, "steps": 8, "time_budget_minutes": 0}),
+              tmp_path / "b", "pretrain")
+    assert read_losses(tmp_path / "b" / "pretrain") == read_losses(tmp_path / "a" / "pretrain")
+    assert read_val(tmp_path / "b" / "pretrain") == read_val(tmp_path / "a" / "pretrain")
+
+
+def test_a_short_warmup_keeps_the_calibrated_steps(tokens, tmp_path, monkeypatch):
+    link_tokens(tmp_path, tokens)
+    summary = timed_run(tmp_path, FakeClock(), monkeypatch, later_step_s=1.5)  # warmup 3: too few steps to time
+    record = json.loads((tmp_path / "pretrain" / time_budget.BUDGET_FILE).read_text())
+    assert summary["steps"] == record["steps"] == 10 and record["rechecked_at_step"] is None
 
 
 def test_steps_that_fit_counts_evaluations_and_checkpoints():

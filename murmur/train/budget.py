@@ -6,6 +6,11 @@ counting the evaluations and checkpoints those steps will run. The number is wri
 before the first real step: a resumed stage keeps it, and `--set SECTION.steps=N
 SECTION.time_budget_minutes=0` reproduces the run exactly, since the schedule (warmup, decay) is computed
 for N from step 0 as it would be for a plain N-step run.
+
+Three timed steps can flatter a machine (the steps after them ran 7% slower on an idle laptop; more once
+other work started). So a stage whose warmup is long enough (at least RECHECK_MIN_WARMUP steps) times its
+real warmup steps too and fixes the number again when the warmup ends: the learning rate of a warmup step
+does not depend on the total, so `--set SECTION.steps=N` with the final N still reproduces the run exactly.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ WARMUP_STEPS = 1
 TIMED_STEPS = 3
 # Share of the remaining budget left unplanned: step times vary by a few percent on a busy machine.
 SAFETY_MARGIN = 0.05
+# The shortest warmup whose steps are timed to fix the number of steps again (the first is not timed).
+RECHECK_MIN_WARMUP = 5
 
 
 @dataclass
@@ -38,6 +45,11 @@ class BudgetPlan:
     seconds_before_training: float  # setup, first validation, calibration: spent before step 1
     planned_seconds: float  # what the plan expects the whole stage to take
     reproduce: str  # the overrides that rerun exactly these steps without a budget
+    # Set when the warmup's steps fixed the number again: the step it happened after, the steps the
+    # calibration had fixed and the warmup's time a step.
+    rechecked_at_step: int | None = None
+    steps_calibrated: int | None = None
+    seconds_per_step_warmup: float | None = None
 
     def record(self) -> dict[str, Any]:
         return asdict(self)

@@ -20,6 +20,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -265,6 +266,7 @@ class Trainer:
         self.overwrite = overwrite
         self.ts = training_settings(settings, stage)  # its steps become the budget's number once fixed
         self.budget_pending = self.ts.time_budget_minutes > 0  # steps not fixed yet: calibrate at step 0
+        self.budget_recheck: dict[str, Any] | None = None  # the plan and warmup times, until the warmup ends
         self.stage_dir = self.run_dir / stage
         self.step = 0  # optimizer steps done, earlier sessions of a resumed stage included
         self.tokens = 0
@@ -492,16 +494,61 @@ class Trainer:
             eval_seconds=eval_s, checkpoint_seconds=checkpoint_s, seconds_before_training=spent,
             planned_seconds=planned,
             reproduce=f"--set {section}.steps={steps} --set {section}.time_budget_minutes=0")
-        if self.rt.is_main:
-            time_budget.write_budget(self.stage_dir, plan)
-        if dist.is_initialized():
-            dist.barrier()
+        self._record_budget(plan)
         self._set_steps(steps)
         self._say(f"budget       {steps} steps fit {ts.time_budget_minutes:g} min (at most {plan.steps_ceiling}): "
                   f"{step_s:.2f} s/step ({plan.tokens_per_sec:,.0f} tokens/s), validation {eval_s:.1f} s, "
                   f"checkpoint {checkpoint_s:.1f} s, {spent:.0f} s before training; planned {planned / 60:.1f} min."
                   f" Reproduce: {plan.reproduce}")
+        if ts.warmup_steps >= time_budget.RECHECK_MIN_WARMUP and steps > ts.warmup_steps:
+            self.budget_recheck = {"plan": plan, "seconds": 0.0, "steps": 0}
         return iter(self.loader)
+
+    def _record_budget(self, plan: time_budget.BudgetPlan) -> None:
+        if self.rt.is_main:
+            time_budget.write_budget(self.stage_dir, plan)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _recheck_budget(self, step_seconds: float) -> None:
+        """Count a warmup step's time; when the warmup ends, fix the number of steps again from those times
+        (every step but the first), within the budget and the ceiling, and record it."""
+        recheck = self.budget_recheck
+        if self.step > 1:
+            recheck["seconds"] += step_seconds
+            recheck["steps"] += 1
+        if self.step < self.ts.warmup_steps:
+            return
+        self.budget_recheck = None
+        plan, ts = recheck["plan"], self.ts
+        times = torch.tensor([recheck["seconds"] / recheck["steps"], self.clock() - self.started],
+                             dtype=torch.float64, device=self.rt.device)
+        step_s, spent = _all_reduce(times, dist.ReduceOp.MAX if dist.is_initialized() else None).tolist()
+        # The steps left fit what is left of the budget; evaluations and checkpoints fall on absolute steps:
+        # those of a `total`-step stage less those already behind.
+        usable = ts.time_budget_minutes * 60 - spent
+        done = self.step
+
+        def cost(total: int) -> float:
+            evals = time_budget.occurrences(total, ts.eval_interval) - done // ts.eval_interval
+            saves = time_budget.occurrences(total, ts.checkpoint_interval) - done // ts.checkpoint_interval
+            return (total - done) * step_s + evals * plan.eval_seconds + saves * plan.checkpoint_seconds
+
+        steps = self.step
+        for total in range(self.step + 1, plan.steps_ceiling + 1):  # cost() grows with total
+            if cost(total) > usable * (1 - time_budget.SAFETY_MARGIN):
+                break
+            steps = total
+        section = section_name(self.stage)
+        if steps != plan.steps:
+            plan = dataclasses.replace(
+                plan, steps=steps, rechecked_at_step=self.step, steps_calibrated=plan.steps,
+                seconds_per_step_warmup=step_s, planned_seconds=spent + cost(steps),
+                reproduce=f"--set {section}.steps={steps} --set {section}.time_budget_minutes=0")
+            self._record_budget(plan)
+            self._set_steps(steps)
+            self._say(f"budget       {steps} steps after the warmup's {step_s:.2f} s/step (calibration: "
+                      f"{plan.seconds_per_step:.2f}, {plan.steps_calibrated} steps). Reproduce: {plan.reproduce}")
 
     def _load_initial_weights(self, kind: str, path: Path) -> None:
         if kind == "checkpoint":
@@ -797,7 +844,12 @@ class Trainer:
                         batches = self._fix_steps_by_budget(batches, self.clock() - mark)
                         logger.total_steps = self.ts.steps
             while self.step < self.ts.steps:
+                mark = self.clock()
                 self.take_step(batches, meter)
+                if self.budget_recheck is not None:
+                    self._sync_device()
+                    self._recheck_budget(self.clock() - mark)
+                    logger.total_steps = self.ts.steps
                 if self.should_log(self.step):
                     self._log_interval(meter, logger)
                 if self.should_evaluate(self.step):
