@@ -1,5 +1,6 @@
 """The index stage inside `murmur build`: it runs after data, is skipped when nothing it reads changed, is not
-rebuilt for a setting that only changes queries, and a rebuild keeps deletions applied to the live index."""
+rebuilt for a setting that only changes queries, and a rebuild keeps deletions applied to the live index and
+the mentions the assistant answered."""
 
 from __future__ import annotations
 
@@ -76,6 +77,12 @@ def test_a_rebuild_keeps_deletions_applied_to_the_live_index(tmp_path, corpus, b
     with open_index(tmp_path / "run", settings.index) as index:
         assert sorted(index.get(["a1", "b1", "c1"])) == ["a1", "b1", "c1"]
         index.delete(posts=["a1"])  # as `murmur index --follow` applies a stream's delete event
+        # The assistant answered three mentions; one's author, then another mention, are deleted later.
+        for mention, author in (("m1", "dan"), ("m2", "eve"), ("m3", "fay")):
+            assert index.record_answer(mention, author, {"reply": f"reply to {mention}"})
+        index.delete(accounts=["eve"])
+    with open_index(tmp_path / "run", settings.index) as index:
+        index.delete(posts=["m3"])
     # A changed index setting rebuilds the index from posts.parquet, which still holds a1.
     rebuilt = settings.model_copy(deep=True)
     rebuilt.index.splits = ["train", "test"]
@@ -85,3 +92,6 @@ def test_a_rebuild_keeps_deletions_applied_to_the_live_index(tmp_path, corpus, b
         assert sorted(index.get(["a1", "b1", "c1"])) == ["b1"]
         assert "a1" not in {h.post.id for h in index.search("pier meetup thursday", limit=50)}
         assert "a1" in index.tombstones("post")
+        # Answered mentions survive the rebuild (a retry is still answered once), the deleted ones do not.
+        assert index.answers() == [("m1", "dan", {"reply": "reply to m1"})]
+        assert index.answer_of("m1") == {"reply": "reply to m1"} and index.answer_of("m3") is None

@@ -242,6 +242,12 @@ class PostIndex(ABC):
         with self._lock, self._transaction():
             return self._record_answer(mention_id, author_id, json.dumps(record, ensure_ascii=False))
 
+    def answers(self) -> list[tuple[str, str | None, dict]]:
+        """Every answered mention (mention id, author, record), in mention id order: what a rebuilt index
+        carries over, so that a retry after `murmur index` is still answered once."""
+        with self._lock:
+            return [(mention, author, json.loads(record)) for mention, author, record in self._answers()]
+
     def audit(self, posts: Iterable[str], accounts: Iterable[str]) -> list[str]:
         """Problems: a deleted post or a post of a deleted account still present, a reference to a deleted
         post left, or a deletion without its tombstone (a replayed stream could bring the post back)."""
@@ -327,6 +333,9 @@ class PostIndex(ABC):
 
     @abstractmethod
     def _record_answer(self, mention_id: str, author_id: str | None, record: str) -> bool: ...
+
+    @abstractmethod
+    def _answers(self) -> list[tuple[str, str | None, str]]: ...
 
     @abstractmethod
     def _forget_answers(self, column: str, ids: set[str]) -> None:

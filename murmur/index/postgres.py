@@ -214,6 +214,10 @@ class PostgresIndex(PostIndex):
         return self.db.execute(self._sql("INSERT INTO {s}.answered VALUES (%s, %s, %s) ON CONFLICT DO NOTHING"),
                                (mention_id, author_id, record)).rowcount == 1
 
+    def _answers(self) -> list[tuple[str, str | None, str]]:
+        return self.db.execute(self._sql("SELECT mention_id, author_id, record FROM {s}.answered "
+                                         "ORDER BY mention_id")).fetchall()
+
     def _forget_answers(self, column: str, ids: set[str]) -> None:
         assert column in ("mention_id", "author_id")
         self.db.execute(self._sql(f"DELETE FROM {{s}}.answered WHERE {column} = ANY(%s)"), (sorted(ids),))

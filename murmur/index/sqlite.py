@@ -182,6 +182,9 @@ class SqliteIndex(PostIndex):
         return self.db.execute("INSERT OR IGNORE INTO answered VALUES (?, ?, ?)",
                                (mention_id, author_id, record)).rowcount == 1
 
+    def _answers(self) -> list[tuple[str, str | None, str]]:
+        return self.db.execute("SELECT mention_id, author_id, record FROM answered ORDER BY mention_id").fetchall()
+
     def _forget_answers(self, column: str, ids: set[str]) -> None:
         assert column in ("mention_id", "author_id")
         self._in(f"DELETE FROM answered WHERE {column} IN ({{}})", sorted(ids))

@@ -4,6 +4,8 @@ A build never changes the index readers use until it is complete: SQLite is writ
 index.json is switched to it atomically; PostgreSQL is filled in a `SCHEMA_build` schema swapped in with one
 transaction. Deletions survive a rebuild: the run's recorded deletion lists and the previous index's
 tombstones are the new index's tombstones, so a stream replayed into it cannot bring a deleted post back.
+The mentions the assistant answered are carried over too (but those deleted since), so a retried mention
+is not answered a second time after a rebuild.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ from murmur.settings.index import IndexSettings
 READ_COLUMNS = ["id", "author_id", "text", "created_at", "conversation_id", "in_reply_to_id", "split"]
 
 
-def _previous_tombstones(index_dir: Path, url: str | None, settings: IndexSettings) -> tuple[set[str], set[str]]:
-    """The tombstones of the index being replaced (none when there is none)."""
+def _previous_state(index_dir: Path, url: str | None, settings: IndexSettings
+                    ) -> tuple[set[str], set[str], list[tuple[str, str | None, dict]]]:
+    """The tombstones (posts, accounts) and answered mentions of the index being replaced (none when there
+    is none)."""
     try:
         with open_index(url or index_dir, settings) as old:
-            return old.tombstones("post"), old.tombstones("account")
+            return old.tombstones("post"), old.tombstones("account"), old.answers()
     except IndexUnavailable:
-        return set(), set()
+        return set(), set(), []
 
 
 def _posts(data_dir: Path, splits: list[str], batch_size: int):
@@ -54,16 +58,21 @@ def build(data_dir: str | Path, index_dir: str | Path, settings: IndexSettings, 
     data_dir, index_dir = Path(data_dir), Path(index_dir)
     started = time.monotonic()
     recorded = recorded_deletions(data_dir)
-    old_posts, old_accounts = _previous_tombstones(index_dir, settings.url, settings)
+    old_posts, old_accounts, old_answers = _previous_state(index_dir, settings.url, settings)
     index, finish = _fresh_index(index_dir, settings)
     counts: Counter = Counter()
     try:
         tombstones = Changes()
-        for ident in sorted(recorded.posts | deleted_post_ids(data_dir) | old_posts):
+        deleted_posts = recorded.posts | deleted_post_ids(data_dir) | old_posts
+        deleted_accounts = recorded.accounts | old_accounts
+        for ident in sorted(deleted_posts):
             tombstones.delete("post", ident)
-        for ident in sorted(recorded.accounts | old_accounts):
+        for ident in sorted(deleted_accounts):
             tombstones.delete("account", ident)
         index.apply(tombstones)
+        for mention, author, record in old_answers:  # a retried mention stays answered once, unless deleted
+            if mention not in deleted_posts and author not in deleted_accounts:
+                index.record_answer(mention, author, record)
         for batch in _posts(data_dir, settings.splits, settings.batch_size):
             counts.update(index.add(batch))
             if progress:
