@@ -40,10 +40,15 @@ class SlowTransformer(Transformer):
 
 def make_model(vocab_size: int, seed: int = 0, max_seq_len: int = 256, dim: int = 48, delay_s: float = 0.0
                ) -> Transformer:
-    """A random 2-layer model; a wide init makes its logits peaked, so greedy choices are clear-cut."""
+    """A random 2-layer model; a wide init makes its logits peaked, so greedy choices are clear-cut.
+
+    A plain Transformer (the engine then decodes through its packed step), or with `delay_s` a SlowTransformer
+    (whose own forward the engine calls for every pass)."""
     torch.manual_seed(seed)
     settings = ModelSettings(vocab_size=vocab_size, dim=dim, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=2 * dim,
                              max_seq_len=max_seq_len, init_std=0.3)
+    if not delay_s:
+        return Transformer(settings).eval()
     model = SlowTransformer(settings).eval()
     model.delay_s = delay_s
     return model

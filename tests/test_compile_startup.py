@@ -46,13 +46,13 @@ def test_background_compile_serves_eagerly_first_then_switches_to_the_compiled_s
     engine.warmup(background=True)  # returns at once
     assert engine.background_compile.status == "compiling"
     assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == want
-    assert engine._decode_step == engine._decode_logits  # that was the eager step
+    assert engine._decode_step == engine._eager_step  # that was the eager step
     gate.set()
     # Requests keep being served, correctly, while the compilation runs beside them.
     while not engine.background_compile.wait(timeout=0.2):
         assert [c.token_ids for c in engine.generate(PROMPTS[:1], GREEDY)] == want[:1]
     assert engine.background_compile.status == "compiled", engine.background_compile.status
-    assert engine._decode_step != engine._decode_logits
+    assert engine._decode_step != engine._eager_step
     graphs = counters["stats"]["unique_graphs"]
     assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == want
     # The warm-up's graph serves the requests: none of them compiles another (a SmolLM2 recompile took minutes).

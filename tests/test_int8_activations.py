@@ -59,7 +59,8 @@ def test_int8_model_computes_in_bf16_without_a_cast_around_each_product(tokenize
     assert engine.model.inv_freq.dtype == torch.float32  # rotary angles keep their precision
     log = decode_step_ops(engine)
     products = log.products()
-    assert len(products) == engine.quantization.layers  # every product is an int8 one...
+    # every product is an int8 one (the packed decode step's: q/k/v in one, gate/up in one, o, down; the head)...
+    assert engine.decode_path == "packed" and len(products) == 4 * engine.model.settings.n_layers + 1
     assert all(name == "_weight_int8pack_mm" and dtypes[0] == torch.bfloat16 for name, dtypes in products)
     # ...and no cast surrounds it: what casts remain are the norms' float32 statistics (in and out) and the
     # rotary cos/sin. A float32 model casting in and out of every int8 product made 2 x 15 more.
@@ -109,10 +110,11 @@ def test_without_native_bf16_the_int8_model_keeps_float32_and_serves(tokenizer, 
 def test_a_decode_batch_multiplies_int8_activations_and_one_row_does_not(tokenizer):
     engine = Engine(make_model(tokenizer.vocab_size), tokenizer, max_batch_size=4, quantize="int8")
     assert engine.quantization.int8_batches
+    products = 4 * engine.model.settings.n_layers + 1  # the packed decode step's (qkv, o, gate_up, down; head)
     batch = [name for name, _ in decode_step_ops(engine, rows=4).products()]
-    assert batch == ["_int_mm"] * engine.quantization.layers  # int8pack's time grows with the rows
+    assert batch == ["_int_mm"] * products  # int8pack's time grows with the rows
     single = [name for name, _ in decode_step_ops(engine, rows=1).products()]
-    assert single == ["_weight_int8pack_mm"] * engine.quantization.layers  # its faster one-row kernel
+    assert single == ["_weight_int8pack_mm"] * products  # its faster one-row kernel
 
 
 @pytest.mark.parametrize("rows", [2, 8, 31])

@@ -34,6 +34,7 @@ import torch
 from murmur import accel
 from murmur.errors import MurmurError, RequestError
 from murmur.infer.compiled import BackgroundCompile, use_persistent_cache
+from murmur.infer.decode import PackedDecoder, why_not
 from murmur.infer.kv_cache import DecodeView, SlotKVCache, bytes_per_position, plan_cache
 from murmur.infer.quantize import quantize_model
 from murmur.infer.sampling import SamplingParams, TokenChoice, make_generator, sample
@@ -152,7 +153,8 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer, *, max_batch_size: int = 16, max_seq_len: int | None = None,
                  max_queue: int = 256, prefix_cache: int = 0, stuck_after_s: float = 30.0, compile: bool = False,
-                 kv_cache_bytes: int | None = None, kv_cache_memory_fraction: float = 0.5, quantize: str = "none"):
+                 kv_cache_bytes: int | None = None, kv_cache_memory_fraction: float = 0.5, quantize: str = "none",
+                 packed_decode: bool = True):
         # quantize="int8": the model's linear layers become int8 in place (murmur/infer/quantize.py).
         self.quantization = quantize_model(model, quantize)
         self.model = model.eval()
@@ -178,8 +180,14 @@ class Engine:
         if compile and self.device.type == "cpu" and (why := accel.cpu_compile_unavailable()):
             log.warning("serving without compiling the decode step: %s", why)
             compile = False
+        # Eager decode steps go through PackedDecoder (a dozen ops a layer, murmur/infer/decode.py) where it
+        # serves the model; the compiled step compiles the model's own forward.
+        why = "packed_decode=False" if not packed_decode else why_not(model)
+        self.packed_decoder = PackedDecoder(model, self.cache) if why is None else None
+        self.decode_path = "packed" if why is None else f"model forward ({why})"
+        self._eager_step = self._packed_logits if why is None else self._decode_logits
         self.compiled = compile
-        self._decode_step = self._compile_decode() if compile else self._decode_logits
+        self._decode_step = self._compile_decode() if compile else self._eager_step
         self.background_compile: BackgroundCompile | None = None  # set by warmup(background=True)
         vocab = model.settings.vocab_size
         # Tokens each slot has seen (prompt and output), for the repetition penalty; how often each slot
@@ -528,7 +536,7 @@ class Engine:
     def _step_logits(self, tokens: torch.Tensor, positions: torch.Tensor, length: int, step=None) -> torch.Tensor:
         keys = self._key_positions[:length]
         step = step or self._decode_step
-        if step != self._decode_logits:  # compiled
+        if step != self._eager_step:  # compiled
             # One graph for any attended length, and one for any batch above one (size-1 dims specialise).
             torch._dynamo.maybe_mark_dynamic(keys, 0)
             if len(positions) > 1:
@@ -544,12 +552,20 @@ class Engine:
         mask = (keys[None, :] <= positions[:, None])[:, None, None, :]
         hidden = self.model(tokens, positions=positions[:, None], cache=DecodeView(self.cache, positions, mask),
                             return_hidden=True)
+        return self._head(hidden[:, -1])
+
+    def _packed_logits(self, tokens: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """`_decode_logits` through PackedDecoder: the same logits from far fewer operations."""
+        return self._head(self.packed_decoder(tokens, positions, keys))
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) of final hidden states (B, dim)."""
         # head @ hidden^T rather than hidden @ head^T: the same product, and on CPU MKL runs this layout
         # 1.8x faster for a batch of rows once the head outgrows the L2 cache (docs/journal.md).
         head = self.model.lm_head
         if type(head) is not torch.nn.Linear:
-            return head(hidden[:, -1])  # an int8 head has its own kernel
-        return torch.mm(head.weight, hidden[:, -1].t()).t()
+            return head(hidden)  # an int8 head has its own kernel
+        return torch.mm(head.weight, hidden.t()).t()
 
     def _compile_decode(self):
         """The decode step as one torch.compile graph: far fewer kernel launches and Python calls per token.
@@ -586,7 +602,7 @@ class Engine:
         if not background:
             compile_now()
             return
-        self._decode_step = self._decode_logits
+        self._decode_step = self._eager_step
 
         def swap() -> None:
             self._decode_step = compiled

@@ -128,9 +128,12 @@ class SlotKVCache:
 
     def __init__(self, settings: ModelSettings, num_slots: int, max_len: int, device: torch.device,
                  dtype: torch.dtype):
-        shape = (num_slots, settings.kv_heads, max_len, settings.attention_head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(settings.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(settings.n_layers)]
+        shape = (2, num_slots, settings.kv_heads, max_len, settings.attention_head_dim)
+        # A layer's keys and values in one tensor, so a decode step writes both in one index_copy_
+        # (murmur/infer/decode.py); k[layer] and v[layer] are its two halves.
+        self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(settings.n_layers)]
+        self.k = [kv[0] for kv in self.kv]
+        self.v = [kv[1] for kv in self.kv]
         self.max_len, self.device = max_len, device
         self._slots: Tensor | None = None
         self._rows: list[tuple[int, int]] = []  # (slot, start) per row, as Python ints: no device sync per layer

@@ -1,0 +1,175 @@
+"""The engine's decode step in few operations: one new token for each of slots 0..B-1.
+
+The model's own `forward` serves every pass (prefill, prompt log-probabilities, the compiled step), but one
+decode token through it is ~50 small operations a layer (three projections, the norms' casts, rope's slices and
+concatenations, the cache's advanced indexing, views), and on a CPU a small model's token is then bound by
+the cost of launching them, not by reading the weights (docs/journal.md, "Serving: a decode path with fewer
+ops"). `PackedDecoder` computes the same function with about a dozen operations a layer:
+
+- each layer's q/k/v projections are one product, and gate/up one product: at load their weights (int8
+  weights and scales too) are copied once into one packed tensor per layer, and the model's own layers are
+  pointed at row slices of it, so the model and this step share the weights and no memory is added;
+- rope rotates q and k together, written back in place into the packed product's output, so the new keys and
+  values sit side by side and go into the cache in one `index_copy_`;
+- the cache is written through flat row indices computed once per step for every layer, the attention mask
+  and the rotary angles are computed once per step too, and nothing reads a value back to Python.
+
+The model code knows nothing of this: the engine builds a `PackedDecoder` over a plain `Transformer` (or an
+int8 one from `quantize_model`) and falls back to the model's forward for anything else (`why_not`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from murmur.infer.kv_cache import SlotKVCache
+from murmur.infer.quantize import Int8Linear
+from murmur.model import MLP, Attention, Block, RMSNorm, Transformer
+
+
+def why_not(model: nn.Module) -> str | None:
+    """Why `PackedDecoder` cannot serve `model` (its forward must then do it), or None when it can."""
+    if not isinstance(model, Transformer):
+        return "not a murmur Transformer"
+    if type(model).forward is not Transformer.forward:
+        return f"{type(model).__name__} overrides forward"
+    if model.embed_tokens is None or model.norm is None or model.lm_head is None:
+        return "a part of a model (no embedding, final norm or head)"
+    for block in model.blocks():
+        attn, mlp = block.self_attn, block.mlp
+        if (type(block), type(attn), type(mlp)) != (Block, Attention, MLP) or type(block.input_layernorm) is not RMSNorm:
+            return "a block of another kind"
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        kinds = {type(linear) for linear in linears}
+        if not (kinds <= {nn.Linear} or kinds <= {Int8Linear}):
+            return "layers other than nn.Linear or Int8Linear (LoRA adapters kept apart?)"
+        if kinds == {Int8Linear} and len({(lin.kernel, lin.int8_activations) for lin in linears}) > 1:
+            return "int8 layers with different kernels"
+    return None
+
+
+def _pack(layers: list[nn.Module]) -> nn.Module:
+    """One layer computing `layers` side by side (their outputs concatenated), whose weights the layers then
+    view: the packed copy replaces theirs, so memory does not grow."""
+    first = layers[0]
+    biases = [layer.bias for layer in layers]
+    with torch.no_grad():
+        if isinstance(first, Int8Linear):
+            packed = Int8Linear(torch.cat([layer.weight for layer in layers]),
+                                torch.cat([layer.scales for layer in layers]),
+                                None if biases[0] is None else torch.cat(biases), first.kernel,
+                                first.int8_activations)
+            start = 0
+            for layer in layers:
+                end = start + layer.out_features
+                layer.weight, layer.scales = packed.weight[start:end], packed.scales[start:end]
+                if layer.bias is not None:
+                    layer.bias = packed.bias[start:end]
+                start = end
+            return packed
+        weight = torch.cat([layer.weight.detach() for layer in layers])
+        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        packed = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                           dtype=weight.dtype)
+        packed.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            packed.bias = nn.Parameter(bias, requires_grad=False)
+        start = 0
+        for layer in layers:
+            end = start + layer.out_features
+            layer.weight = nn.Parameter(packed.weight[start:end], requires_grad=False)
+            if layer.bias is not None:
+                layer.bias = nn.Parameter(packed.bias[start:end], requires_grad=False)
+            start = end
+        return packed
+
+
+def _product(layer: nn.Module):
+    """`layer`'s function without nn.Module's call overhead: F.linear for a float layer, else its forward."""
+    if type(layer) is nn.Linear:
+        weight, bias = layer.weight, layer.bias
+        return lambda x: F.linear(x, weight, bias)
+    return layer.forward
+
+
+class _Layer:
+    """What one block's decode step reads: the packed products, the norms' weights, the cache's storage."""
+
+    def __init__(self, block: nn.Module, kv: Tensor):
+        attn, mlp = block.self_attn, block.mlp
+        self.qkv = _product(_pack([attn.q_proj, attn.k_proj, attn.v_proj]))
+        self.gate_up = _product(_pack([mlp.gate_proj, mlp.up_proj]))
+        self.o_proj, self.down_proj = _product(attn.o_proj), _product(mlp.down_proj)
+        self.input_norm, self.post_norm = block.input_layernorm, block.post_attention_layernorm
+        self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+        self.kv_rows = kv.view(-1, kv.shape[-1])  # (2 x slots x kv_heads x max_len, head_dim)
+        self.keys, self.values = kv[0], kv[1]
+
+
+def _norm(norm: RMSNorm, x: Tensor) -> Tensor:
+    """The model's RMSNorm in one fused call where x is float32 (the cast and the weight's product are then the
+    kernel's own); other dtypes normalise in float32 and round, as the model does."""
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).to(x.dtype)
+
+
+class PackedDecoder:
+    """The decode step over `model` and the engine's `cache`; see the module docstring. Build it after any
+    quantization (it packs the layers the model has then)."""
+
+    def __init__(self, model: Transformer, cache: SlotKVCache):
+        if (reason := why_not(model)) is not None:
+            raise ValueError(f"PackedDecoder cannot serve this model: {reason}")
+        settings = model.settings
+        self.model = model
+        self.n_heads, self.n_kv_heads = settings.n_heads, settings.kv_heads
+        self.head_dim = settings.attention_head_dim
+        self.slots, self.max_len = cache.k[0].shape[0], cache.max_len
+        self.layers = [_Layer(block, cache.kv[i]) for i, block in enumerate(model.blocks())]
+        device = model.embed_tokens.weight.device
+        # Flat row of (key/value, row, kv head) at position 0 of the cache's (2, slots, kv_heads, max_len) rows.
+        which = torch.arange(2, device=device)[None, :, None]
+        heads = torch.arange(self.n_kv_heads, device=device)[None, None, :]
+        rows = torch.arange(self.slots, device=device)[:, None, None]
+        self._row_base = ((which * self.slots + rows) * self.n_kv_heads + heads) * self.max_len  # (slots, 2, kvh)
+        half = self.head_dim // 2
+        self._half = half
+
+    def __call__(self, tokens: Tensor, positions: Tensor, keys: Tensor) -> Tensor:
+        """Final normed hidden states (B, dim) for tokens (B, 1) at positions (B,), attending to `keys` (L,)."""
+        model = self.model
+        batch = tokens.shape[0]
+        x = F.embedding(tokens[:, 0], model.embed_tokens.weight)
+        dtype = x.dtype
+        # Once per step for every layer: rotary angles, where each row's key and value go, the mask.
+        angles = positions[:, None].float() * model.inv_freq.float()  # (B, head_dim/2)
+        cos = angles.cos().to(dtype).repeat(1, 2)[:, None]  # (B, 1, head_dim), HF's half-split layout
+        sin = angles.sin().to(dtype)
+        sin = torch.cat((-sin, sin), dim=-1)[:, None]  # rotate_half(x) * sin == roll(x, half) * this
+        kv_index = (self._row_base[:batch] + positions[:, None, None]).view(-1)
+        length = keys.shape[0]
+        mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        gqa = self.n_heads != self.n_kv_heads
+        q_heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
+        rotated = q_heads + kv_heads  # q and k heads, side by side in the qkv product
+        for layer in self.layers:
+            qkv = layer.qkv(_norm(layer.input_norm, x))  # (B, (H + 2 KVH) * D)
+            qk = qkv[:, :rotated * head_dim].view(batch, rotated, head_dim)
+            if layer.q_norm is not None:
+                qk = torch.cat((layer.q_norm(qk[:, :q_heads]), layer.k_norm(qk[:, q_heads:])), dim=1)
+            # x * cos + rotate_half(x) * sin as the model rounds it (addcmul rounds once: bf16 tokens drift),
+            # written over q and k in place.
+            torch.add(qk * cos, torch.roll(qk, self._half, -1).mul_(sin),
+                      out=qkv[:, :rotated * head_dim].view(batch, rotated, head_dim))
+            layer.kv_rows.index_copy_(0, kv_index, qkv[:, q_heads * head_dim:].reshape(-1, head_dim))
+            q = qkv[:, :q_heads * head_dim].view(batch, q_heads, 1, head_dim)
+            attended = F.scaled_dot_product_attention(q, layer.keys[:batch, :, :length],
+                                                      layer.values[:batch, :, :length], attn_mask=mask,
+                                                      enable_gqa=gqa).view(batch, q_heads * head_dim)
+            x = x + layer.o_proj(attended)
+            gate, up = layer.gate_up(_norm(layer.post_norm, x)).chunk(2, dim=-1)
+            x = x + layer.down_proj(F.silu(gate).mul_(up))
+        return _norm(model.norm, x)
