@@ -87,11 +87,20 @@ def _pack(layers: list[nn.Module]) -> nn.Module:
 
 
 def _product(layer: nn.Module):
-    """`layer`'s function without nn.Module's call overhead: F.linear for a float layer, else its forward."""
-    if type(layer) is nn.Linear:
-        weight, bias = layer.weight, layer.bias
-        return lambda x: F.linear(x, weight, bias)
-    return layer.forward
+    """`layer`'s function without nn.Module's call overhead: its forward for an int8 layer; for a float layer
+    W @ x^T for one row (MKL's gemv reads the weight 10-20% faster that way than `linear`'s x @ W^T, measured
+    over SmolLM2's 30 layers, weights out of cache), else `linear`."""
+    if type(layer) is not nn.Linear:
+        return layer.forward
+    weight, bias = layer.weight, layer.bias
+
+    def product(x: Tensor) -> Tensor:
+        if x.shape[0] != 1:
+            return F.linear(x, weight, bias)
+        out = torch.mm(weight, x.t()).t()  # (1, out): a view of (out, 1), contiguous as it is one row
+        return out if bias is None else out + bias
+
+    return product
 
 
 class _Layer:
