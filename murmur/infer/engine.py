@@ -4,7 +4,9 @@ Requests wait in a queue; between decode steps the engine admits as many as ther
 (prefilling each prompt into its slot), then runs one decode step for every running request at
 once, samples one token per request, and streams the text out. A request leaves the batch the
 moment it finishes or is aborted, and its slot is reused by the next one. The model's own `forward`
-does the work, through `positions` and the `KVCache` protocol.
+prefills, through `positions` and the `KVCache` protocol; decode steps go through `PackedDecoder`
+(murmur/infer/decode.py: the same function in far fewer ops, on the model's own weights) where it serves the
+model, else through the model's forward too.
 
 Two ways to drive it:
 
@@ -185,6 +187,7 @@ class Engine:
         why = "packed_decode=False" if not packed_decode else why_not(model)
         self.packed_decoder = PackedDecoder(model, self.cache) if why is None else None
         self.decode_path = "packed" if why is None else f"model forward ({why})"
+        log.info("decode steps: %s", self.decode_path)
         self._eager_step = self._packed_logits if why is None else self._decode_logits
         self.compiled = compile
         self._decode_step = self._compile_decode() if compile else self._eager_step
