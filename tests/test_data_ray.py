@@ -135,6 +135,65 @@ def test_ray_cluster_outputs_are_the_local_executors(cluster, corpus, capsys, mo
     assert SECRET.encode() not in everything
 
 
+class TaskLedger:
+    """Every task the driver module starts and every object it puts, seen through a spy on ray.remote and
+    ray.put: the ObjectRefs Ray keeps bookkeeping for in the driver."""
+
+    def __init__(self, monkeypatch):
+        self.returns, self.ref_args, self.puts = [], [], 0
+        real_remote, real_put = ray.remote, ray.put
+
+        def from_driver() -> bool:
+            return sys._getframe(2).f_globals.get("__name__") == driver.__name__
+
+        def spy_remote(*args, **kwargs):
+            made = real_remote(*args, **kwargs)
+            if not from_driver():
+                return made
+            if args and callable(args[0]) and not kwargs:
+                return self._spied(made, 1)
+            return lambda function: self._spied(made(function), kwargs.get("num_returns", 1))
+
+        def spy_put(*args, **kwargs):
+            if from_driver():
+                self.puts += 1
+            return real_put(*args, **kwargs)
+
+        monkeypatch.setattr(ray, "remote", spy_remote)
+        monkeypatch.setattr(ray, "put", spy_put)
+
+    def _spied(self, remote_function, num_returns: int):
+        ledger = self
+
+        class Spied:
+            def options(self, **options):
+                return ledger._spied(remote_function.options(**options), options.get("num_returns", num_returns))
+
+            def remote(self, *args, **kwargs):
+                ledger.returns.append(num_returns)
+                ledger.ref_args.append(sum(isinstance(a, ray.ObjectRef) for a in [*args, *kwargs.values()]))
+                return remote_function.remote(*args, **kwargs)
+
+        return Spied()
+
+
+def test_every_shuffle_holds_one_object_a_task_in_the_driver(cluster, corpus, monkeypatch):
+    """A shuffle of M mappers and P reducers leaves O(M + P) objects in the driver: mappers write one file each
+    and return one small object; reducers are told where the files are, not given M references each (Ray keeps
+    some 3 kB of bookkeeping a reference in the driver: M x P of them grew the driver with the posts)."""
+    (head, _), (root, common, local) = cluster, corpus
+    ledger = TaskLedger(monkeypatch)
+    remote = pipeline.run(DataSettings(**common | {"partitions": 4}, executor="ray", address=head.address),
+                          root / "ledger", progress=False)
+    assert_same(root, local, "ledger", remote)  # other partitions, the same outputs
+    tasks = len(ledger.returns)
+    assert tasks > 4 * 10  # the global step's tasks were all seen: scatters, reduces, doubling rounds
+    assert max(ledger.returns) == 1, "a task returned an object per partition"
+    # Each task is given at most the three broadcasts (deletions, tombstones), not one reference per mapper;
+    # only the merge of the near-duplicate forests takes one per partition.
+    assert sorted(ledger.ref_args)[-2] <= 3, sorted(ledger.ref_args)[-5:]
+
+
 def test_a_worker_killed_mid_run_changes_nothing(cluster, corpus):
     (head, workers), (root, common, local) = cluster, corpus
     out = root / "killed"

@@ -1,5 +1,6 @@
 """The Ray executor's driver: plan the read tasks, run them as a Ray Data pipeline on the workers, then run the
-global step's shuffles (global_step) and copy each group's part files (parts) into the run's files.
+global step's shuffles (global_step, through files: shuffle) and copy each group's part files (parts) into the
+run's files.
 
 Completed read tasks persist in the work folder (`ray-<plan>/map-*.{parquet,json}` and the plan in
 `manifest.json`): a rerun after the driver died skips them. The work folder must be on storage every node
@@ -30,7 +31,7 @@ from murmur.data.distributed.reading import (
     run_read_task,
     task_names,
 )
-from murmur.data.distributed.shuffle import call
+from murmur.data.distributed.shuffle import SHUFFLE_FOLDER, Gather, forget, run_step, step_path
 from murmur.data.records import SPLITS
 from murmur.errors import MurmurError
 from murmur.files import write_json_atomic
@@ -74,12 +75,8 @@ def run_ray(settings: DataSettings, sources, work: Path, deletions: Deletions, p
 
     started = connect(settings)
     try:
-        remote = {name: ray.remote(max_retries=TASK_RETRIES)(getattr(g, name)) for name in (
-            "scatter_meta", "reduce_ids", "scatter_exact", "reduce_exact", "near_candidates", "band_links",
-            "bucket_forest", "merge_near", "apply_near", "scatter_kept", "resolve_parents", "pointer_requests",
-            "pointer_answers", "root_requests", "id_values", "root_ids", "reasons_by_group", "deleted_ids",
-            "finish_group", "conversations", "top_authors")}
-        remote["write_outputs"] = ray.remote(max_retries=TASK_RETRIES)(write_outputs)
+        remote = {"run_step": ray.remote(max_retries=TASK_RETRIES)(run_step),
+                  "write_outputs": ray.remote(max_retries=TASK_RETRIES)(write_outputs)}
         tasks, folder = _plan(settings, sources, work)
         _map_stage(settings, tasks, folder, progress)
         progress.stage("dedup, deletions, threads on the cluster")
@@ -162,8 +159,40 @@ def _partitions(settings: DataSettings, folder: Path, n_tasks: int) -> int:
     return max(1, min(int(ray.cluster_resources().get("CPU", 1)), n_tasks), -(-posts // POSTS_PER_PARTITION))
 
 
+class _Steps:
+    """Starts the global step's tasks (shuffle.run_step, one object each) and deletes shuffle files."""
+
+    def __init__(self, run_step, folder: str):
+        self.run_step, self.folder = run_step, folder
+
+    def start(self, function, calls: list[tuple], outputs: tuple[str, ...] = ()) -> list:
+        """A task of `function` per argument tuple in `calls`, task i writing file i of each step in `outputs`;
+        their references."""
+        return [self.run_step.remote(function, tuple(str(step_path(self.folder, name, i)) for name in outputs),
+                                     *args) for i, args in enumerate(calls)]
+
+    def run(self, function, calls: list[tuple], outputs: tuple[str, ...] = ()) -> list:
+        """As start, then wait for every task (their files complete) and fetch their summaries."""
+        import ray
+
+        return ray.get(self.start(function, calls, outputs))
+
+    def gather(self, step: str, batch: int, mappers: int) -> Gather:
+        """Batch `batch` of every file of `step`: a reducer's input."""
+        return Gather(self.folder, step, batch, 0, mappers)
+
+    def own(self, step: str, mapper: int) -> Gather:
+        """The one table mapper `mapper` of `step` wrote: a partition handed on to the next step."""
+        return Gather(self.folder, step, 0, mapper, mapper + 1)
+
+    def forget(self, *steps: str) -> None:
+        for step in steps:
+            forget(self.folder, step)
+
+
 def _global(settings: DataSettings, remote: dict, n_tasks: int, folder: Path, work: Path,
             deletions: Deletions) -> dict:
+    """The shuffles (global_step), each step's tasks waited for before the next step reads their files."""
     import ray
 
     parts = _partitions(settings, folder, n_tasks)
@@ -172,87 +201,110 @@ def _global(settings: DataSettings, remote: dict, n_tasks: int, folder: Path, wo
     dir_ = str(folder)
     shutil.rmtree(folder / PARTS_FOLDER, ignore_errors=True)  # a previous run's, perhaps of other partitions
     (folder / PARTS_FOLDER).mkdir()
-
-    def shuffle(mapper_outputs: list[list]) -> list[list]:
-        """Reducer j's inputs: the j-th output of every mapper."""
-        return [[out[j] for out in mapper_outputs] for j in range(parts)]
+    steps = _Steps(remote["run_step"], str(folder / PARTS_FOLDER))
+    every_partition = range(parts)
 
     # Duplicate ids and deletions, by id hash.
     deleted_posts = np.array(sorted(id_hash(p) for p in deletions.posts), dtype=np.uint64)
     deleted_accounts = np.array(sorted(id_hash(a) for a in deletions.accounts), dtype=np.uint64)
-    scattered = [call(remote["scatter_meta"], parts, dir_, tasks, parts) for tasks in group_tasks]
+    steps.run(g.scatter_meta, [(dir_, tasks, parts) for tasks in group_tasks], ("by-id",))
     posts_ref, accounts_ref = ray.put(deleted_posts), ray.put(deleted_accounts)
-    reduced = [call(remote["reduce_ids"], 2, posts_ref, accounts_ref, *inputs) for inputs in shuffle(scattered)]
-    tombstones = set()
-    for _, tomb in reduced:
-        tombstones.update(int(h) for h in ray.get(tomb))
+    summaries = steps.run(g.reduce_ids, [(posts_ref, accounts_ref, steps.gather("by-id", j, n_groups))
+                                         for j in every_partition], ("ids",))
+    del posts_ref, accounts_ref
+    tombstones = {int(h) for (tomb,) in summaries for h in tomb}
     tomb_ref = ray.put(np.array(sorted(tombstones), dtype=np.uint64))
+    steps.forget("by-id")
     # Copies of deleted texts, author-repeat spam and exact duplicates, by text hash.
-    scattered = [call(remote["scatter_exact"], parts, tomb_ref, parts, table) for table, _ in reduced]
-    meta = [call(remote["reduce_exact"], 1, settings.max_author_repeats, *inputs)[0] for inputs in shuffle(scattered)]
+    steps.run(g.scatter_exact, [(tomb_ref, parts, steps.own("ids", j)) for j in every_partition], ("by-text",))
+    del tomb_ref
+    steps.run(g.reduce_exact, [(settings.max_author_repeats, steps.gather("by-text", j, parts))
+                               for j in every_partition], ("exact",))
+    steps.forget("ids", "by-text")
+    meta = "exact"  # the step whose file j holds partition j's posts and why each was dropped
     if settings.near_dedup:
-        candidates = [call(remote["near_candidates"], n_groups, n_tasks, n_groups, table) for table in meta]
-        by_group = [[out[k] for out in candidates] for k in range(n_groups)]
-        links = [call(remote["band_links"], parts, dir_, tasks, settings.minhash_bands, parts, *by_group[k])
-                 for k, tasks in enumerate(group_tasks)]
-        forests = [call(remote["bucket_forest"], 1, *inputs)[0] for inputs in shuffle(links)]
-        near = call(remote["merge_near"], 1, *forests)[0]
-        meta = [call(remote["apply_near"], 1, near, table)[0] for table in meta]
+        steps.run(g.near_candidates, [(n_tasks, n_groups, steps.own(meta, j)) for j in every_partition],
+                  ("candidates",))
+        steps.run(g.band_links, [(dir_, tasks, settings.minhash_bands, parts, steps.gather("candidates", k, parts))
+                                 for k, tasks in enumerate(group_tasks)], ("bands",))
+        forests = steps.start(g.bucket_forest, [(steps.gather("bands", j, n_groups),) for j in every_partition])
+        near = steps.start(g.merge_near, [tuple(forests)])[0]
+        del forests
+        steps.run(g.apply_near, [(near, steps.own(meta, j)) for j in every_partition], ("near",))
+        del near
+        steps.forget("candidates", "bands", meta)
+        meta = "near"
     # Thread roots by pointer doubling over kept posts.
-    scattered = [call(remote["scatter_kept"], 2 * parts, parts, table) for table in meta]
-    nodes = [call(remote["resolve_parents"], parts, len(scattered), parts,
-                  *[out[j] for out in scattered], *[out[parts + j] for out in scattered]) for j in range(parts)]
-    nodes = shuffle(nodes)
-    for _ in range(g.MAX_DOUBLINGS):
-        asked = [call(remote["pointer_requests"], parts + 1, parts, *inputs) for inputs in nodes]
-        answers = [call(remote["pointer_answers"], parts + 1, len(asked), parts,
-                        *[out[j] for out in asked], asked[j][parts]) for j in range(parts)]
-        if not any(ray.get([a[parts] for a in answers])):
+    steps.run(g.scatter_kept, [(parts, steps.own(meta, j)) for j in every_partition], ("parents", "id-nodes"))
+    steps.run(g.resolve_parents, [(parts, steps.gather("parents", j, parts), steps.gather("id-nodes", j, parts))
+                                  for j in every_partition], ("pointers-0",))
+    steps.forget("parents", "id-nodes")
+    nodes = "pointers-0"  # the step whose files hold every kept post's pointer, by post
+    for round_ in range(g.MAX_DOUBLINGS):
+        asked, answered = f"asked-{round_}", f"pointers-{round_ + 1}"
+        steps.run(g.pointer_requests, [(parts, steps.gather(nodes, j, parts)) for j in every_partition], (asked,))
+        moved = steps.run(g.pointer_answers, [(parts, steps.gather(asked, j, parts), steps.gather(nodes, j, parts))
+                                              for j in every_partition], (answered,))
+        steps.forget(asked)
+        if not any(m for (m,) in moved):
+            steps.forget(answered)
             break
-        nodes = shuffle([a[:parts] for a in answers])
-    requests = [call(remote["root_requests"], parts, parts, *inputs) for inputs in nodes]
-    values = [call(remote["id_values"], parts, dir_, tasks, parts) for tasks in group_tasks]
-    roots = [call(remote["root_ids"], n_groups, len(requests), n_tasks, n_groups,
-                  *[out[j] for out in requests], *[out[j] for out in values]) for j in range(parts)]
-    reasons = [call(remote["reasons_by_group"], n_groups, n_tasks, n_groups, table) for table in meta]
+        steps.forget(nodes)
+        nodes = answered
+    steps.run(g.root_requests, [(parts, steps.gather(nodes, j, parts)) for j in every_partition], ("asked-roots",))
+    steps.run(g.id_values, [(dir_, tasks, parts) for tasks in group_tasks], ("id-values",))
+    steps.forget(nodes)
+    steps.run(g.root_ids, [(n_tasks, n_groups, steps.gather("asked-roots", j, parts),
+                            steps.gather("id-values", j, n_groups)) for j in every_partition], ("roots",))
+    steps.run(g.reasons_by_group, [(n_tasks, n_groups, steps.own(meta, j)) for j in every_partition], ("reasons",))
+    steps.forget("asked-roots", "id-values", meta)
     # Ids deleted with an account or a deleted text: every group must blank references to them.
-    deleted_ids = []
-    for k, tasks in enumerate(group_tasks):
-        deleted_ids += ray.get(call(remote["deleted_ids"], 1, dir_, tasks, *[out[k] for out in reasons])[0])
+    deleted_ids = [pid for found in steps.run(g.deleted_ids, [(dir_, tasks, steps.gather("reasons", k, parts))
+                                                              for k, tasks in enumerate(group_tasks)])
+                   for pid in found]
     found = [pid for pid in deleted_ids if pid not in deletions.posts]
     gone_ref = ray.put(deletions.posts | set(deleted_ids))
     accounts_set, tomb_set = ray.put(set(deletions.accounts)), ray.put(tombstones)
     settings_json = settings.model_dump_json()
-    finished = [call(remote["finish_group"], 1 + 2 * parts, dir_, k, tasks, settings_json, gone_ref, accounts_set,
-                     tomb_set, parts, len(reasons), *[out[k] for out in reasons], *[out[k] for out in roots])
-                for k, tasks in enumerate(group_tasks)]
-    conversation_refs = [call(remote["conversations"], 1, dir_, j, settings_json,
-                              *[out[1 + j] for out in finished])[0] for j in range(parts)]
-    author_refs = [call(remote["top_authors"], 1, 10, *[out[1 + parts + j] for out in finished])[0]
-                   for j in range(parts)]
-    group_refs = [out[0] for out in finished]
-    # The shuffles' objects are freed as their consumers finish once the driver lets go of them.
-    del scattered, reduced, meta, nodes, requests, values, roots, reasons, finished
-    return _write(settings, remote, work, folder, group_refs, conversation_refs, author_refs, tombstones, found)
+    finished = steps.start(g.finish_group, [
+        (dir_, k, tasks, settings_json, gone_ref, accounts_set, tomb_set, parts, steps.gather("reasons", k, parts),
+         steps.gather("roots", k, parts)) for k, tasks in enumerate(group_tasks)], ("threads", "authors"))
+    del gone_ref, accounts_set, tomb_set
+    counts = _group_counts(finished)
+    steps.forget("reasons", "roots")
+    conversation_refs = steps.start(g.conversations, [(dir_, j, settings_json, steps.gather("threads", j, n_groups))
+                                                      for j in every_partition])
+    author_refs = steps.start(g.top_authors, [(10, steps.gather("authors", j, n_groups)) for j in every_partition])
+    stats = _write(settings, remote, work, folder, counts, n_groups, conversation_refs, author_refs, tombstones,
+                   found)
+    shutil.rmtree(Path(steps.folder) / SHUFFLE_FOLDER, ignore_errors=True)
+    return stats
 
 
-def _write(settings: DataSettings, remote: dict, work: Path, folder: Path, group_refs, conversation_refs,
-           author_refs, tombstones, found) -> dict:
-    """Gather the groups' and partitions' counts, then have a task copy their part files into the staged
-    output files. The driver fetches counts only: rows it fetched, or Parquet it decoded, would grow its memory
-    with the posts (docs/journal.md, "Ray driver memory, session 4")."""
+def _group_counts(finished: list) -> dict:
+    """The groups' counts, added up as each group's task finishes (its part files are complete then)."""
     import ray
 
     counts = {"n_in": 0, "dropped": Counter(), "in_by_source": Counter(), "splits": Counter(), "kept": 0,
               "quarantine_reasons": Counter(), "quarantined": 0, "unquarantined": 0, "redacted": 0}
-    for k in range(len(group_refs)):
-        group = ray.get(group_refs[k])  # a group's part files are complete once its counts are here
-        group_refs[k] = None
+    for k in range(len(finished)):
+        (group,) = ray.get(finished[k])
+        finished[k] = None
         for key, value in group.items():
             if isinstance(value, dict):
                 counts[key].update(value)
             else:
                 counts[key] += value
+    return counts
+
+
+def _write(settings: DataSettings, remote: dict, work: Path, folder: Path, counts: dict, n_groups: int,
+           conversation_refs, author_refs, tombstones, found) -> dict:
+    """Gather the partitions' conversation counts, then have a task copy the part files into the staged
+    output files. The driver fetches counts only: rows it fetched, or Parquet it decoded, would grow its memory
+    with the posts (docs/journal.md, "Ray driver memory, session 4")."""
+    import ray
+
     n_conversations = n_turns = 0
     conversation_splits = Counter()
     for j in range(len(conversation_refs)):
@@ -261,7 +313,7 @@ def _write(settings: DataSettings, remote: dict, work: Path, folder: Path, group
         n_conversations += written
         n_turns += turns
         conversation_splits.update(splits)
-    ray.get(remote["write_outputs"].remote(str(folder), str(work), len(group_refs), len(conversation_refs),
+    ray.get(remote["write_outputs"].remote(str(folder), str(work), n_groups, len(conversation_refs),
                                            settings.model_dump_json()))
     canary_list = canary_module.make_canaries(settings.canaries, settings.canary_repeats, settings.seed)
     if settings.canaries:

@@ -11,9 +11,11 @@ Every post is named by `order` (its place in the input) and carries its hashes. 
                   by root and authors of dropped posts by author; quarantined records are screened per group
   by root         conversations, a bucket of whole trees at a time (a part file)
 
-The driver holds object references (partitions x partitions), per-group counts, the tombstones and the ids
-deleted with an account or a deleted text (both bounded by the deletions); it fetches no rows, and copies the
-part files into the outputs a row group at a time (parts).
+Each step is a Ray task run by shuffle.run_step: its table inputs are slices of the files the step before it
+wrote (a Gather each), and it returns a list: first the lists of tables it sends on (each written to one file,
+a record batch per destination), then a small summary. The driver holds one object per task, per-group counts,
+the tombstones and the ids deleted with an account or a deleted text (both bounded by the deletions); it
+fetches no rows, and one task copies the part files into the outputs a row group at a time (parts).
 """
 
 from __future__ import annotations
@@ -84,19 +86,19 @@ def _sorted(table: pa.Table, column: str = "order") -> pa.Table:
     return table.take(pa.array(np.argsort(table.column(column).to_numpy(), kind="stable")))
 
 
-# -- worker functions (each a Ray task; tables in, tables out) ----------------------------------------------
+# -- worker functions (each a Ray task through shuffle.run_step; tables in, lists of tables out) ------------
 
-def scatter_meta(folder: str, tasks: list[int], parts: int) -> list[pa.Table]:
+def scatter_meta(folder: str, tasks: list[int], parts: int) -> list:
     columns = ["order", "id_hash", "parent_hash", "author_hash", "exact", "dedupable", "time"]
     tables = [_map_table(Path(folder), t, columns) for t in tasks]
     table = concat(tables, META_SCHEMA.remove(META_SCHEMA.get_field_index("reason")))
     table = table.append_column("reason", pa.array(np.zeros(table.num_rows, np.int8)))
-    return _returns(split_by(table, "id_hash", parts))
+    return [split_by(table, "id_hash", parts)]
 
 
-def reduce_ids(deleted_posts: np.ndarray, deleted_accounts: np.ndarray, *tables) -> tuple:
-    """Duplicate ids and deletions; returns the partition and the tombstones of its deleted texts."""
-    table = _sorted(concat(tables, META_SCHEMA))
+def reduce_ids(deleted_posts: np.ndarray, deleted_accounts: np.ndarray, table: pa.Table) -> list:
+    """Duplicate ids and deletions; the partition and the tombstones of its deleted texts."""
+    table = _sorted(concat([table], META_SCHEMA))
     reason = table.column("reason").to_numpy().copy()
     reason[(reason == 0) & ~first_occurrence(table.column("id_hash").to_numpy())] = DUPLICATE_ID
     deleted = np.isin(table.column("id_hash").to_numpy(), deleted_posts) | \
@@ -104,19 +106,19 @@ def reduce_ids(deleted_posts: np.ndarray, deleted_accounts: np.ndarray, *tables)
     reason[(reason == 0) & deleted] = DELETED
     dedupable = table.column("dedupable").to_numpy(zero_copy_only=False)
     tombstones = np.unique(table.column("exact").to_numpy()[deleted & dedupable])
-    return _with_reason(table, reason), tombstones
+    return [_with_reason(table, reason), tombstones]
 
 
-def scatter_exact(tombstones: np.ndarray, parts: int, table: pa.Table) -> list[pa.Table]:
+def scatter_exact(tombstones: np.ndarray, parts: int, table: pa.Table) -> list:
     reason = table.column("reason").to_numpy().copy()
     dedupable = table.column("dedupable").to_numpy(zero_copy_only=False)
     reason[(reason == 0) & dedupable & np.isin(table.column("exact").to_numpy(), tombstones)] = DELETED_COPY
-    return _returns(split_by(_with_reason(table, reason), "exact", parts))
+    return [split_by(_with_reason(table, reason), "exact", parts)]
 
 
-def reduce_exact(max_author_repeats: int, *tables) -> pa.Table:
+def reduce_exact(max_author_repeats: int, table: pa.Table) -> list:
     """Author-repeat spam, then exact duplicates keeping the earliest (by time, then input order)."""
-    table = _sorted(concat(tables, META_SCHEMA))
+    table = _sorted(concat([table], META_SCHEMA))
     reason = table.column("reason").to_numpy().copy()
     dedupable = table.column("dedupable").to_numpy(zero_copy_only=False)
     exact = table.column("exact").to_numpy()
@@ -128,19 +130,19 @@ def reduce_exact(max_author_repeats: int, *tables) -> pa.Table:
     order = np.lexsort((table.column("order").to_numpy(), table.column("time").to_numpy()))
     order = order[((reason == 0) & dedupable)[order]]
     reason[order[~first_occurrence(exact[order])]] = DUPLICATE
-    return _with_reason(table, reason)
+    return [_with_reason(table, reason)]
 
 
-def near_candidates(n_tasks: int, groups: int, table: pa.Table) -> list[pa.Table]:
+def near_candidates(n_tasks: int, groups: int, table: pa.Table) -> list:
     reason = table.column("reason").to_numpy()
     live = (reason == 0) & table.column("dedupable").to_numpy(zero_copy_only=False)
     chosen = table.filter(pa.array(live)).select(["order", "time"])
-    return _returns(_split_by_group(chosen, n_tasks, groups))
+    return [_split_by_group(chosen, n_tasks, groups)]
 
 
-def band_links(folder: str, tasks: list[int], bands: int, parts: int, *candidate_tables) -> list[pa.Table]:
+def band_links(folder: str, tasks: list[int], bands: int, parts: int, candidates: pa.Table) -> list:
     """Every candidate's band keys, sent to the partition of (band, key)."""
-    candidates = _sorted(concat(candidate_tables, CANDIDATE_SCHEMA))
+    candidates = _sorted(concat([candidates], CANDIDATE_SCHEMA))
     names = [band_column(b) for b in range(bands)]
     pieces = []
     for task in tasks:
@@ -157,12 +159,12 @@ def band_links(folder: str, tasks: list[int], bands: int, parts: int, *candidate
     links = concat(pieces, BAND_SCHEMA)
     with np.errstate(over="ignore"):
         keys = links.column("key").to_numpy() ^ (links.column("band").to_numpy().astype(np.uint64) * np.uint64(0xD6E8FEB86659FD93))
-    return _returns(split_by(links, "key", parts, keys=keys))
+    return [split_by(links, "key", parts, keys=keys)]
 
 
-def bucket_forest(*tables) -> tuple:
+def bucket_forest(table: pa.Table) -> tuple:
     """Union-find over this partition's buckets: each post linked to its bucket's earliest post."""
-    table = concat(tables, BAND_SCHEMA)
+    table = concat([table], BAND_SCHEMA)
     band, key = table.column("band").to_numpy(), table.column("key").to_numpy()
     order, time = table.column("order").to_numpy(), table.column("time").to_numpy()
     ranked = np.lexsort((order, time, key, band))
@@ -178,24 +180,23 @@ def merge_near(*forests) -> np.ndarray:
     return merge_forests(list(forests))
 
 
-def apply_near(near: np.ndarray, table: pa.Table) -> pa.Table:
+def apply_near(near: np.ndarray, table: pa.Table) -> list:
     reason = table.column("reason").to_numpy().copy()
     reason[(reason == 0) & np.isin(table.column("order").to_numpy(), near)] = NEAR_DUPLICATE
-    return _with_reason(table, reason)
+    return [_with_reason(table, reason)]
 
 
-def scatter_kept(parts: int, table: pa.Table) -> list[pa.Table]:
+def scatter_kept(parts: int, table: pa.Table) -> list:
     """Kept posts: (post, parent hash) to the parent's partition, (id hash, post) to its own."""
     kept = table.filter(pa.array(table.column("reason").to_numpy() == 0))
     requests = pa.table({"node": kept.column("order"), "parent_hash": kept.column("parent_hash")}, schema=PARENT_SCHEMA)
     values = pa.table({"id_hash": kept.column("id_hash"), "node": kept.column("order")}, schema=ID_SCHEMA)
-    return _returns(split_by(requests, "parent_hash", parts) + split_by(values, "id_hash", parts))
+    return [split_by(requests, "parent_hash", parts), split_by(values, "id_hash", parts)]
 
 
-def resolve_parents(n_requests: int, parts: int, *tables) -> list[pa.Table]:
+def resolve_parents(parts: int, requests: pa.Table, values: pa.Table) -> list:
     """Each kept post's pointer: its kept parent, else itself."""
-    requests = concat(tables[:n_requests], PARENT_SCHEMA)
-    values = concat(tables[n_requests:], ID_SCHEMA)
+    requests, values = concat([requests], PARENT_SCHEMA), concat([values], ID_SCHEMA)
     nodes, parents = requests.column("node").to_numpy(), requests.column("parent_hash").to_numpy()
     hashes, owners = values.column("id_hash").to_numpy(), values.column("node").to_numpy()
     order = np.argsort(hashes, kind="stable")
@@ -203,53 +204,53 @@ def resolve_parents(n_requests: int, parts: int, *tables) -> list[pa.Table]:
     position = np.clip(np.searchsorted(sorted_hashes, parents), 0, max(0, hashes.size - 1))
     found = (parents != 0) & (hashes.size > 0) & (sorted_hashes[position] == parents if hashes.size else False)
     pointer = np.where(found, owners[order][position] if hashes.size else nodes, nodes)
-    return _returns(split_by(pa.table({"node": nodes, "pointer": pointer}, schema=POINTER_SCHEMA), "node", parts))
+    return [split_by(pa.table({"node": nodes, "pointer": pointer}, schema=POINTER_SCHEMA), "node", parts)]
 
 
-def pointer_requests(parts: int, *tables) -> list:
+def pointer_requests(parts: int, table: pa.Table) -> list:
     """A round of pointer doubling, first half: ask each pointer's partition for the pointer's pointer."""
-    table = concat(tables, POINTER_SCHEMA)
-    return _returns(split_by(table, "pointer", parts) + [table])
+    return [split_by(concat([table], POINTER_SCHEMA), "pointer", parts)]
 
 
-def pointer_answers(n_requests: int, parts: int, *tables) -> list:
-    """Second half: answer from this partition's pointers; also whether any pointer moved."""
-    requests = concat(tables[:n_requests], POINTER_SCHEMA)
-    values = _sorted(concat(tables[n_requests:], POINTER_SCHEMA), "node")
+def pointer_answers(parts: int, requests: pa.Table, values: pa.Table) -> list:
+    """Second half: answer from this partition's pointers (`values`, what its first half was given); also
+    whether any pointer moved."""
+    requests = concat([requests], POINTER_SCHEMA)
+    values = _sorted(concat([values], POINTER_SCHEMA), "node")
     targets = requests.column("pointer").to_numpy()
     following = values.column("pointer").to_numpy()[np.searchsorted(values.column("node").to_numpy(), targets)] \
         if targets.size else targets
     moved = bool((following != targets).any())
     answered = pa.table({"node": requests.column("node"), "pointer": following}, schema=POINTER_SCHEMA)
-    return _returns(split_by(answered, "node", parts) + [moved])
+    return [split_by(answered, "node", parts), moved]
 
 
-def root_requests(parts: int, *tables) -> list[pa.Table]:
-    return _returns(split_by(concat(tables, POINTER_SCHEMA), "pointer", parts))
+def root_requests(parts: int, table: pa.Table) -> list:
+    return [split_by(concat([table], POINTER_SCHEMA), "pointer", parts)]
 
 
-def id_values(folder: str, tasks: list[int], parts: int) -> list[pa.Table]:
+def id_values(folder: str, tasks: list[int], parts: int) -> list:
     tables = [_map_table(Path(folder), t, ["order", "id"]) for t in tasks]
-    return _returns(split_by(concat(tables, ORDER_ID_SCHEMA), "order", parts))
+    return [split_by(concat(tables, ORDER_ID_SCHEMA), "order", parts)]
 
 
-def root_ids(n_requests: int, n_tasks: int, groups: int, *tables) -> list[pa.Table]:
+def root_ids(n_tasks: int, groups: int, requests: pa.Table, values: pa.Table) -> list:
     """Each kept post's root, as the root's id, sent to the post's task group."""
-    requests = concat(tables[:n_requests], POINTER_SCHEMA)
-    values = _sorted(concat(tables[n_requests:], ORDER_ID_SCHEMA))
+    requests = concat([requests], POINTER_SCHEMA)
+    values = _sorted(concat([values], ORDER_ID_SCHEMA))
     at = np.searchsorted(values.column("order").to_numpy(), requests.column("pointer").to_numpy())
     table = pa.table({"order": requests.column("node"), "root_id": values.column("id").take(pa.array(at))},
                      schema=ROOT_SCHEMA)
-    return _returns(_split_by_group(table, n_tasks, groups))
+    return [_split_by_group(table, n_tasks, groups)]
 
 
-def reasons_by_group(n_tasks: int, groups: int, table: pa.Table) -> list[pa.Table]:
-    return _returns(_split_by_group(table.select(["order", "reason"]), n_tasks, groups))
+def reasons_by_group(n_tasks: int, groups: int, table: pa.Table) -> list:
+    return [_split_by_group(table.select(["order", "reason"]), n_tasks, groups)]
 
 
-def deleted_ids(folder: str, tasks: list[int], *tables) -> list[str]:
+def deleted_ids(folder: str, tasks: list[int], reasons: pa.Table) -> list[str]:
     """Ids removed with a deleted account or as a copy of a deleted text (the deletion list names the rest)."""
-    reasons = concat(tables, REASON_SCHEMA)
+    reasons = concat([reasons], REASON_SCHEMA)
     gone = reasons.filter(pa.array(np.isin(reasons.column("reason").to_numpy(), [DELETED, DELETED_COPY])))
     found = []
     for task in tasks:
@@ -260,9 +261,9 @@ def deleted_ids(folder: str, tasks: list[int], *tables) -> list[str]:
 
 
 def finish_group(folder: str, group: int, tasks: list[int], settings_json: str, gone: set[str],
-                 accounts: set[str], tombstones: set[int], parts: int, n_reasons: int, *tables) -> list:
+                 accounts: set[str], tombstones: set[int], parts: int, reasons: pa.Table, roots: pa.Table) -> list:
     """A group's outputs: its posts in input order and its screened quarantine, written as part files; its
-    counts, thread rows by root and dropped authors by author, returned."""
+    thread rows by root and dropped authors by author, sent on; its counts."""
     from murmur.data.compliance import screen_quarantine
     from murmur.data.pii import PiiDetector
     from murmur.data.threads import kept_parent, without_deleted
@@ -272,8 +273,8 @@ def finish_group(folder: str, group: int, tasks: list[int], settings_json: str, 
 
     settings = DataSettings.model_validate_json(settings_json)
     folder = Path(folder)
-    reasons = _sorted(concat(tables[:n_reasons], REASON_SCHEMA))
-    roots = _sorted(concat(tables[n_reasons:], ROOT_SCHEMA))
+    reasons = _sorted(concat([reasons], REASON_SCHEMA))
+    roots = _sorted(concat([roots], ROOT_SCHEMA))
     stats = {"n_in": 0, "dropped": Counter(), "in_by_source": Counter(), "splits": Counter(), "kept": 0,
              "quarantine_reasons": Counter(), "quarantined": 0, "unquarantined": 0, "redacted": 0}
     posts, threads, authors, quarantine = [], [], [], []
@@ -334,12 +335,12 @@ def finish_group(folder: str, group: int, tasks: list[int], settings_json: str, 
     write_part(part_path(folder, "posts", group), POST_SCHEMA, posts)
     write_part(part_path(folder, "quarantine", group), QUARANTINE_SCHEMA,
                [pa.Table.from_pylist(kept_rows, schema=QUARANTINE_SCHEMA)])
-    return _returns([{k: dict(v) if isinstance(v, Counter) else v for k, v in stats.items()}]
-                    + split_by(thread_table, "root_id", parts, keys=thread_keys)
-                    + split_by(author_table, "author", parts, keys=author_keys))
+    return [split_by(thread_table, "root_id", parts, keys=thread_keys),
+            split_by(author_table, "author", parts, keys=author_keys),
+            {k: dict(v) if isinstance(v, Counter) else v for k, v in stats.items()}]
 
 
-def conversations(folder: str, partition: int, settings_json: str, *tables) -> tuple:
+def conversations(folder: str, partition: int, settings_json: str, threads: pa.Table) -> tuple:
     """The conversations of whole trees (every post of a root is in this partition), written as a part file;
     (conversations, turns, conversations by split)."""
     from murmur.data.records import CONVERSATION_SCHEMA
@@ -347,7 +348,7 @@ def conversations(folder: str, partition: int, settings_json: str, *tables) -> t
     from murmur.settings.data import DataSettings
 
     settings = DataSettings.model_validate_json(settings_json)
-    table = concat(tables, THREAD_SCHEMA).sort_by([("root_id", "ascending"), ("time", "ascending"),
+    table = concat([threads], THREAD_SCHEMA).sort_by([("root_id", "ascending"), ("time", "ascending"),
                                                    ("order", "ascending")])
     table = table.drop_columns(["time", "order"]).append_column("order", pa.array(np.arange(table.num_rows)))
     rows, turns, splits = bucket_conversations(table, settings)
@@ -356,9 +357,9 @@ def conversations(folder: str, partition: int, settings_json: str, *tables) -> t
     return written, turns, dict(splits)
 
 
-def top_authors(limit: int, *tables) -> list:
+def top_authors(limit: int, authors: pa.Table) -> list:
     """The authors with most dropped posts here, ties to the one dropped first (as Counter.most_common)."""
-    table = concat(tables, AUTHOR_SCHEMA)
+    table = concat([authors], AUTHOR_SCHEMA)
     totals: dict[str, list] = {}
     for row in table.to_pylist():
         seen = (row["seen0"], row["seen1"], row["seen2"], row["seen3"])
@@ -371,8 +372,3 @@ def top_authors(limit: int, *tables) -> list:
 
 def _with_reason(table: pa.Table, reason: np.ndarray) -> pa.Table:
     return table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(reason, pa.int8()))
-
-
-def _returns(values: list):
-    """A task's results as Ray expects them for num_returns=len(values)."""
-    return values[0] if len(values) == 1 else values

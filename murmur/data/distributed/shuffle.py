@@ -1,16 +1,31 @@
-"""Hash partitioning for the distributed global step: split a table by a key column into P tables, and call
-Ray tasks that return one table per partition.
+"""Shuffles through files: hash partitioning for the distributed global step, and the files a shuffle's tables
+travel in.
 
-A shuffle is M mapper tasks each returning P tables and P reducer tasks each given one table of every mapper;
-the driver only holds the M x P object references, never the rows.
+A shuffle is M mapper tasks and P reducer tasks. Each mapper writes ONE Arrow IPC file into the run's work
+folder, a record batch per destination, and returns at most a small summary; each reducer is told where the
+files are (a `Gather`: a step's name, a range of mappers and the batch to take from each) and reads its slice
+of every file. The driver so holds one object per task, O(M + P). Handing tables over as Ray objects instead,
+one per mapper and destination, left M x P references in the driver, some 3 kB of Ray bookkeeping each: memory
+that grew with the square of the partitions, so with the posts (docs/journal.md, "Ray shuffles through files,
+session 4").
+
+A file is written atomically under a name fixed by its step and mapper, so a task run again after its worker
+died writes the same file again; the driver deletes a step's files once nothing can read them again.
 """
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 
+from murmur.files import atomic_path
+
 _MIX = np.uint64(0x9E3779B97F4A7C15)
+SHUFFLE_FOLDER = "shuffle"  # under the part files' folder, so cleared with it when a run starts
 
 
 def partition_of(keys: np.ndarray, parts: int) -> np.ndarray:
@@ -39,7 +54,60 @@ def concat(parts, schema: pa.Schema) -> pa.Table:
     return pa.concat_tables(tables).combine_chunks() if tables else schema.empty_table()
 
 
-def call(remote_function, n_out: int, *args) -> list:
-    """Start a Ray task returning `n_out` objects; their references as a list (also when n_out is 1)."""
-    refs = remote_function.options(num_returns=n_out).remote(*args)
-    return [refs] if n_out == 1 else list(refs)
+def step_folder(folder: str | Path, step: str) -> Path:
+    return Path(folder) / SHUFFLE_FOLDER / step
+
+
+def step_path(folder: str | Path, step: str, mapper: int) -> Path:
+    """The file mapper `mapper` of shuffle step `step` writes."""
+    return step_folder(folder, step) / f"{mapper:06d}.arrow"
+
+
+def write_batches(path: Path, tables: list[pa.Table]) -> None:
+    """`tables` (one schema) as one IPC file, table i as record batch i (empty ones too, so that batch i is
+    always destination i's)."""
+    schema = tables[0].schema
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for table in tables:
+            writer.write_batch(pa.RecordBatch.from_arrays([c.combine_chunks() for c in table.columns],
+                                                          schema=schema))
+
+
+@dataclass(frozen=True)
+class Gather:
+    """A reducer's input: record batch `batch` of the files of mappers [start, stop) of step `step`."""
+
+    folder: str
+    step: str
+    batch: int
+    start: int
+    stop: int
+
+    def read(self) -> pa.Table:
+        batches, schema = [], None
+        for mapper in range(self.start, self.stop):
+            # Read, not mapped: only this batch's bytes (and the footer) come off the disk.
+            with pa.OSFile(str(step_path(self.folder, self.step, mapper)), "rb") as source:
+                reader = pa.ipc.open_file(source)
+                schema = reader.schema
+                batches.append(reader.get_batch(self.batch))
+        return pa.Table.from_batches(batches, schema=schema)
+
+
+def run_step(function, outputs: tuple[str, ...], *args):
+    """A Ray task: `function(*args)` with every Gather among `args` read into its table. With `outputs` (file
+    paths), the function returns a list whose first len(outputs) items are lists of tables, each written to
+    its file as a shuffle's mapper output (a single table counts as a list of one); the rest of the list, a
+    small summary, is returned. Without, the function's result is returned as it is."""
+    result = function(*[a.read() if isinstance(a, Gather) else a for a in args])
+    if not outputs:
+        return result
+    for path, tables in zip(outputs, result):
+        write_batches(Path(path), [tables] if isinstance(tables, pa.Table) else list(tables))
+    return list(result[len(outputs):])
+
+
+def forget(folder: str | Path, step: str) -> None:
+    """Delete a step's files: every task that reads them has finished, and no result a lost worker held must be
+    made again from them."""
+    shutil.rmtree(step_folder(folder, step), ignore_errors=True)
