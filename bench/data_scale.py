@@ -13,6 +13,14 @@ Ray instance of that many CPUs (started before the clock, as a cluster would be)
 Prints both per scale and the ratios the issue sets targets for: the Ray driver's peak RSS at the largest scale
 over the smallest (target <= 1.2) and Ray's posts/s per core over the local executor's at the largest scale
 (target >= 0.8).
+
+    .venv/bin/python bench/data_scale.py --graph 1 20 40
+
+instead measures Ray's own cost of the global step's shape, without data: 20 shuffles of P mappers and P
+reducers (the stage's retries and system config), each in a fresh driver, its peak RSS. Shape `objects` hands
+tables over as Ray objects (each mapper returns P of 2 kB, each reducer is given one of every mapper: P x P
+references a shuffle); shape `files` is the stage's (each mapper returns one small summary, reducers are told
+which files to read). Both keep every reference until the end, as a driver that held them all would.
 """
 
 from __future__ import annotations
@@ -108,6 +116,56 @@ def child(executor: str, folder: Path, out: Path, cpus: int) -> dict:
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def graph_child(shape: str, parts: int, cpus: int) -> dict:
+    import ray
+
+    from murmur.data.distributed.driver import SYSTEM_CONFIG, TASK_RETRIES
+
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _system_config=SYSTEM_CONFIG)
+
+    @ray.remote(max_retries=TASK_RETRIES)
+    def mapper(n_out: int):
+        return [b"x" * 2048] * n_out if n_out > 1 else b"x" * 2048
+
+    @ray.remote(max_retries=TASK_RETRIES)
+    def summary(parts: int):
+        return [0] * parts  # rows per destination, as a mapper that wrote its file might say
+
+    @ray.remote(max_retries=TASK_RETRIES)
+    def reducer(*inputs):
+        return len(inputs)
+
+    held = []
+    started = time.perf_counter()
+    for step in range(20):
+        if shape == "objects":
+            outs = [mapper.options(num_returns=parts).remote(parts) for _ in range(parts)]
+            outs = [out if parts > 1 else [out] for out in outs]
+            reducers = [reducer.remote(*[out[j] for out in outs]) for j in range(parts)]
+        else:
+            outs = [summary.remote(parts) for _ in range(parts)]
+            ray.get(outs)
+            reducers = [reducer.remote(f"step-{step}", j, 0, parts) for j in range(parts)]
+        ray.get(reducers)
+        held += [outs, reducers]
+    wall = time.perf_counter() - started
+    ray.shutdown()
+    return {"wall_s": wall, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def graphs(partitions: list[int], cpus: int) -> None:
+    for shape in ("objects", "files"):
+        for parts in partitions:
+            command = [sys.executable, __file__, "--graph-child", shape, "--cpus", str(cpus), "--graph", str(parts)]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise SystemExit(f"graph {shape} at P={parts} failed:\n{done.stderr[-3000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"  {shape:<8} P={parts:<3} {result['wall_s']:6.1f} s  driver peak {result['peak_mb']:5.0f} MB  "
+                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
+
+
 def run_child(executor: str, folder: Path, out: Path, cpus: int) -> dict:
     command = [sys.executable, __file__, "--child", executor, "--input", str(folder), "--out", str(out),
                "--cpus", str(cpus)]
@@ -123,12 +181,22 @@ def main() -> None:
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 10, 100])
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--executors", nargs="+", default=["local", "ray"], choices=["local", "ray"])
+    parser.add_argument("--graph", type=int, nargs="+", metavar="P",
+                        help="only measure Ray's cost of the shuffles' shape at these partition counts")
     parser.add_argument("--child", choices=["local", "ray"], help=argparse.SUPPRESS)
+    parser.add_argument("--graph-child", choices=["objects", "files"], help=argparse.SUPPRESS)
     parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.input, args.out, args.cpus)))
+        return
+    if args.graph_child:
+        print(json.dumps(graph_child(args.graph_child, args.graph[0], args.cpus)))
+        return
+    if args.graph:
+        print(f"load average before: {os.getloadavg()[0]:.1f}; {args.cpus} CPUs per Ray", flush=True)
+        graphs(args.graph, args.cpus)
         return
 
     print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; {args.cpus} CPUs per run",
