@@ -1,3 +1,4 @@
 """The data stage on a Ray cluster: workers read, clean and fingerprint (reading), hash-partitioned shuffles
-(shuffle) carry exact dedup, deletions and thread roots (global_step), near-duplicate clusters are merged from
-per-partition forests (components); the driver holds object references and counts, O(partitions)."""
+through files (shuffle) carry exact dedup, deletions and thread roots (global_step), near-duplicate clusters
+are merged from per-partition forests (components); the driver holds one object reference per task and counts,
+O(partitions) a shuffle."""

@@ -58,9 +58,9 @@ def connect(settings: DataSettings) -> bool:
         from murmur.data.executors import cpu_count
 
         options["num_cpus"] = settings.workers or cpu_count()
-        # Task results under this size are kept in the driver's own memory (Ray's default is 100 kB): with
-        # partitions x partitions results a shuffle, that is every post's row in the driver. A cluster is
-        # started with the same: ray start --system-config='{"max_direct_call_object_size": 1024}'.
+        # Task results under this size are kept in the driver's own memory (Ray's default is 100 kB): the
+        # near-duplicate forests on their way to their merge would be. A cluster is started with the same:
+        # ray start --system-config='{"max_direct_call_object_size": 1024}'.
         options["_system_config"] = SYSTEM_CONFIG
     try:
         ray.init(**options)
