@@ -11,7 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from murmur.infer.engine import Engine
 from murmur.infer.sampling import SamplingParams
-from murmur.model import Transformer, generate_greedy
+from murmur.infer.decode import _norm
+from murmur.model import RMSNorm, Transformer, generate_greedy
 from murmur.settings.model import ModelSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -156,3 +157,40 @@ def test_a_model_that_overrides_forward_keeps_its_own_forward(tokenizer, trained
     model.register_forward_hook(lambda *_: calls.append(1))
     engine.generate(["hello world"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
     assert len(calls) == 5  # the prefill and four decode steps, all through the model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_packed_norm_is_bitwise_the_models_rmsnorm(dtype):
+    """The packed step's norms drop the model's casts where the kernel rounds the same way; the greedy tokens
+    of float32 and the int8 path's numerics rest on their being bitwise equal, across magnitudes and widths."""
+    torch.manual_seed(0)
+    for rows, dim in [(1, 576), (8, 64), (3, 960)]:
+        norm = RMSNorm(dim, eps=1e-5)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(dim) + 0.5)
+        norm = norm.to(dtype)
+        for scale in (1e-3, 1.0, 300.0):
+            x = (torch.randn(rows, dim) * scale).to(dtype)
+            with torch.no_grad():
+                assert torch.equal(_norm(norm, x), norm(x)), (rows, dim, scale)
+
+
+def test_a_one_row_int8_step_in_bfloat16_casts_only_the_rotary_angles(tokenizer, trained):
+    """An int8 model computing in bfloat16 needs no cast around its norms or products for one row (they were
+    two casts a norm: 14 casts a 2-layer step, a tenth of its ops); only the angles are computed in float32."""
+    engine = Engine(fresh(tokenizer, trained), tokenizer, max_batch_size=4, quantize="int8")
+    if engine.dtype != torch.bfloat16:
+        pytest.skip("this CPU computes int8 models in float32 (no native bfloat16)")
+
+    class CountCasts(TorchDispatchMode):
+        casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ in ("to", "_to_copy") and out is not args[0]:
+                self.casts += 1
+            return out
+
+    with torch.inference_mode(), CountCasts() as counter:
+        engine._step_logits(torch.tensor([[5]]), torch.tensor([3]), 4)
+    assert counter.casts <= 3, counter.casts  # positions to float32, cos and sin to bfloat16
