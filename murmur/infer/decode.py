@@ -1,10 +1,11 @@
 """The engine's decode step in few operations: one new token for each of slots 0..B-1.
 
 The model's own `forward` serves every pass (prefill, prompt log-probabilities, the compiled step), but one
-decode token through it is ~50 small operations a layer (three projections, the norms' casts, rope's slices and
-concatenations, the cache's advanced indexing, views), and on a CPU a small model's token is then bound by
-the cost of launching them, not by reading the weights (docs/journal.md, "Serving: a decode path with fewer
-ops"). `PackedDecoder` computes the same function with about a dozen operations a layer:
+decode token through it is ~50 small operations a layer (seven projections, the norms' casts, rope's slices
+and concatenations, the cache's advanced indexing, views). On SmolLM2 at one thread the products were still
+79% of the step: fewer, larger products read the weights faster, and that is most of what this gains
+(docs/journal.md, "Serving: a decode path with fewer ops"). `PackedDecoder` computes the same function with
+about a dozen operations a layer:
 
 - each layer's q/k/v projections are one product, and gate/up one product: at load their weights (int8
   weights and scales too) are copied once into one packed tensor per layer, and the model's own layers are
