@@ -137,13 +137,10 @@ class Int8Linear(nn.Module):
         """A decode batch's product with its rows rounded to int8 too (one scale per row, absmax/127), as
         llama.cpp's Q8_0 and CTranslate2's int8 do: int8pack's time grows with the rows (3-9x from 1 to 8 rows
         on SmolLM2's shapes), `_int_mm`'s hardly does (docs/journal.md). Returns float32."""
-        # The rows' absmax is exact in their own dtype; dividing by float32 scales promotes to float32, and the
-        # weight's scales (bfloat16 where the model computes in it) join the float32 product by promotion:
-        # no cast of the activations or of the scales, and no (rows x out) table of scale products.
-        absmax = torch.linalg.vector_norm(flat, float("inf"), dim=1, keepdim=True)
-        row_scales = absmax.float().clamp_(min=torch.finfo(torch.float32).tiny).div_(127)
-        q = torch.div(flat, row_scales).round_().to(torch.int8)
-        return torch._int_mm(q, self.weight.t()).mul(row_scales).mul_(self.scales)
+        x = flat.float()
+        row_scales = x.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        q = torch.round(x / row_scales).to(torch.int8)
+        return torch._int_mm(q, self.weight.t()) * (row_scales * self.scales.float())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
