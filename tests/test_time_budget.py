@@ -155,7 +155,7 @@ def test_a_slower_warmup_fixes_the_steps_again_inside_the_budget(tokens, tmp_pat
     # 9.025 s usable. 8 steps: 2 × 1.5 + the last validation 2 + the step-8 checkpoint 1.5 = 6.5 s fit;
     # 9 steps: 3 × 1.5 + validations at 8, 9 (4) + checkpoints at 8, 9 (3) = 11.5 s do not.
     assert record["steps_calibrated"] == 10 and record["rechecked_at_step"] == 6
-    assert record["seconds_per_step_warmup"] == pytest.approx(1.5)
+    assert record["seconds_per_step_rechecked"] == pytest.approx(1.5) and record["rechecks"] == 1
     assert record["steps"] == summary["steps"] == 8
     assert record["reproduce"] == "--set train.steps=8 --set train.time_budget_minutes=0"
     assert clock.now - 1000.0 == pytest.approx(27.0)
@@ -165,6 +165,35 @@ def test_a_slower_warmup_fixes_the_steps_again_inside_the_budget(tokens, tmp_pat
               tmp_path / "b", "pretrain")
     assert read_losses(tmp_path / "b" / "pretrain") == read_losses(tmp_path / "a" / "pretrain")
     assert read_val(tmp_path / "b" / "pretrain") == read_val(tmp_path / "a" / "pretrain")
+
+
+def test_a_wsd_schedule_refits_until_its_decay_and_stays_exact(tokens, tmp_path, monkeypatch):
+    """wsd holds the peak rate until its decay, whatever the total: the stage refits every RECHECK_WINDOW
+    steps (here to a machine 2x slower after the calibration) and the recorded total reproduces the run."""
+    settings = {"schedule": "wsd", "decay_fraction": 0.5, "time_budget_minutes": 0.75, "eval_interval": 100,
+                "checkpoint_interval": 100}
+    link_tokens(tmp_path / "a", tokens)
+    clock = FakeClock()
+    summary = timed_run(tmp_path / "a", clock, monkeypatch, later_step_s=2.0, **settings)
+    record = json.loads((tmp_path / "a" / "pretrain" / time_budget.BUDGET_FILE).read_text())
+    # Calibration: 45 s, 9.5 s before training, 35.5 x 0.95 = 33.725 s usable: 30 steps (30 + 2 + 1.5 s).
+    # At step 3 (steps 1-3 at 2 s): 15.5 s spent, 28.025 s usable: 12 more steps (24 + 2 + 1.5 = 27.5 s) fit,
+    # 13 do not -> 15 steps, whose decay starts at step 7: no later recheck may change them.
+    assert record["steps_calibrated"] == 30 and record["rechecks"] == 1 and record["rechecked_at_step"] == 3
+    assert summary["steps"] == record["steps"] == 15
+    assert clock.now - 1000.0 == pytest.approx(43.0)  # inside the 45 s; the calibrated 30 steps: 71.5 s
+    assert record["reproduce"] == f"--set train.steps={record['steps']} --set train.time_budget_minutes=0"
+    link_tokens(tmp_path / "b", tokens)
+    run_stage(settings_for(tmp_path / "b", **{**SETTINGS, **settings, "steps": record["steps"],
+                                              "time_budget_minutes": 0}), tmp_path / "b", "pretrain")
+    assert read_losses(tmp_path / "b" / "pretrain") == read_losses(tmp_path / "a" / "pretrain")
+
+
+def test_the_schedules_say_until_when_the_total_can_change():
+    assert time_budget.lr_independent_before("cosine", 100, 10, 0.2) == 10
+    assert time_budget.lr_independent_before("wsd", 100, 10, 0.2) == 80
+    assert time_budget.lr_independent_before("wsd", 10, 10, 0.5) == 10  # the decay never starts before warmup ends
+    assert time_budget.lr_independent_before("constant", 100, 10, 0.2) == 100
 
 
 def test_a_short_warmup_keeps_the_calibrated_steps(tokens, tmp_path, monkeypatch):

@@ -7,10 +7,12 @@ before the first real step: a resumed stage keeps it, and `--set SECTION.steps=N
 SECTION.time_budget_minutes=0` reproduces the run exactly, since the schedule (warmup, decay) is computed
 for N from step 0 as it would be for a plain N-step run.
 
-Three timed steps can flatter a machine (the steps after them ran 7% slower on an idle laptop; more once
-other work started). So a stage whose warmup is long enough (at least RECHECK_MIN_WARMUP steps) times its
-real warmup steps too and fixes the number again when the warmup ends: the learning rate of a warmup step
-does not depend on the total, so `--set SECTION.steps=N` with the final N still reproduces the run exactly.
+Three timed steps can flatter a machine, and a machine's speed drifts (on an idle 2-core VM the demo's
+steps ran 7-35% slower than calibrated, minutes later). So the trainer times its real steps too and fixes
+the number again, but only while the learning rates already used do not depend on the total
+(`lr_independent_before`): then `--set SECTION.steps=N` with the final N still reproduces the run exactly.
+With `cosine` that is the warmup (one recheck at its end, when it has at least RECHECK_MIN_WARMUP steps);
+with `wsd` every RECHECK_WINDOW steps until the decay starts; with `constant` to the end.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ WARMUP_STEPS = 1
 TIMED_STEPS = 3
 # Share of the remaining budget left unplanned: step times vary by a few percent on a busy machine.
 SAFETY_MARGIN = 0.05
-# The shortest warmup whose steps are timed to fix the number of steps again (the first is not timed).
+# The shortest warmup whose steps are timed to fix the number of steps again (the first is not timed), and
+# the steps timed between two rechecks of a wsd or constant schedule.
 RECHECK_MIN_WARMUP = 5
+RECHECK_WINDOW = 5
 
 
 @dataclass
@@ -45,11 +49,12 @@ class BudgetPlan:
     seconds_before_training: float  # setup, first validation, calibration: spent before step 1
     planned_seconds: float  # what the plan expects the whole stage to take
     reproduce: str  # the overrides that rerun exactly these steps without a budget
-    # Set when the warmup's steps fixed the number again: the step it happened after, the steps the
-    # calibration had fixed and the warmup's time a step.
+    # Set when the real steps' times fixed the number again: the last step it happened after, the steps the
+    # calibration had fixed, the measured time a step, and how many times the number changed.
     rechecked_at_step: int | None = None
     steps_calibrated: int | None = None
-    seconds_per_step_warmup: float | None = None
+    seconds_per_step_rechecked: float | None = None
+    rechecks: int = 0
 
     def record(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,6 +71,17 @@ def stage_seconds(steps: int, step_s: float, eval_s: float, eval_interval: int, 
     """Seconds `steps` optimizer steps take with their evaluations and checkpoints."""
     return (steps * step_s + occurrences(steps, eval_interval) * eval_s
             + occurrences(steps, checkpoint_interval) * checkpoint_s)
+
+
+def lr_independent_before(schedule: str, steps: int, warmup_steps: int, decay_fraction: float) -> int:
+    """The first optimizer step whose learning rate depends on the total `steps` (murmur.train.optim's
+    schedules): a run may change its total before that step and still be a plain run of the new total."""
+    warmup = min(warmup_steps, steps)
+    if schedule == "cosine":
+        return warmup
+    if schedule == "constant":
+        return steps
+    return max(steps - int(round(decay_fraction * steps)), warmup)  # wsd: where the decay starts
 
 
 def steps_that_fit(seconds_left: float, ceiling: int, step_s: float, eval_s: float, eval_interval: int,

@@ -266,7 +266,7 @@ class Trainer:
         self.overwrite = overwrite
         self.ts = training_settings(settings, stage)  # its steps become the budget's number once fixed
         self.budget_pending = self.ts.time_budget_minutes > 0  # steps not fixed yet: calibrate at step 0
-        self.budget_recheck: dict[str, Any] | None = None  # the plan and warmup times, until the warmup ends
+        self.budget_recheck: dict[str, Any] | None = None  # the plan and the steps' times, while they may refit
         self.stage_dir = self.run_dir / stage
         self.step = 0  # optimizer steps done, earlier sessions of a resumed stage included
         self.tokens = 0
@@ -500,9 +500,13 @@ class Trainer:
                   f"{step_s:.2f} s/step ({plan.tokens_per_sec:,.0f} tokens/s), validation {eval_s:.1f} s, "
                   f"checkpoint {checkpoint_s:.1f} s, {spent:.0f} s before training; planned {planned / 60:.1f} min."
                   f" Reproduce: {plan.reproduce}")
-        if ts.warmup_steps >= time_budget.RECHECK_MIN_WARMUP and steps > ts.warmup_steps:
+        if ts.schedule != "cosine" or ts.warmup_steps >= time_budget.RECHECK_MIN_WARMUP:
             self.budget_recheck = {"plan": plan, "seconds": 0.0, "steps": 0}
         return iter(self.loader)
+
+    def _lr_independent_before(self, steps: int) -> int:
+        ts = self.ts
+        return time_budget.lr_independent_before(ts.schedule, steps, ts.warmup_steps, ts.decay_fraction)
 
     def _record_budget(self, plan: time_budget.BudgetPlan) -> None:
         if self.rt.is_main:
@@ -511,22 +515,30 @@ class Trainer:
             dist.barrier()
 
     def _recheck_budget(self, step_seconds: float) -> None:
-        """Count a warmup step's time; when the warmup ends, fix the number of steps again from those times
-        (every step but the first), within the budget and the ceiling, and record it."""
-        recheck = self.budget_recheck
+        """Count a step's time (not the first's, after the calibration's rewind); at the end of the warmup and
+        then every RECHECK_WINDOW steps while the schedule allows (murmur/train/budget.py), fix the number of
+        steps again from those times, within the budget and the ceiling, and record it."""
+        recheck, ts = self.budget_recheck, self.ts
         if self.step > 1:
             recheck["seconds"] += step_seconds
             recheck["steps"] += 1
-        if self.step < self.ts.warmup_steps:
+        if self.step > self._lr_independent_before(ts.steps) or self.step >= ts.steps:
+            # A step whose learning rate depended on the total has run: the total is fixed for good.
+            self.budget_recheck = None
             return
-        self.budget_recheck = None
-        plan, ts = recheck["plan"], self.ts
+        if self.step < min(ts.warmup_steps, ts.steps) or recheck["steps"] < min(time_budget.RECHECK_WINDOW,
+                                                                               max(1, ts.warmup_steps - 1)):
+            return
+        plan = recheck["plan"]
         times = torch.tensor([recheck["seconds"] / recheck["steps"], self.clock() - self.started],
                              dtype=torch.float64, device=self.rt.device)
         step_s, spent = _all_reduce(times, dist.ReduceOp.MAX if dist.is_initialized() else None).tolist()
+        recheck["seconds"], recheck["steps"] = 0.0, 0
+        if ts.schedule == "cosine":
+            self.budget_recheck = None  # cosine: once, at the end of the warmup
         # The steps left fit what is left of the budget; evaluations and checkpoints fall on absolute steps:
         # those of a `total`-step stage less those already behind.
-        usable = ts.time_budget_minutes * 60 - spent
+        usable = (ts.time_budget_minutes * 60 - spent) * (1 - time_budget.SAFETY_MARGIN)
         done = self.step
 
         def cost(total: int) -> float:
@@ -534,21 +546,27 @@ class Trainer:
             saves = time_budget.occurrences(total, ts.checkpoint_interval) - done // ts.checkpoint_interval
             return (total - done) * step_s + evals * plan.eval_seconds + saves * plan.checkpoint_seconds
 
-        steps = self.step
-        for total in range(self.step + 1, plan.steps_ceiling + 1):  # cost() grows with total
-            if cost(total) > usable * (1 - time_budget.SAFETY_MARGIN):
+        steps = done
+        for total in range(done + 1, plan.steps_ceiling + 1):  # cost() grows with total
+            if cost(total) > usable:
                 break
             steps = total
+        # Only a total under which the steps already taken had the same learning rates keeps the run exact.
+        while steps < plan.steps_ceiling and self._lr_independent_before(steps) < done:
+            steps += 1
+        if steps == ts.steps:
+            return
         section = section_name(self.stage)
-        if steps != plan.steps:
-            plan = dataclasses.replace(
-                plan, steps=steps, rechecked_at_step=self.step, steps_calibrated=plan.steps,
-                seconds_per_step_warmup=step_s, planned_seconds=spent + cost(steps),
-                reproduce=f"--set {section}.steps={steps} --set {section}.time_budget_minutes=0")
-            self._record_budget(plan)
-            self._set_steps(steps)
-            self._say(f"budget       {steps} steps after the warmup's {step_s:.2f} s/step (calibration: "
-                      f"{plan.seconds_per_step:.2f}, {plan.steps_calibrated} steps). Reproduce: {plan.reproduce}")
+        plan = dataclasses.replace(
+            plan, steps=steps, rechecked_at_step=done, steps_calibrated=plan.steps_calibrated or plan.steps,
+            seconds_per_step_rechecked=step_s, rechecks=plan.rechecks + 1, planned_seconds=spent + cost(steps),
+            reproduce=f"--set {section}.steps={steps} --set {section}.time_budget_minutes=0")
+        if self.budget_recheck is not None:
+            self.budget_recheck["plan"] = plan
+        self._record_budget(plan)
+        self._set_steps(steps)
+        self._say(f"budget       {steps} steps after step {done}'s {step_s:.2f} s/step (calibration: "
+                  f"{plan.seconds_per_step:.2f} s/step, {plan.steps_calibrated} steps). Reproduce: {plan.reproduce}")
 
     def _load_initial_weights(self, kind: str, path: Path) -> None:
         if kind == "checkpoint":
