@@ -501,7 +501,7 @@ class Trainer:
                   f"checkpoint {checkpoint_s:.1f} s, {spent:.0f} s before training; planned {planned / 60:.1f} min."
                   f" Reproduce: {plan.reproduce}")
         if ts.schedule != "cosine" or ts.warmup_steps >= time_budget.RECHECK_MIN_WARMUP:
-            self.budget_recheck = {"plan": plan, "seconds": 0.0, "steps": 0}
+            self.budget_recheck = {"plan": plan, "seconds": 0.0, "steps": 0, "rechecked": False}
         return iter(self.loader)
 
     def _lr_independent_before(self, steps: int) -> int:
@@ -526,9 +526,13 @@ class Trainer:
             # A step whose learning rate depended on the total has run: the total is fixed for good.
             self.budget_recheck = None
             return
-        if self.step < min(ts.warmup_steps, ts.steps) or recheck["steps"] < min(time_budget.RECHECK_WINDOW,
-                                                                               max(1, ts.warmup_steps - 1)):
+        # The first recheck comes at the end of the warmup (all its steps but the first timed), the later ones
+        # every RECHECK_WINDOW steps.
+        window = time_budget.RECHECK_WINDOW if recheck["rechecked"] else min(time_budget.RECHECK_WINDOW,
+                                                                             max(1, ts.warmup_steps - 1))
+        if self.step < min(ts.warmup_steps, ts.steps) or recheck["steps"] < window:
             return
+        recheck["rechecked"] = True
         plan = recheck["plan"]
         times = torch.tensor([recheck["seconds"] / recheck["steps"], self.clock() - self.started],
                              dtype=torch.float64, device=self.rt.device)
