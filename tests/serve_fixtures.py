@@ -54,6 +54,25 @@ def make_model(vocab_size: int, seed: int = 0, max_seq_len: int = 256, dim: int 
     return model
 
 
+def recite_corpus(model: Transformer, tokenizer, steps: int = 120) -> dict[str, torch.Tensor]:
+    """Train `model` to recite the corpus and return its weights (batches drawn from torch's global RNG: seed
+    it first): its greedy choices are then decided by clear margins, as a real model's mostly are (a random
+    model's top two logits are often within rounding of each other, so a faster or quantized path may flip
+    them)."""
+    model.train()
+    ids = torch.tensor([i for text in CORPUS[:5] for i in tokenizer.encode(text + "\n")])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 33, (8,)).tolist()
+        x = torch.stack([ids[s:s + 32] for s in starts])
+        y = torch.stack([ids[s + 1:s + 33] for s in starts])
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serve_fixtures import CORPUS, SlowTransformer, tokenizer  # noqa: F401 (tokenizer: a fixture)
+from serve_fixtures import SlowTransformer, recite_corpus, tokenizer  # noqa: F401 (tokenizer: a fixture)
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -32,18 +32,7 @@ def tiny_settings(vocab_size: int, **kw) -> ModelSettings:
 def trained(tokenizer) -> dict[str, torch.Tensor]:
     """A tiny model trained to recite the corpus: clear margins between its greedy choices."""
     torch.manual_seed(0)
-    model = Transformer(tiny_settings(tokenizer.vocab_size)).train()
-    ids = torch.tensor([i for text in CORPUS[:5] for i in tokenizer.encode(text + "\n")])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    for _ in range(120):
-        starts = torch.randint(0, len(ids) - 33, (8,)).tolist()
-        x = torch.stack([ids[s:s + 32] for s in starts])
-        y = torch.stack([ids[s + 1:s + 33] for s in starts])
-        loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return recite_corpus(Transformer(tiny_settings(tokenizer.vocab_size)), tokenizer)
 
 
 def fresh(tokenizer, weights, cls=Transformer, **kw) -> Transformer:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from serve_fixtures import CORPUS, make_model, tokenizer  # noqa: F401 (tokenizer: a fixture)
+from serve_fixtures import make_model, recite_corpus, tokenizer  # noqa: F401 (tokenizer: a fixture)
 from torch import nn
 
 from murmur.errors import MurmurError
@@ -24,21 +24,9 @@ PROMPTS = ["hello world", "the quick brown fox", "coffee in the morning", "naïv
 
 @pytest.fixture(scope="module")
 def trained(tokenizer) -> dict[str, torch.Tensor]:
-    """Weights of a tiny model trained to recite the corpus: its greedy choices are decided by clear margins,
-    as a real model's mostly are (a random model's top two logits are often within rounding of each other)."""
+    """Weights of a tiny model trained to recite the corpus (clear margins between its greedy choices)."""
     torch.manual_seed(0)
-    model = make_model(tokenizer.vocab_size, dim=64).train()
-    ids = torch.tensor([i for text in CORPUS[:5] for i in tokenizer.encode(text + "\n")])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    for _ in range(120):
-        starts = torch.randint(0, len(ids) - 33, (8,)).tolist()
-        x = torch.stack([ids[s:s + 32] for s in starts])
-        y = torch.stack([ids[s + 1:s + 33] for s in starts])
-        loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return recite_corpus(make_model(tokenizer.vocab_size, dim=64), tokenizer)
 
 
 def fresh_model(tokenizer, weights):
