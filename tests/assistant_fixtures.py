@@ -3,7 +3,16 @@ but replies written by the test, so citations and replies can be checked exactly
 
 from __future__ import annotations
 
+import pytest
+from serve_fixtures import make_model
+
 from murmur.infer.engine import Engine, StepOutput
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    """The tiny model behind the scripted engine, with room for a prompt of retrieved posts."""
+    return make_model(tokenizer.vocab_size, max_seq_len=1024)
 
 
 class ScriptedEngine(Engine):

@@ -10,12 +10,12 @@ import threading
 import time
 
 import pytest
-from assistant_fixtures import ScriptedEngine
+from assistant_fixtures import ScriptedEngine, model  # noqa: F401 (model: a fixture)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from fastapi.testclient import TestClient
 from index_fixtures import backend, make_index, postgres_url  # noqa: F401 (fixtures)
-from serve_fixtures import make_model, tokenizer  # noqa: F401 (fixture)
+from serve_fixtures import tokenizer  # noqa: F401 (fixture)
 
 from murmur.assistant.citations import cite, marker_spans, post_title, post_url
 from murmur.assistant.grounding import ground, posts_block, with_posts
@@ -93,11 +93,6 @@ def test_post_text_is_shown_as_text_not_as_control_tokens(tokenizer):
 
 
 # -- the server --------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return make_model(tokenizer.vocab_size, max_seq_len=1024)
-
 
 @pytest.fixture
 def index(make_index):

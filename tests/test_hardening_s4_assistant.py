@@ -10,10 +10,10 @@ import logging
 import threading
 
 import pytest
-from assistant_fixtures import ScriptedEngine
+from assistant_fixtures import ScriptedEngine, model  # noqa: F401 (model: a fixture)
 from fastapi.testclient import TestClient
 from index_fixtures import backend, make_index, postgres_url  # noqa: F401 (fixtures)
-from serve_fixtures import make_model, tokenizer  # noqa: F401 (fixture)
+from serve_fixtures import tokenizer  # noqa: F401 (fixture)
 
 from murmur.assistant.follow import MentionFollower, ReplyLedger
 from murmur.assistant.mentions import MentionDesk
@@ -34,11 +34,6 @@ POSTS = [
     IndexedPost("p4", "dan", "Is the meetup still on Wednesday?", 1_700_000_300.0, "p1", "p1"),
 ]
 SECRET = "/srv/secret/tenant-42/weights.safetensors"
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return make_model(tokenizer.vocab_size, max_seq_len=1024)
 
 
 @pytest.fixture
