@@ -14,3 +14,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def torch_kernels_only():
+    """Serve with PyTorch's kernels, not Murmur's own CPU kernels (murmur/infer/cpu_kernels), for the layers
+    built inside the test: the paths a machine without a C++ compiler takes."""
+    from murmur.infer import cpu_kernels
+
+    cpu_kernels.set_enabled(False)
+    yield
+    cpu_kernels.set_enabled(True)

@@ -11,14 +11,28 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from murmur import accel
 from murmur.infer import quantize as quantize_module
 from murmur.infer.engine import Engine
-from murmur.infer.quantize import Int8Linear, int8_activations_run, int8_kernel, quantize_model
+from murmur.infer import cpu_kernels
+from murmur.infer.quantize import Int8Linear, int8_activations_run, int8pack_runs, quantize_model
 from murmur.infer.sampling import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+CPU = torch.device("cpu")
 needs_native_bf16 = pytest.mark.skipif(
-    int8_kernel(torch.device("cpu")) != "int8pack" or not accel.cpu_bf16_fast(),
-    reason="this CPU has no int8pack kernel or no native bfloat16: the model stays float32 (tested below)")
+    not accel.cpu_bf16_fast(), reason="this CPU has no native bfloat16: the model stays float32 (tested below)")
+# Each bfloat16 test runs with both int8 kernels that serve decode steps on a CPU: int8pack (PyTorch's, where
+# Murmur's kernels are off or cannot be built) and Murmur's own.
+KERNELS = [pytest.param("int8pack", marks=pytest.mark.skipif(not int8pack_runs(CPU), reason="no int8pack here")),
+           pytest.param("murmur", marks=pytest.mark.skipif(not cpu_kernels.available(), reason=str(cpu_kernels.why_not())))]
+PRODUCT_OP = {"int8pack": "_weight_int8pack_mm", "murmur": "linear_int8"}
+
+
+@pytest.fixture
+def kernel(request):
+    """The int8 kernel under test: Murmur's kernels are turned off for "int8pack"."""
+    cpu_kernels.set_enabled(request.param == "murmur")
+    yield request.param
+    cpu_kernels.set_enabled(True)
 
 
 class OpLog(TorchDispatchMode):
@@ -37,7 +51,8 @@ class OpLog(TorchDispatchMode):
         return sum(name == "_to_copy" for name, _ in self.ops)
 
     def products(self) -> list[tuple[str, list[torch.dtype]]]:
-        return [(name, dtypes) for name, dtypes in self.ops if name in ("linear", "mm", "addmm", "_weight_int8pack_mm", "_int_mm")]
+        return [(name, dtypes) for name, dtypes in self.ops
+                if name in ("linear", "mm", "addmm", "_weight_int8pack_mm", "_int_mm", "linear_int8", "linear_float")]
 
 
 def decode_step_ops(engine: Engine, rows: int = 1) -> OpLog:
@@ -51,8 +66,10 @@ def decode_step_ops(engine: Engine, rows: int = 1) -> OpLog:
 
 
 @needs_native_bf16
-def test_int8_model_computes_in_bf16_without_a_cast_around_each_product(tokenizer):
+@pytest.mark.parametrize("kernel", KERNELS, indirect=True)
+def test_int8_model_computes_in_bf16_without_a_cast_around_each_product(tokenizer, kernel):
     engine = Engine(make_model(tokenizer.vocab_size), tokenizer, max_batch_size=2, quantize="int8")
+    assert engine.quantization.kernel == kernel
     assert engine.quantization.activations == torch.bfloat16 and "activations in bfloat16" in \
         engine.quantization.describe()
     assert engine.model.embed_tokens.weight.dtype == torch.bfloat16
@@ -61,7 +78,7 @@ def test_int8_model_computes_in_bf16_without_a_cast_around_each_product(tokenize
     products = log.products()
     # every product is an int8 one (the packed decode step's: q/k/v in one, gate/up in one, o, down; the head)...
     assert engine.decode_path == "packed" and len(products) == 4 * engine.model.settings.n_layers + 1
-    assert all(name == "_weight_int8pack_mm" and dtypes[0] == torch.bfloat16 for name, dtypes in products)
+    assert all(name == PRODUCT_OP[kernel] and dtypes[0] == torch.bfloat16 for name, dtypes in products)
     # ...and no cast surrounds it: what casts remain are the norms' float32 statistics (in and out) and the
     # rotary cos/sin. A float32 model casting in and out of every int8 product made 2 x 15 more.
     norms = 2 * engine.model.settings.n_layers + 1
@@ -69,7 +86,8 @@ def test_int8_model_computes_in_bf16_without_a_cast_around_each_product(tokenize
 
 
 @needs_native_bf16
-def test_int8_engine_keeps_its_kv_cache_in_bf16_at_half_the_bytes(tokenizer):
+@pytest.mark.parametrize("kernel", KERNELS, indirect=True)
+def test_int8_engine_keeps_its_kv_cache_in_bf16_at_half_the_bytes(tokenizer, kernel):
     plain = Engine(make_model(tokenizer.vocab_size), tokenizer, max_batch_size=4, max_seq_len=128)
     int8 = Engine(make_model(tokenizer.vocab_size), tokenizer, max_batch_size=4, max_seq_len=128, quantize="int8")
     assert int8.cache.k[0].dtype == torch.bfloat16 and plain.cache.k[0].dtype == torch.float32
@@ -77,7 +95,8 @@ def test_int8_engine_keeps_its_kv_cache_in_bf16_at_half_the_bytes(tokenizer):
 
 
 @needs_native_bf16
-def test_int8_prefill_multiplies_bf16_weights(tokenizer):
+@pytest.mark.parametrize("kernel", KERNELS, indirect=True)
+def test_int8_prefill_multiplies_bf16_weights(tokenizer, kernel):
     model = make_model(tokenizer.vocab_size)
     quantize_model(model, "int8")
     tokens = torch.randint(0, tokenizer.vocab_size, (1, 2 * Int8Linear.DEQUANTIZE_ROWS))
@@ -85,7 +104,7 @@ def test_int8_prefill_multiplies_bf16_weights(tokenizer):
         logits = model(tokens)
     products = log.products()
     assert logits.dtype == torch.bfloat16 and len(products) == 15
-    assert all(name != "_weight_int8pack_mm" and set(dtypes) == {torch.bfloat16} for name, dtypes in products)
+    assert all(name != PRODUCT_OP[kernel] and set(dtypes) == {torch.bfloat16} for name, dtypes in products)
 
 
 def test_without_native_bf16_the_int8_model_keeps_float32_and_serves(tokenizer, monkeypatch):
@@ -105,8 +124,9 @@ def test_without_native_bf16_the_int8_model_keeps_float32_and_serves(tokenizer, 
     assert len(out[0].token_ids) == 4
 
 
-@pytest.mark.skipif(int8_kernel(torch.device("cpu")) != "int8pack" or not int8_activations_run(torch.device("cpu")),
+@pytest.mark.skipif(not int8pack_runs(CPU) or not int8_activations_run(CPU),
                     reason="no int8pack or no torch._int_mm on this CPU")
+@pytest.mark.usefixtures("torch_kernels_only")
 def test_a_decode_batch_multiplies_int8_activations_and_one_row_does_not(tokenizer):
     engine = Engine(make_model(tokenizer.vocab_size), tokenizer, max_batch_size=4, quantize="int8")
     assert engine.quantization.int8_batches

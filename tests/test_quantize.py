@@ -13,7 +13,8 @@ from torch import nn
 
 from murmur.errors import MurmurError
 from murmur.infer.engine import Engine
-from murmur.infer.quantize import Int8Linear, int8_kernel, quantize_model, quantize_rows
+from murmur.infer import cpu_kernels
+from murmur.infer.quantize import Int8Linear, int8pack_runs, quantize_model, quantize_rows
 from murmur.infer.sampling import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,11 +49,13 @@ def test_rows_round_to_within_half_a_step_of_their_scale(rows, cols, log_scale, 
     assert bool(torch.isfinite(scales.float()).all()) and int(q[0].abs().max()) == 0
 
 
-@pytest.mark.parametrize("kernel", ["int8pack", "dequantize"])
+@pytest.mark.parametrize("kernel", ["murmur", "int8pack", "dequantize"])
 @pytest.mark.parametrize("rows", [15, 80], ids=["decode", "prefill"])  # below and above DEQUANTIZE_ROWS
 def test_int8_linear_matches_the_float_layer_within_rounding(kernel, rows):
-    if kernel == "int8pack" and int8_kernel(torch.device("cpu")) != "int8pack":
+    if kernel == "int8pack" and not int8pack_runs(torch.device("cpu")):
         pytest.skip("torch._weight_int8pack_mm does not run on this CPU")
+    if kernel == "murmur" and not cpu_kernels.available():
+        pytest.skip(f"Murmur's CPU kernels: {cpu_kernels.why_not()}")
     torch.manual_seed(0)
     linear = nn.Linear(64, 48, bias=True)
     x = torch.randn(rows // 5, 5, 64)
@@ -82,6 +85,17 @@ def test_unknown_quantization_is_a_clear_error(tokenizer):
         quantize_model(make_model(tokenizer.vocab_size), "int4")
 
 
+@pytest.fixture(params=["murmur kernels", "torch kernels"])
+def kernels(request):
+    """Each engine test twice: with Murmur's CPU kernels (where they build) and with PyTorch's only."""
+    if request.param == "murmur kernels" and not cpu_kernels.available():
+        pytest.skip(f"Murmur's CPU kernels: {cpu_kernels.why_not()}")
+    cpu_kernels.set_enabled(request.param == "murmur kernels")
+    yield request.param
+    cpu_kernels.set_enabled(True)
+
+
+@pytest.mark.usefixtures("kernels")
 def test_int8_engine_greedy_tokens_equal_float32_for_the_first_tokens(tokenizer, trained):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     reference = Engine(fresh_model(tokenizer, trained), tokenizer, max_batch_size=8).generate(PROMPTS, params)
@@ -92,6 +106,7 @@ def test_int8_engine_greedy_tokens_equal_float32_for_the_first_tokens(tokenizer,
         assert got.token_ids[:16] == ref.token_ids[:16]
 
 
+@pytest.mark.usefixtures("kernels")
 def test_int8_engine_logprobs_stay_close_to_float32(tokenizer, trained):
     """The sampler sees the int8 model's logits (bfloat16 where the model computes in it) as float32: the
     chosen tokens' log-probabilities stay within a small distance of the float32 model's."""

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from murmur.infer import cpu_kernels
 from murmur.infer.kv_cache import SlotKVCache
 from murmur.infer.quantize import Int8Linear
 from murmur.model import MLP, Attention, Block, RMSNorm, Transformer
@@ -87,16 +88,36 @@ def _pack(layers: list[nn.Module]) -> nn.Module:
         return packed
 
 
-def _product(layer: nn.Module):
-    """`layer`'s function without nn.Module's call overhead: its forward for an int8 layer; for a float layer
-    W @ x^T for one row (MKL's gemv reads the weight 10-20% faster that way than `linear`'s x @ W^T, measured
-    over SmolLM2's 30 layers, weights out of cache), else `linear`."""
+def product_of(layer: nn.Module, weight_major_batches: bool = False):
+    """`layer`'s function for a decode step without nn.Module's call overhead.
+
+    On a CPU where Murmur's kernels load (murmur/infer/cpu_kernels), products of up to 31 rows go through
+    them: each weight read once for every row, where MKL's gemm over 8 rows ran 2-3x slower than the read
+    and torch's int8 kernel read at half speed (docs/journal.md). Otherwise an int8 layer's forward, and for
+    a float layer W @ x^T for one row (MKL's gemv reads the weight 10-20% faster that way than `linear`'s
+    x @ W^T, measured over SmolLM2's 30 layers, weights out of cache), and for more rows too when
+    `weight_major_batches`, else `linear`.
+    """
+    weight, bias = layer.weight, layer.bias
+    if isinstance(layer, Int8Linear):
+        if layer.kernel != "murmur":
+            return layer.forward
+        int8_op, scales = torch.ops.murmur_cpu.linear_int8.default, layer.scales
+
+        def int8_product(x: Tensor) -> Tensor:
+            return int8_op(x, weight, scales, bias) if x.shape[0] <= cpu_kernels.MAX_ROWS else layer.forward(x)
+
+        return int8_product
     if type(layer) is not nn.Linear:
         return layer.forward
-    weight, bias = layer.weight, layer.bias
+    own_kernel = weight.dtype == torch.float32 and cpu_kernels.serves(weight.device, 1)
+    float_op = torch.ops.murmur_cpu.linear_float.default if own_kernel else None
 
     def product(x: Tensor) -> Tensor:
-        if x.shape[0] != 1:
+        rows = x.shape[0]
+        if float_op is not None and rows <= cpu_kernels.MAX_ROWS and x.dtype == torch.float32:
+            return float_op(x, weight, bias)
+        if rows != 1 and not weight_major_batches:
             return F.linear(x, weight, bias)
         out = torch.mm(weight, x.t()).t()  # (1, out): a view of (out, 1), contiguous as it is one row
         return out if bias is None else out + bias
@@ -109,9 +130,9 @@ class _Layer:
 
     def __init__(self, block: nn.Module, kv: Tensor):
         attn, mlp = block.self_attn, block.mlp
-        self.qkv = _product(_pack([attn.q_proj, attn.k_proj, attn.v_proj]))
-        self.gate_up = _product(_pack([mlp.gate_proj, mlp.up_proj]))
-        self.o_proj, self.down_proj = _product(attn.o_proj), _product(mlp.down_proj)
+        self.qkv = product_of(_pack([attn.q_proj, attn.k_proj, attn.v_proj]))
+        self.gate_up = product_of(_pack([mlp.gate_proj, mlp.up_proj]))
+        self.o_proj, self.down_proj = product_of(attn.o_proj), product_of(mlp.down_proj)
         self.input_norm, self.post_norm = block.input_layernorm, block.post_attention_layernorm
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.kv_rows = kv.view(-1, kv.shape[-1])  # (2 x slots x kv_heads x max_len, head_dim)

@@ -1,0 +1,149 @@
+"""Murmur's own CPU kernels: linear products over a decode step's few rows, at memory speed.
+
+`small_batch_linear.cpp` multiplies 1-31 activation rows by a float32 or int8 weight reading each weight
+once (the library kernels it replaces did not: docs/journal.md, "Serving: Murmur's own decode kernels").
+It is C++ compiled on this machine the first time it is needed (~10 s with g++), against the installed
+torch, and kept in `~/.cache/murmur/cpu_kernels/<key>/` (key: the source, torch's version and ABI, the
+compiler), so later starts load it at once. It registers the ops `torch.ops.murmur_cpu.linear_float` and
+`.linear_int8`, which torch.compile sees as opaque calls.
+
+Without a C++ compiler (or with MURMUR_CPU_KERNELS=0) `available()` is False, one log line says why, and
+serving keeps PyTorch's kernels: slower, same tokens within rounding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("murmur.infer")
+
+SOURCE = Path(__file__).with_name("small_batch_linear.cpp")
+LIBRARY_NAME = "murmur_cpu_kernels.so"
+# A decode batch has at most this many rows through these kernels; more rows (a prompt) are bound by
+# arithmetic, where MKL's and oneDNN's blocked matmuls win.
+MAX_ROWS = 31
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"tried": False, "loaded": False, "why_not": None, "enabled": True}
+
+
+def cache_dir() -> Path:
+    """$XDG_CACHE_HOME (else ~/.cache)/murmur/cpu_kernels."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "murmur" / "cpu_kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build_command(compiler: str, output: Path) -> list[str]:
+    from torch.utils import cpp_extension
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    includes = [f"-I{path}" for path in cpp_extension.include_paths()]
+    libs = [f"-L{path}" for path in cpp_extension.library_paths()]
+    rpath = [f"-Wl,-rpath,{path}" for path in cpp_extension.library_paths()]
+    # No -march=native: each kernel names its instruction set and the library picks one at run time.
+    return [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            *includes, str(SOURCE), "-o", str(output), *libs, *rpath, "-lc10", "-ltorch_cpu"]
+
+
+def _key(compiler: str) -> str:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), str(torch._C._GLIBCXX_USE_CXX11_ABI).encode(),
+                 version.encode(), sys.platform.encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile into a temporary file beside `target`, then rename: a crash never leaves a half-written library
+    under the name that is loaded."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / LIBRARY_NAME
+        done = subprocess.run(_build_command(compiler, built), capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"{Path(compiler).name} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(built, target)
+
+
+def _load() -> None:
+    if os.environ.get("MURMUR_CPU_KERNELS", "1") == "0":
+        _state["why_not"] = "MURMUR_CPU_KERNELS=0"
+        return
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        _state["why_not"] = f"written for x86-64 Linux, not {sys.platform}/{platform.machine()}"
+        return
+    compiler = _compiler()
+    if compiler is None:
+        _state["why_not"] = "no C++ compiler (install g++)"
+        return
+    target = cache_dir() / _key(compiler) / LIBRARY_NAME
+    try:
+        if target.exists():
+            try:
+                torch.ops.load_library(str(target))
+            except OSError:  # a damaged cache (the build itself renames a finished file into place): rebuild
+                log.warning("Murmur's CPU kernels at %s do not load; building them again", target)
+                target.unlink()
+        if not target.exists():
+            log.info("building Murmur's CPU kernels with %s (once, ~10 s) into %s", Path(compiler).name, target.parent)
+            _build(compiler, target)
+            torch.ops.load_library(str(target))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        _state["why_not"] = f"building or loading them failed: {err}"
+        return
+    _state["loaded"] = True
+    log.info("Murmur's CPU kernels loaded (%s)", isa())
+
+
+def available() -> bool:
+    """Whether the kernels are loaded and enabled (builds or loads them on the first call)."""
+    with _lock:
+        if not _state["tried"]:
+            _state["tried"] = True
+            _load()
+            if not _state["loaded"]:
+                log.warning("serving with PyTorch's kernels, not Murmur's CPU kernels: %s", _state["why_not"])
+    return bool(_state["loaded"]) and bool(_state["enabled"])
+
+
+def why_not() -> str | None:
+    """Why `available()` is False (None when it is True or was not asked yet)."""
+    if not _state["enabled"]:
+        return "disabled (set_enabled(False))"
+    return None if _state["loaded"] else _state["why_not"]  # type: ignore[return-value]
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn the kernels off (or on again) for layers built afterwards: benchmarks compare both in one process."""
+    _state["enabled"] = enabled
+
+
+def isa() -> str:
+    """The instruction set the kernels run with here: avx512_vnni, avx512, avx2 or scalar (ATEN_CPU_CAPABILITY
+    caps it as it caps PyTorch's)."""
+    return torch.ops.murmur_cpu.isa()
+
+
+def serves(x_device: torch.device, rows: int) -> bool:
+    """Whether a product of `rows` rows on `x_device` should go through these kernels."""
+    return x_device.type == "cpu" and rows <= MAX_ROWS and available()
