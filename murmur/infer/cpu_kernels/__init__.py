@@ -1,11 +1,15 @@
-"""Murmur's own CPU kernels: linear products over a decode step's few rows, at memory speed.
+"""Murmur's own CPU kernels for the decode step: products over a few rows at memory speed, and the
+element-wise work between them in one call each.
 
-`small_batch_linear.cpp` multiplies 1-31 activation rows by a float32 or int8 weight reading each weight
-once (the library kernels it replaces did not: docs/journal.md, "Serving: Murmur's own decode kernels").
-It is C++ compiled on this machine the first time it is needed (~10 s with g++), against the installed
-torch, and kept in `~/.cache/murmur/cpu_kernels/<key>/` (key: the source, torch's version and ABI, the
-compiler), so later starts load it at once. It registers the ops `torch.ops.murmur_cpu.linear_float` and
-`.linear_int8`, which torch.compile sees as opaque calls.
+- `small_batch_linear.cpp`: `torch.ops.murmur_cpu.linear_float` and `.linear_int8` multiply 1-31 activation
+  rows by a float32 or int8 weight, reading each weight once (the library kernels they replace did not:
+  docs/journal.md, "Serving: Murmur's own decode kernels");
+- `decode_elementwise.cpp`: `.rms_norm`, `.add_rms_norm_` (the residual add and the next norm) and
+  `.silu_mul`, each what the model's modules compute in several PyTorch ops.
+
+The sources are C++ compiled on this machine into one library the first time it is needed (~15 s with g++),
+against the installed torch, and kept in `~/.cache/murmur/cpu_kernels/<key>/` (key: the sources, torch's
+version and ABI, the compiler), so later starts load it at once. torch.compile sees the ops as opaque calls.
 
 Without a C++ compiler (or with MURMUR_CPU_KERNELS=0) `available()` is False, one log line says why, and
 serving keeps PyTorch's kernels: slower, same tokens within rounding.
@@ -28,7 +32,7 @@ import torch
 
 log = logging.getLogger("murmur.infer")
 
-SOURCE = Path(__file__).with_name("small_batch_linear.cpp")
+SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cpp")))
 LIBRARY_NAME = "murmur_cpu_kernels.so"
 # A decode batch has at most this many rows through these kernels; more rows (a prompt) are bound by
 # arithmetic, where MKL's and oneDNN's blocked matmuls win.
@@ -60,13 +64,13 @@ def _build_command(compiler: str, output: Path) -> list[str]:
     rpath = [f"-Wl,-rpath,{path}" for path in cpp_extension.library_paths()]
     # No -march=native: each kernel names its instruction set and the library picks one at run time.
     return [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-            *includes, str(SOURCE), "-o", str(output), *libs, *rpath, "-lc10", "-ltorch_cpu"]
+            *includes, *map(str, SOURCES), "-o", str(output), *libs, *rpath, "-lc10", "-ltorch_cpu"]
 
 
 def _key(compiler: str) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), str(torch._C._GLIBCXX_USE_CXX11_ABI).encode(),
+    for part in (*(source.read_bytes() for source in SOURCES), torch.__version__.encode(), str(torch._C._GLIBCXX_USE_CXX11_ABI).encode(),
                  version.encode(), sys.platform.encode()):
         digest.update(part)
         digest.update(b"\0")
@@ -105,7 +109,7 @@ def _load() -> None:
                 log.warning("Murmur's CPU kernels at %s do not load; building them again", target)
                 target.unlink()
         if not target.exists():
-            log.info("building Murmur's CPU kernels with %s (once, ~10 s) into %s", Path(compiler).name, target.parent)
+            log.info("building Murmur's CPU kernels with %s (once, ~15 s) into %s", Path(compiler).name, target.parent)
             _build(compiler, target)
             torch.ops.load_library(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
