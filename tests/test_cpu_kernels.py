@@ -184,3 +184,82 @@ def test_the_cache_key_changes_with_the_source(monkeypatch, tmp_path):
     changed.write_text(cpu_kernels.SOURCES[-1].read_text() + "\n// changed\n")
     monkeypatch.setattr(cpu_kernels, "SOURCES", (*cpu_kernels.SOURCES[:-1], changed))
     assert cpu_kernels._key(compiler) != before
+
+
+def test_the_kernels_build_wherever_a_compiler_is():
+    """The module skips when the kernels are unavailable; this keeps a broken build from passing as a skip on
+    a machine that has a compiler (CI's does)."""
+    if cpu_kernels._compiler() is None or os.environ.get("MURMUR_CPU_KERNELS") == "0":
+        pytest.skip("no C++ compiler here")
+    assert cpu_kernels.available(), cpu_kernels.why_not()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms_and_silu_mul_compute_what_the_models_modules_do(dtype):
+    from murmur.model import RMSNorm
+
+    torch.manual_seed(1)
+    norm = RMSNorm(96, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(96) + 0.5)
+    norm = norm.to(dtype)
+    x, delta = (torch.randn(5, 96) * 3).to(dtype), torch.randn(5, 96).to(dtype)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    assert torch.allclose(torch.ops.murmur_cpu.rms_norm(x, norm.weight, norm.eps), norm(x), **tolerance)
+    stream = x.clone()
+    normed = torch.ops.murmur_cpu.add_rms_norm_(stream, delta, norm.weight, norm.eps)
+    assert torch.equal(stream, x + delta)  # the residual add, rounded as PyTorch rounds it
+    assert torch.allclose(normed, norm(x + delta), **tolerance)
+    gate_up = torch.randn(3, 2 * 40).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.equal(torch.ops.murmur_cpu.silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
+
+
+def reference_attention(qkv, cos, sin, kv, positions, heads, kv_heads):
+    """PackedDecoder's PyTorch path for one layer: rope by roll, index_copy_ into the cache, SDPA with a mask."""
+    batch, head_dim = qkv.shape[0], kv.shape[-1]
+    rotated = heads + kv_heads
+    qk = qkv[:, :rotated * head_dim].view(batch, rotated, head_dim)
+    qkv[:, :rotated * head_dim] = (qk * cos[:, None] + torch.roll(qk, head_dim // 2, -1) * sin[:, None]).view(batch, -1)
+    for b, pos in enumerate(positions.tolist()):
+        kv[0, b, :, pos] = qkv[b, heads * head_dim:rotated * head_dim].view(kv_heads, head_dim)
+        kv[1, b, :, pos] = qkv[b, rotated * head_dim:].view(kv_heads, head_dim)
+    length = int(positions.max()) + 1
+    keys = torch.arange(length)
+    mask = (keys[None, :] <= positions[:, None])[:, None, None, :]
+    q = qkv[:, :heads * head_dim].view(batch, heads, 1, head_dim)
+    out = torch.nn.functional.scaled_dot_product_attention(q, kv[0, :batch, :, :length], kv[1, :batch, :, :length],
+                                                           attn_mask=mask, enable_gqa=heads != kv_heads)
+    return out.reshape(batch, heads * head_dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, batch", [(4, 4, 1), (6, 2, 3), (9, 3, 8)])
+def test_attention_rotates_writes_the_cache_and_attends_as_pytorch_does(dtype, heads, kv_heads, batch):
+    torch.manual_seed(heads * batch)
+    head_dim, slots, max_len = 16, 8, 40
+    kv = torch.randn(2, slots, kv_heads, max_len, head_dim).to(dtype)
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * head_dim).to(dtype)
+    positions = torch.tensor([5, 0, 39, 17, 3, 3, 20, 1][:batch])
+    angles = positions[:, None].float() * (1 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    cos = angles.cos().to(dtype).repeat(1, 2)
+    sin = angles.sin().to(dtype)
+    sin = torch.cat((-sin, sin), dim=-1)
+    ours_qkv, ours_kv = qkv.clone(), kv.clone()
+    out = torch.ops.murmur_cpu.attend_(ours_qkv, cos, sin, ours_kv, positions, heads, kv_heads)
+    expected_qkv, expected_kv = qkv.clone(), kv.clone()
+    expected = reference_attention(expected_qkv, cos, sin, expected_kv, positions, heads, kv_heads)
+    assert torch.equal(ours_qkv, expected_qkv)  # rope rounds as the eager ops do
+    assert torch.equal(ours_kv, expected_kv)  # the new keys and values, and nothing else
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.dtype == dtype and torch.allclose(out.float(), expected.float(), rtol=tolerance, atol=tolerance)
+
+
+def test_attention_refuses_a_position_outside_the_cache():
+    kv = torch.zeros(2, 2, 1, 8, 4)
+    qkv, cos, sin = torch.zeros(1, 12), torch.zeros(1, 4), torch.zeros(1, 4)
+    with pytest.raises(RuntimeError, match="position 8 outside the cache"):
+        torch.ops.murmur_cpu.attend_(qkv, cos, sin, kv, torch.tensor([8]), 1, 1)
+    with pytest.raises(RuntimeError, match="more rows than cache slots"):
+        torch.ops.murmur_cpu.attend_(torch.zeros(3, 12), torch.zeros(3, 4), torch.zeros(3, 4), kv,
+                                     torch.tensor([0, 1, 2]), 1, 1)

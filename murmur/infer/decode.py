@@ -135,6 +135,7 @@ class _Layer:
         self.o_proj, self.down_proj = product_of(attn.o_proj), product_of(mlp.down_proj)
         self.input_norm, self.post_norm = block.input_layernorm, block.post_attention_layernorm
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+        self.kv = kv  # (2, slots, kv_heads, max_len, head_dim)
         self.kv_rows = kv.view(-1, kv.shape[-1])  # (2 x slots x kv_heads x max_len, head_dim)
         self.keys, self.values = kv[0], kv[1]
 
@@ -205,6 +206,10 @@ class PackedDecoder:
         self._row_base = ((which * self.slots + rows) * self.n_kv_heads + heads) * self.max_len  # (slots, 2, kvh)
         self._half = self.head_dim // 2
         self.elementwise = _Elementwise(model)
+        # Murmur's CPU kernel for rope + cache write + attention, where the element-wise ones serve and the
+        # model has no q/k norms (which come between the product and rope).
+        own_attention = self.elementwise.own and self.layers[0].q_norm is None
+        self._attend = torch.ops.murmur_cpu.attend_.default if own_attention else None
 
     def __call__(self, tokens: Tensor, positions: Tensor, keys: Tensor) -> Tensor:
         """Final normed hidden states (B, dim) for tokens (B, 1) at positions (B,), attending to `keys` (L,)."""
@@ -217,11 +222,14 @@ class PackedDecoder:
         cos = angles.cos().to(dtype).repeat(1, 2)[:, None]  # (B, 1, head_dim), HF's half-split layout
         sin = angles.sin().to(dtype)
         sin = torch.cat((-sin, sin), dim=-1)[:, None]  # rotate_half(x) * sin == roll(x, half) * this
-        kv_index = (self._row_base[:batch] + positions[:, None, None]).view(-1)
-        length = keys.shape[0]
-        # Additive (0 / -inf, as SDPA turns a boolean mask into) once here rather than in every layer's SDPA.
-        allowed = (keys[None, :] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        mask = torch.full(allowed.shape, float("-inf"), dtype=dtype, device=x.device).masked_fill_(allowed, 0.0)
+        if self._attend is None:
+            kv_index = (self._row_base[:batch] + positions[:, None, None]).view(-1)
+            length = keys.shape[0]
+            # Additive (0 / -inf, as SDPA turns a boolean mask into) once here rather than in every layer's SDPA.
+            allowed = (keys[None, :] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, L)
+            mask = torch.full(allowed.shape, float("-inf"), dtype=dtype, device=x.device).masked_fill_(allowed, 0.0)
+        else:
+            positions = positions.contiguous()
         gqa = self.n_heads != self.n_kv_heads
         q_heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
         rotated = q_heads + kv_heads  # q and k heads, side by side in the qkv product
@@ -229,6 +237,12 @@ class PackedDecoder:
         normed = ew.norm(self.layers[0].input_norm, x)
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(normed)  # (B, (H + 2 KVH) * D)
+            if self._attend is not None:  # rope, the cache write and attention in one call
+                attended = self._attend(qkv, cos, sin, layer.kv, positions, q_heads, kv_heads)
+                normed = ew.add_norm(x, layer.o_proj(attended), layer.post_norm)
+                following = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else model.norm
+                normed = ew.add_norm(x, layer.down_proj(ew.silu_mul(layer.gate_up(normed))), following)
+                continue
             qk = qkv[:, :rotated * head_dim].view(batch, rotated, head_dim)
             if layer.q_norm is not None:
                 qk = torch.cat((layer.q_norm(qk[:, :q_heads]), layer.k_norm(qk[:, q_heads:])), dim=1)

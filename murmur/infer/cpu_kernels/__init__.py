@@ -5,7 +5,8 @@ element-wise work between them in one call each.
   rows by a float32 or int8 weight, reading each weight once (the library kernels they replace did not:
   docs/journal.md, "Serving: Murmur's own decode kernels");
 - `decode_elementwise.cpp`: `.rms_norm`, `.add_rms_norm_` (the residual add and the next norm) and
-  `.silu_mul`, each what the model's modules compute in several PyTorch ops.
+  `.silu_mul`, each what the model's modules compute in several PyTorch ops;
+- `decode_attention.cpp`: `.attend_`, a layer's rope, KV-cache write and attention for the step's rows.
 
 The sources are C++ compiled on this machine into one library the first time it is needed (~15 s with g++),
 against the installed torch, and kept in `~/.cache/murmur/cpu_kernels/<key>/` (key: the sources, torch's
@@ -63,7 +64,7 @@ def _build_command(compiler: str, output: Path) -> list[str]:
     libs = [f"-L{path}" for path in cpp_extension.library_paths()]
     rpath = [f"-Wl,-rpath,{path}" for path in cpp_extension.library_paths()]
     # No -march=native: each kernel names its instruction set and the library picks one at run time.
-    return [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+    return [compiler, "-O3", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
             *includes, *map(str, SOURCES), "-o", str(output), *libs, *rpath, "-lc10", "-ltorch_cpu"]
 
 

@@ -281,23 +281,32 @@ BlockFn<X, W> pick_rows(Isa isa, int m) {
 
 int max_rows_per_pass(Isa isa) { return isa == Isa::avx2 ? 4 : kMaxRows; }
 
-// y (M x N, float32) = x w^T for output columns [n0, n1) (weight rows), unscaled.
+// y (M x N, float32) = x w^T for output columns [n0, n1) (weight rows), unscaled. The weight block is the
+// outer loop: with more activation rows than one pass holds, the later passes read the block from L1.
 template <typename X, typename W>
 void product_range(Isa isa, const X* x, int64_t m_rows, int64_t k, const W* w, float* y, int64_t n, int64_t n0,
                    int64_t n1) {
-  const int per_pass = max_rows_per_pass(isa);
   int64_t r = n0;
   if (m_rows == 1) {
-    const BlockFn<X, W> four = pick<X, W, 4, 1>(isa);
-    for (; r + 4 <= n1; r += 4) four(x, k, w + r * k, y + r, n);
+    constexpr int R = 4;
+    const BlockFn<X, W> block = pick<X, W, R, 1>(isa);
+    for (; r + R <= n1; r += R) block(x, k, w + r * k, y + r, n);
   }
+  const int per_pass = max_rows_per_pass(isa);
+  constexpr int R = 2;
+  struct Pass {
+    int64_t first;
+    BlockFn<X, W> block, one;
+  };
+  std::vector<Pass> passes;
   for (int64_t m = 0; m < m_rows; m += per_pass) {
-    const int pass = static_cast<int>(std::min<int64_t>(per_pass, m_rows - m));
-    const BlockFn<X, W> two = pick_rows<X, W, 2>(isa, pass), one = pick_rows<X, W, 1>(isa, pass);
-    int64_t rr = r;
-    for (; rr + 2 <= n1; rr += 2) two(x + m * k, k, w + rr * k, y + m * n + rr, n);
-    for (; rr < n1; ++rr) one(x + m * k, k, w + rr * k, y + m * n + rr, n);
+    const int rows = static_cast<int>(std::min<int64_t>(per_pass, m_rows - m));
+    passes.push_back({m, pick_rows<X, W, R>(isa, rows), pick_rows<X, W, 1>(isa, rows)});
   }
+  for (; r + R <= n1; r += R)
+    for (const Pass& p : passes) p.block(x + p.first * k, k, w + r * k, y + p.first * n + r, n);
+  for (; r < n1; ++r)
+    for (const Pass& p : passes) p.one(x + p.first * k, k, w + r * k, y + p.first * n + r, n);
 }
 
 // Output columns a thread takes at least: short products stay on one thread.
