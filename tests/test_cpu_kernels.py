@@ -263,3 +263,11 @@ def test_attention_refuses_a_position_outside_the_cache():
     with pytest.raises(RuntimeError, match="more rows than cache slots"):
         torch.ops.murmur_cpu.attend_(torch.zeros(3, 12), torch.zeros(3, 4), torch.zeros(3, 4), kv,
                                      torch.tensor([0, 1, 2]), 1, 1)
+
+
+def test_the_parallel_loops_are_compiled_with_openmp():
+    """at::parallel_for is inline in torch's headers and runs serially unless the library is compiled with
+    OpenMP (which it was not at first: 2 threads ran exactly as fast as one). Its OpenMP calls import
+    GOMP_parallel, bound at load to the libgomp torch ships."""
+    [library] = [Path(p) for p in torch.ops.loaded_libraries if Path(p).name == cpu_kernels.LIBRARY_NAME]
+    assert b"GOMP_parallel" in library.read_bytes()

@@ -64,15 +64,18 @@ def _build_command(compiler: str, output: Path) -> list[str]:
     libs = [f"-L{path}" for path in cpp_extension.library_paths()]
     rpath = [f"-Wl,-rpath,{path}" for path in cpp_extension.library_paths()]
     # No -march=native: each kernel names its instruction set and the library picks one at run time.
-    return [compiler, "-O3", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+    # -fopenmp: at::parallel_for splits work only when compiled with OpenMP (it is inline, in torch's
+    # headers); at load the library binds to the libgomp torch has already loaded (same soname, rpath first).
+    return [compiler, "-O3", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
             *includes, *map(str, SOURCES), "-o", str(output), *libs, *rpath, "-lc10", "-ltorch_cpu"]
 
 
 def _key(compiler: str) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     digest = hashlib.sha256()
-    for part in (*(source.read_bytes() for source in SOURCES), torch.__version__.encode(), str(torch._C._GLIBCXX_USE_CXX11_ABI).encode(),
-                 version.encode(), sys.platform.encode()):
+    flags = " ".join(_build_command(compiler, Path("out.so"))).encode()  # a changed flag builds anew
+    for part in (*(source.read_bytes() for source in SOURCES), flags, torch.__version__.encode(),
+                 str(torch._C._GLIBCXX_USE_CXX11_ABI).encode(), version.encode(), sys.platform.encode()):
         digest.update(part)
         digest.update(b"\0")
     return digest.hexdigest()[:16]
