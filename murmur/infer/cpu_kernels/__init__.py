@@ -34,6 +34,7 @@ import torch
 log = logging.getLogger("murmur.infer")
 
 SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cpp")))
+HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))
 LIBRARY_NAME = "murmur_cpu_kernels.so"
 # A decode batch has at most this many rows through these kernels; more rows (a prompt) are bound by
 # arithmetic, where MKL's and oneDNN's blocked matmuls win.
@@ -74,7 +75,7 @@ def _key(compiler: str) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     digest = hashlib.sha256()
     flags = " ".join(_build_command(compiler, Path("out.so"))).encode()  # a changed flag builds anew
-    for part in (*(source.read_bytes() for source in SOURCES), flags, torch.__version__.encode(),
+    for part in (*(source.read_bytes() for source in SOURCES + HEADERS), flags, torch.__version__.encode(),
                  str(torch._C._GLIBCXX_USE_CXX11_ABI).encode(), version.encode(), sys.platform.encode()):
         digest.update(part)
         digest.update(b"\0")

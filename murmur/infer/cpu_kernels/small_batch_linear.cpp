@@ -10,9 +10,8 @@
 // converted once (int8 -> float32 in registers) and multiplied with every activation row while it sits in
 // registers; activations stay float32 (int8 weights are the only rounding, as in `Int8Linear`).
 //
-// One source, three instruction sets chosen at run time: AVX-512 (16 floats a register), AVX2+FMA (8) and
-// plain C++. ATEN_CPU_CAPABILITY (the variable that caps PyTorch's own kernels, "avx2" or "default") caps this
-// choice too, so emulating a laptop's CPU slows Murmur's kernels and PyTorch's alike.
+// One source, three instruction sets chosen at run time (cpu_isa.h): AVX-512 (16 floats a register, with a
+// VNNI variant for int8), AVX2+FMA (8) and plain C++.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -21,40 +20,20 @@
 
 #include <immintrin.h>
 
+#include "cpu_isa.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <string>
 #include <vector>
 
 namespace {
 
-enum class Isa { scalar = 0, avx2 = 1, avx512 = 2, avx512_vnni = 3 };
-
-Isa detect_isa() {
-  __builtin_cpu_init();
-  Isa best = Isa::scalar;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::avx2;
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl"))
-    best = __builtin_cpu_supports("avx512vnni") ? Isa::avx512_vnni : Isa::avx512;
-  const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
-  if (cap != nullptr) {
-    std::string c(cap);
-    if (c == "default") best = Isa::scalar;
-    else if (c == "avx2" && best >= Isa::avx512) best = Isa::avx2;
-  }
-  return best;
-}
-
-Isa active_isa() {
-  static const Isa isa = detect_isa();
-  return isa;
-}
+using murmur_cpu::Isa;
+using murmur_cpu::active_isa;
 
 // The most activation rows one pass keeps in registers; more rows run in passes over the same weight block
 // (read again from L1, not memory).
@@ -63,8 +42,6 @@ constexpr int kMaxRows = 8;
 // Float32 weights: ROWS weight rows at a time (one block), M activation rows, ROWS x M accumulators. The next
 // block's lines are prefetched while this one is multiplied: with 8 activation rows the arithmetic is long
 // enough that the hardware prefetcher alone left memory idle (1 row: 11 GB/s; 8 rows: 5 GB/s before).
-
-constexpr int64_t kPrefetchLine = 64;
 
 template <int ROWS, int M>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void float_block_avx512(const float* x, int64_t k,
