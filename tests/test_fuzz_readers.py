@@ -248,3 +248,19 @@ def test_a_whole_run_over_fuzzed_sources_completes_and_accounts_for_every_record
     stats = pipeline.run(TINY.model_copy(update={"sources": specs}), root / "out", progress=False)
     assert stats["in"] == expected == sum(stats["in_by_source"].values())
     assert stats["in"] == stats["kept"] + sum(stats["dropped"].values()) + stats["quarantined"]
+
+
+def test_a_parquet_column_name_that_is_not_utf8_is_quarantined_not_raised(workdir):
+    """Found by the fuzz test above: pyarrow raises UnicodeDecodeError (a ValueError, not an ArrowException)
+    while opening a file whose footer names a column with invalid UTF-8."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = workdir / "bad_name.parquet"
+    pq.write_table(pa.table({"id": ["1"], "text": ["hello there"], "author_id": ["a"]}), path)
+    data = path.read_bytes()
+    assert b"\x18\x04text" in data
+    path.write_bytes(data.replace(b"\x18\x04text", b"\x18\x04\x80ext", 1))
+    records = list(FileReader(SourceFile("parquet", path), DataSettings()).records())
+    assert len(records) == 1 and isinstance(records[0], Quarantined)
+    assert "unreadable_parquet" in records[0].reason

@@ -815,7 +815,7 @@ class FileReader:
         try:
             parquet = pq.ParquetFile(self.source.open_raw())
             batches = parquet.iter_batches(batch_size=self.settings.batch_size)
-        except (pa.ArrowException, OSError) as err:  # a damaged or non-Parquet file
+        except (pa.ArrowException, OSError, ValueError) as err:  # a damaged or non-Parquet file (or undecodable names)
             yield self._bad(None, f"unreadable_parquet: {err}")
             return
         number = 0
