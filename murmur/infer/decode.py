@@ -15,6 +15,10 @@ about a dozen operations a layer:
 - the cache is written through flat row indices computed once per step for every layer, the attention mask
   (additive) and the rotary angles are computed once per step too, and nothing reads a value back to Python.
 
+On a CPU where Murmur's own kernels build (murmur/infer/cpu_kernels), the products, the norms with their
+residual adds, silu * up, and each layer's rope + cache write + attention are one C++ call each; elsewhere
+(CUDA, no compiler) the same step runs through PyTorch's ops.
+
 The model code knows nothing of this: the engine builds a `PackedDecoder` over a plain `Transformer` (or an
 int8 one from `quantize_model`) and falls back to the model's forward for anything else (`why_not`).
 """
@@ -224,38 +228,38 @@ class PackedDecoder:
         sin = torch.cat((-sin, sin), dim=-1)[:, None]  # rotate_half(x) * sin == roll(x, half) * this
         if self._attend is None:
             kv_index = (self._row_base[:batch] + positions[:, None, None]).view(-1)
-            length = keys.shape[0]
             # Additive (0 / -inf, as SDPA turns a boolean mask into) once here rather than in every layer's SDPA.
             allowed = (keys[None, :] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, L)
             mask = torch.full(allowed.shape, float("-inf"), dtype=dtype, device=x.device).masked_fill_(allowed, 0.0)
         else:
             positions = positions.contiguous()
-        gqa = self.n_heads != self.n_kv_heads
-        q_heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
-        rotated = q_heads + kv_heads  # q and k heads, side by side in the qkv product
         ew = self.elementwise
         normed = ew.norm(self.layers[0].input_norm, x)
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(normed)  # (B, (H + 2 KVH) * D)
             if self._attend is not None:  # rope, the cache write and attention in one call
-                attended = self._attend(qkv, cos, sin, layer.kv, positions, q_heads, kv_heads)
-                normed = ew.add_norm(x, layer.o_proj(attended), layer.post_norm)
-                following = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else model.norm
-                normed = ew.add_norm(x, layer.down_proj(ew.silu_mul(layer.gate_up(normed))), following)
-                continue
-            qk = qkv[:, :rotated * head_dim].view(batch, rotated, head_dim)
-            if layer.q_norm is not None:
-                qk = torch.cat((layer.q_norm(qk[:, :q_heads]), layer.k_norm(qk[:, q_heads:])), dim=1)
-            # x * cos + rotate_half(x) * sin as the model rounds it (addcmul rounds once: bf16 tokens drift),
-            # written over q and k in place.
-            torch.add(qk * cos, torch.roll(qk, self._half, -1).mul_(sin),
-                      out=qkv[:, :rotated * head_dim].view(batch, rotated, head_dim))
-            layer.kv_rows.index_copy_(0, kv_index, qkv[:, q_heads * head_dim:].reshape(-1, head_dim))
-            q = qkv[:, :q_heads * head_dim].view(batch, q_heads, 1, head_dim)
-            attended = F.scaled_dot_product_attention(q, layer.keys[:batch, :, :length],
-                                                      layer.values[:batch, :, :length], attn_mask=mask,
-                                                      enable_gqa=gqa).view(batch, q_heads * head_dim)
+                attended = self._attend(qkv, cos[:, 0], sin[:, 0], layer.kv, positions, self.n_heads, self.n_kv_heads)
+            else:
+                attended = self._attention(layer, qkv, cos, sin, kv_index, mask, keys.shape[0])
             normed = ew.add_norm(x, layer.o_proj(attended), layer.post_norm)
             following = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else model.norm
             normed = ew.add_norm(x, layer.down_proj(ew.silu_mul(layer.gate_up(normed))), following)
         return normed
+
+    def _attention(self, layer: _Layer, qkv: Tensor, cos: Tensor, sin: Tensor, kv_index: Tensor, mask: Tensor,
+                   length: int) -> Tensor:
+        """Rope, the cache write and attention through PyTorch's ops: (B, H * D)."""
+        batch = qkv.shape[0]
+        q_heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
+        rotated = q_heads + kv_heads  # q and k heads, side by side in the qkv product
+        qk = qkv[:, :rotated * head_dim].view(batch, rotated, head_dim)
+        if layer.q_norm is not None:
+            qk = torch.cat((layer.q_norm(qk[:, :q_heads]), layer.k_norm(qk[:, q_heads:])), dim=1)
+        # x * cos + rotate_half(x) * sin as the model rounds it (addcmul rounds once: bf16 tokens drift),
+        # written over q and k in place.
+        torch.add(qk * cos, torch.roll(qk, self._half, -1).mul_(sin),
+                  out=qkv[:, :rotated * head_dim].view(batch, rotated, head_dim))
+        layer.kv_rows.index_copy_(0, kv_index, qkv[:, q_heads * head_dim:].reshape(-1, head_dim))
+        q = qkv[:, :q_heads * head_dim].view(batch, q_heads, 1, head_dim)
+        return F.scaled_dot_product_attention(q, layer.keys[:batch, :, :length], layer.values[:batch, :, :length],
+                                              attn_mask=mask, enable_gqa=q_heads != kv_heads).view(batch, -1)
