@@ -3,14 +3,14 @@ element-wise work between them in one call each.
 
 - `small_batch_linear.cpp`: `torch.ops.murmur_cpu.linear_float` and `.linear_int8` multiply 1-31 activation
   rows by a float32 or int8 weight, reading each weight once (the library kernels they replace did not:
-  docs/journal.md, "Serving: Murmur's own decode kernels");
+  docs/journal.md, "Serving: Murmur's own CPU kernels");
 - `decode_elementwise.cpp`: `.rms_norm`, `.add_rms_norm_` (the residual add and the next norm) and
   `.silu_mul`, each what the model's modules compute in several PyTorch ops;
 - `decode_attention.cpp`: `.attend_`, a layer's rope, KV-cache write and attention for the step's rows.
 
-The sources are C++ compiled on this machine into one library the first time it is needed (~15 s with g++),
-against the installed torch, and kept in `~/.cache/murmur/cpu_kernels/<key>/` (key: the sources, torch's
-version and ABI, the compiler), so later starts load it at once. torch.compile sees the ops as opaque calls.
+The sources are C++ compiled on this machine into one library the first time it is needed (~20 s with g++
+on 2 cores), against the installed torch, and kept in `~/.cache/murmur/cpu_kernels/<key>/` (key: the
+sources, the flags, torch's version and ABI, the compiler), so later starts load it at once. torch.compile sees the ops as opaque calls.
 
 Without a C++ compiler (or with MURMUR_CPU_KERNELS=0) `available()` is False, one log line says why, and
 serving keeps PyTorch's kernels: slower, same tokens within rounding.
@@ -57,24 +57,32 @@ def _compiler() -> str | None:
     return None
 
 
-def _build_command(compiler: str, output: Path) -> list[str]:
+def _compile_command(compiler: str, source: Path, obj: Path) -> list[str]:
     from torch.utils import cpp_extension
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
-    libs = [f"-L{path}" for path in cpp_extension.library_paths()]
-    rpath = [f"-Wl,-rpath,{path}" for path in cpp_extension.library_paths()]
     # No -march=native: each kernel names its instruction set and the library picks one at run time.
     # -fopenmp: at::parallel_for splits work only when compiled with OpenMP (it is inline, in torch's
     # headers); at load the library binds to the libgomp torch has already loaded (same soname, rpath first).
-    return [compiler, "-O3", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-            *includes, *map(str, SOURCES), "-o", str(output), *libs, *rpath, "-lc10", "-ltorch_cpu"]
+    return [compiler, "-O3", "-fopenmp", "-std=c++17", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            *includes, "-c", str(source), "-o", str(obj)]
+
+
+def _link_command(compiler: str, objects: list[Path], output: Path) -> list[str]:
+    from torch.utils import cpp_extension
+
+    libs = [f"-L{path}" for path in cpp_extension.library_paths()]
+    rpath = [f"-Wl,-rpath,{path}" for path in cpp_extension.library_paths()]
+    return [compiler, "-shared", "-fopenmp", *map(str, objects), "-o", str(output), *libs, *rpath, "-lc10",
+            "-ltorch_cpu"]
 
 
 def _key(compiler: str) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     digest = hashlib.sha256()
-    flags = " ".join(_build_command(compiler, Path("out.so"))).encode()  # a changed flag builds anew
+    commands = [_compile_command(compiler, Path("in.cpp"), Path("out.o")), _link_command(compiler, [], Path("out.so"))]
+    flags = " ".join(" ".join(command) for command in commands).encode()  # a changed flag builds anew
     for part in (*(source.read_bytes() for source in SOURCES + HEADERS), flags, torch.__version__.encode(),
                  str(torch._C._GLIBCXX_USE_CXX11_ABI).encode(), version.encode(), sys.platform.encode()):
         digest.update(part)
@@ -83,14 +91,26 @@ def _key(compiler: str) -> str:
 
 
 def _build(compiler: str, target: Path) -> None:
-    """Compile into a temporary file beside `target`, then rename: a crash never leaves a half-written library
-    under the name that is loaded."""
+    """Compile the sources side by side (one compiler process each), link them into a temporary file beside
+    `target`, then rename: a crash never leaves a half-written library under the name that is loaded."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        objects = [Path(scratch) / f"{source.stem}.o" for source in SOURCES]
+        running = [subprocess.Popen(_compile_command(compiler, source, obj), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True) for source, obj in zip(SOURCES, objects)]
+        failures = []
+        for process in running:
+            _, errors = process.communicate(timeout=600)
+            if process.returncode != 0:
+                failures.append(errors.strip()[-2000:])
         built = Path(scratch) / LIBRARY_NAME
-        done = subprocess.run(_build_command(compiler, built), capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            raise RuntimeError(f"{Path(compiler).name} failed: {done.stderr.strip()[-2000:]}")
+        if not failures:
+            done = subprocess.run(_link_command(compiler, objects, built), capture_output=True, text=True,
+                                  timeout=600)
+            if done.returncode != 0:
+                failures.append(done.stderr.strip()[-2000:])
+        if failures:
+            raise RuntimeError(f"{Path(compiler).name} failed: {failures[0]}")
         os.replace(built, target)
 
 
@@ -114,7 +134,8 @@ def _load() -> None:
                 log.warning("Murmur's CPU kernels at %s do not load; building them again", target)
                 target.unlink()
         if not target.exists():
-            log.info("building Murmur's CPU kernels with %s (once, ~15 s) into %s", Path(compiler).name, target.parent)
+            log.info("building Murmur's CPU kernels with %s (once, ~20 s) into %s", Path(compiler).name,
+                     target.parent)
             _build(compiler, target)
             torch.ops.load_library(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
