@@ -247,8 +247,12 @@ class PostgresIndex(PostIndex):
 
     def _bm25(self, terms: list[str], limit: int, among: list[str], newest: int | None = None
               ) -> list[tuple[IndexedPost, float]]:
+        # Read again here, after `search` chose the terms: a deletion in between (a followed stream) may have
+        # taken a term's last post (its df is then 0) or every post.
         n_posts, df = self._term_stats(terms)
         n_terms = self.db.execute(self._sql("SELECT terms FROM {s}.totals")).fetchone()[0]
+        if n_posts == 0:
+            return []
         # The GIN index finds the posts holding a word of `among`; only those have their tsvector unnested.
         query = " | ".join("'{}'".format(t.replace("\\", "\\\\").replace("'", "''")) for t in among)
         newest_first = "ORDER BY created_at DESC NULLS LAST, id COLLATE \"C\" DESC LIMIT %(newest)s" if newest else ""
@@ -266,7 +270,7 @@ class PostgresIndex(PostIndex):
             "  ORDER BY score DESC, m.id COLLATE \"C\" LIMIT %(limit)s"
             ") s JOIN {s}.posts p ON p.id = s.id ORDER BY s.score DESC, p.id COLLATE \"C\""),
             {"k1": BM25_K1, "b": BM25_B, "avgdl": n_terms / n_posts, "query": query, "terms": terms,
-             "idf": [bm25_idf(n_posts, df[t]) for t in terms], "limit": limit, "newest": newest}).fetchall()
+             "idf": [bm25_idf(n_posts, df.get(t, 0)) for t in terms], "limit": limit, "newest": newest}).fetchall()
         return [(post_from_row(row), float(row[6])) for row in rows]
 
     def _rows_where(self, column: str, values: list[str]) -> list[IndexedPost]:
