@@ -171,7 +171,10 @@ def measure_murmur(engine, prompts: list[list[int]], long: list[int], tokens: in
 def measure_hf(model, prompts: list[list[int]], long: list[int], tokens: int, repeats: int) -> dict:
     import torch
 
-    kwargs = {"max_new_tokens": tokens, "min_new_tokens": tokens, "do_sample": False, "pad_token_id": 0}
+    # Never stopping, as the other engines ignore EOS: no EOS at all (`min_new_tokens` would mask <|im_end|>,
+    # which SmolLM2 emits early, and change the greedy tokens after it).
+    model.generation_config.eos_token_id = None
+    kwargs = {"max_new_tokens": tokens, "do_sample": False, "pad_token_id": 0}
     result = {"single": [], "ttft": [], "multi": []}
     with torch.inference_mode():
         for _ in range(repeats):
