@@ -25,6 +25,13 @@ from pathlib import Path
 from typing import Any
 
 
+def cache_dir(name: str) -> Path:
+    """Murmur's cache folder `name` (GGUF conversions, compiled kernels): $XDG_CACHE_HOME (else ~/.cache)/murmur/NAME.
+    Only where it is; the callers create what they write there."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "murmur" / name
+
+
 def fsync_path(path: str | Path) -> None:
     """Flush a file's or a folder's data and metadata to disk (a folder's: the names it holds)."""
     flags = (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if Path(path).is_dir() else os.O_RDONLY

@@ -12,13 +12,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from murmur.errors import MurmurError
-from murmur.files import staged_dir
+from murmur.files import cache_dir, staged_dir
 from murmur.gguf.layout import (ROPE_FREQS, expected_shapes, llama3_scaling, murmur_name, settings_from_metadata,
                                 unpermute_qk)
 from murmur.gguf.reader import GGUFFile
@@ -36,8 +35,7 @@ SHORT_NAMES = {
 
 
 def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "murmur" / "gguf"
+    return cache_dir("gguf")
 
 
 def is_gguf_file(path: Path) -> bool:

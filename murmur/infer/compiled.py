@@ -17,13 +17,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from murmur.files import cache_dir
+
 log = logging.getLogger("murmur.infer")
 
 
 def inductor_cache_dir() -> Path:
     """Where Murmur keeps torch.compile's artefacts: $XDG_CACHE_HOME (else ~/.cache)/murmur/inductor."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "murmur" / "inductor"
+    return cache_dir("inductor")
 
 
 def use_persistent_cache() -> str:

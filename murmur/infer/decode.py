@@ -114,7 +114,7 @@ def product_of(layer: nn.Module, weight_major_batches: bool = False):
         return int8_product
     if type(layer) is not nn.Linear:
         return layer.forward
-    own_kernel = weight.dtype == torch.float32 and cpu_kernels.serves(weight.device, 1)
+    own_kernel = weight.dtype == torch.float32 and cpu_kernels.serves(weight.device)
     float_op = torch.ops.murmur_cpu.linear_float.default if own_kernel else None
 
     def product(x: Tensor) -> Tensor:
@@ -138,6 +138,7 @@ class _Layer:
         self.gate_up = product_of(_pack([mlp.gate_proj, mlp.up_proj]))
         self.o_proj, self.down_proj = product_of(attn.o_proj), product_of(mlp.down_proj)
         self.input_norm, self.post_norm = block.input_layernorm, block.post_attention_layernorm
+        self.next_norm: RMSNorm | None = None  # set by PackedDecoder: what normalises this layer's output
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.kv = kv  # (2, slots, kv_heads, max_len, head_dim)
         self.kv_rows = kv.view(-1, kv.shape[-1])  # (2 x slots x kv_heads x max_len, head_dim)
@@ -167,7 +168,7 @@ class _Elementwise:
         dtype = model.embed_tokens.weight.dtype
         norms_match = all(m.weight.dtype == dtype for m in model.modules() if isinstance(m, RMSNorm))
         self.own = (norms_match and dtype in (torch.float32, torch.bfloat16)
-                    and cpu_kernels.serves(model.embed_tokens.weight.device, 1))
+                    and cpu_kernels.serves(model.embed_tokens.weight.device))
         if self.own:
             ops = torch.ops.murmur_cpu
             self._rms_norm, self._add_rms_norm = ops.rms_norm.default, ops.add_rms_norm_.default
@@ -202,6 +203,9 @@ class PackedDecoder:
         self.head_dim = settings.attention_head_dim
         self.slots, self.max_len = cache.k[0].shape[0], cache.max_len
         self.layers = [_Layer(block, cache.kv[i]) for i, block in enumerate(model.blocks())]
+        # The norm after each layer's residual stream: the next layer's input norm, the model's after the last.
+        for layer, following in zip(self.layers, [*self.layers[1:], None]):
+            layer.next_norm = model.norm if following is None else following.input_norm
         device = model.embed_tokens.weight.device
         # Flat row of (key/value, row, kv head) at position 0 of the cache's (2, slots, kv_heads, max_len) rows.
         which = torch.arange(2, device=device)[None, :, None]
@@ -235,15 +239,14 @@ class PackedDecoder:
             positions = positions.contiguous()
         ew = self.elementwise
         normed = ew.norm(self.layers[0].input_norm, x)
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             qkv = layer.qkv(normed)  # (B, (H + 2 KVH) * D)
             if self._attend is not None:  # rope, the cache write and attention in one call
                 attended = self._attend(qkv, cos[:, 0], sin[:, 0], layer.kv, positions, self.n_heads, self.n_kv_heads)
             else:
                 attended = self._attention(layer, qkv, cos, sin, kv_index, mask, keys.shape[0])
             normed = ew.add_norm(x, layer.o_proj(attended), layer.post_norm)
-            following = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else model.norm
-            normed = ew.add_norm(x, layer.down_proj(ew.silu_mul(layer.gate_up(normed))), following)
+            normed = ew.add_norm(x, layer.down_proj(ew.silu_mul(layer.gate_up(normed))), layer.next_norm)
         return normed
 
     def _attention(self, layer: _Layer, qkv: Tensor, cos: Tensor, sin: Tensor, kv_index: Tensor, mask: Tensor,

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from murmur.files import atomic_path, cache_dir
+
 log = logging.getLogger("murmur.infer")
 
 SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cpp")))
@@ -42,12 +44,6 @@ MAX_ROWS = 31
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"tried": False, "loaded": False, "why_not": None, "enabled": True}
-
-
-def cache_dir() -> Path:
-    """$XDG_CACHE_HOME (else ~/.cache)/murmur/cpu_kernels."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "murmur" / "cpu_kernels"
 
 
 def _compiler() -> str | None:
@@ -91,8 +87,8 @@ def _key(compiler: str) -> str:
 
 
 def _build(compiler: str, target: Path) -> None:
-    """Compile the sources side by side (one compiler process each), link them into a temporary file beside
-    `target`, then rename: a crash never leaves a half-written library under the name that is loaded."""
+    """Compile the sources side by side (one compiler process each), then link them through `atomic_path`: a
+    crash never leaves a half-written library under the name that is loaded."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         objects = [Path(scratch) / f"{source.stem}.o" for source in SOURCES]
@@ -103,15 +99,13 @@ def _build(compiler: str, target: Path) -> None:
             _, errors = process.communicate(timeout=600)
             if process.returncode != 0:
                 failures.append(errors.strip()[-2000:])
-        built = Path(scratch) / LIBRARY_NAME
-        if not failures:
+        if failures:
+            raise RuntimeError(f"{Path(compiler).name} failed: {failures[0]}")
+        with atomic_path(target) as built:
             done = subprocess.run(_link_command(compiler, objects, built), capture_output=True, text=True,
                                   timeout=600)
             if done.returncode != 0:
-                failures.append(done.stderr.strip()[-2000:])
-        if failures:
-            raise RuntimeError(f"{Path(compiler).name} failed: {failures[0]}")
-        os.replace(built, target)
+                raise RuntimeError(f"{Path(compiler).name} failed: {done.stderr.strip()[-2000:]}")
 
 
 def _load() -> None:
@@ -125,7 +119,7 @@ def _load() -> None:
     if compiler is None:
         _state["why_not"] = "no C++ compiler (install g++)"
         return
-    target = cache_dir() / _key(compiler) / LIBRARY_NAME
+    target = cache_dir("cpu_kernels") / _key(compiler) / LIBRARY_NAME
     try:
         if target.exists():
             try:
@@ -174,6 +168,6 @@ def isa() -> str:
     return torch.ops.murmur_cpu.isa()
 
 
-def serves(x_device: torch.device, rows: int) -> bool:
-    """Whether a product of `rows` rows on `x_device` should go through these kernels."""
-    return x_device.type == "cpu" and rows <= MAX_ROWS and available()
+def serves(device: torch.device) -> bool:
+    """Whether a decode step on `device` goes through these kernels (a CPU where they are available)."""
+    return device.type == "cpu" and available()
