@@ -1,7 +1,10 @@
 // Which instruction set Murmur's CPU kernels use here, chosen once per process from what the CPU has and
 // capped by ATEN_CPU_CAPABILITY ("avx2" or "default"), the variable that caps PyTorch's own kernels, so
-// emulating a laptop's CPU slows Murmur's kernels and PyTorch's alike.
+// emulating a laptop's CPU slows Murmur's kernels and PyTorch's alike; and the one helper every AVX2 kernel
+// shares (AVX-512 has `_mm512_reduce_add_ps`).
 #pragma once
+
+#include <immintrin.h>
 
 #include <cstdlib>
 #include <string>
@@ -29,6 +32,14 @@ inline Isa detect_isa() {
 inline Isa active_isa() {
   static const Isa isa = detect_isa();  // one instance across the library's sources (inline function)
   return isa;
+}
+
+// The sum of an AVX register's 8 floats.
+__attribute__((target("avx2,fma"))) inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
 }
 
 }  // namespace murmur_cpu

@@ -26,6 +26,8 @@
 
 namespace {
 
+using murmur_cpu::hsum_avx2;
+
 template <typename T>
 inline float as_float(T v) {
   return static_cast<float>(v);
@@ -96,6 +98,10 @@ __attribute__((target("avx512f"))) void axpy_avx512(float alpha, const float* x,
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
+// Cephes' expf: 2^k * p(r) for x = k ln2 + r, |r| <= ln2 / 2, p's coefficients highest first.
+constexpr float kExpPolynomial[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                    4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 // v[i] = exp(v[i] - shift) for v[i] <= shift; returns their sum.
 __attribute__((target("avx512f"))) float exp_shifted_avx512(float* v, int64_t n, float shift) {
   const __m512 s = _mm512_set1_ps(shift), log2e = _mm512_set1_ps(1.44269504088896341f),
@@ -107,12 +113,8 @@ __attribute__((target("avx512f"))) float exp_shifted_avx512(float* v, int64_t n,
     const __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(v + i), s), low);
     const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 r = _mm512_fnmadd_ps(k, ln2_lo, _mm512_fnmadd_ps(k, ln2_hi, x));
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 p = _mm512_set1_ps(kExpPolynomial[0]);
+    for (int c = 1; c < 6; ++c) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPolynomial[c]));
     const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), one);
     const __m512 e = _mm512_scalef_ps(y, k);
     _mm512_storeu_ps(v + i, e);
@@ -136,19 +138,9 @@ __attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* 
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  __m128 q = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-  q = _mm_add_ss(q, _mm_movehdup_ps(q));
-  float total = _mm_cvtss_f32(q);
+  float total = hsum_avx2(acc);
   for (; i < n; ++i) total += a[i] * b[i];
   return total;
-}
-
-__attribute__((target("avx2,fma"))) inline float hsum_avx2(__m256 v) {
-  __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-  q = _mm_add_ss(q, _mm_movehdup_ps(q));
-  return _mm_cvtss_f32(q);
 }
 
 __attribute__((target("avx2,fma"))) void scores_avx2(const float* q, const float* keys, int64_t count, int64_t n,
@@ -191,12 +183,8 @@ __attribute__((target("avx2,fma"))) float exp_shifted_avx2(float* v, int64_t n, 
     const __m256 x = _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(v + i), s), low);
     const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256 r = _mm256_fnmadd_ps(k, ln2_lo, _mm256_fnmadd_ps(k, ln2_hi, x));
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    __m256 p = _mm256_set1_ps(kExpPolynomial[0]);
+    for (int c = 1; c < 6; ++c) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPolynomial[c]));
     const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), one);
     // 2^k through the exponent bits: k >= -126 after the clamp, so the bits stay a normal float.
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
@@ -204,10 +192,7 @@ __attribute__((target("avx2,fma"))) float exp_shifted_avx2(float* v, int64_t n, 
     _mm256_storeu_ps(v + i, e);
     sum = _mm256_add_ps(sum, e);
   }
-  __m128 q = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-  q = _mm_add_ss(q, _mm_movehdup_ps(q));
-  float total = _mm_cvtss_f32(q);
+  float total = hsum_avx2(sum);
   for (; i < n; ++i) total += (v[i] = std::exp(v[i] - shift));
   return total;
 }

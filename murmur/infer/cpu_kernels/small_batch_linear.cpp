@@ -34,6 +34,7 @@ namespace {
 
 using murmur_cpu::Isa;
 using murmur_cpu::active_isa;
+using murmur_cpu::hsum_avx2;
 
 // The most activation rows one pass keeps in registers; more rows run in passes over the same weight block
 // (read again from L1, not memory).
@@ -74,13 +75,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void float_block_avx512(con
   }
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < ROWS; ++r) out[m * out_stride + r] = _mm512_reduce_add_ps(acc[r][m]);
-}
-
-__attribute__((target("avx2,fma"))) inline float hsum_avx2(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 template <int ROWS, int M>
